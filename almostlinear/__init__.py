@@ -1,0 +1,21 @@
+"""almostlinear: a torch.compile backend that finds softmax attention and replaces it with fused exact
+attention or a low-rank polynomial approximation, within a measured gradient-error budget.
+
+    torch.compile(model, backend="almostlinear")                    # registered by entry point
+    torch.compile(model, backend=almostlinear.Backend(budget=0.02))  # keeps .reports
+    print(almostlinear.explain(model, x))
+"""
+from .rewriter import Backend, Options, Report, Site, explain
+from .rewriter import options
+from .rewriter.backend import RECENT_REPORTS, almostlinear_backend
+
+__version__ = "0.1.0"
+
+
+def last_reports(n: int | None = None) -> list[Report]:
+    """Reports of the most recent graphs compiled through `backend="almostlinear"` (newest last)."""
+    reports = list(RECENT_REPORTS)
+    return reports if n is None else reports[-n:]
+
+
+__all__ = ["Backend", "Options", "Report", "Site", "explain", "options", "almostlinear_backend", "last_reports"]

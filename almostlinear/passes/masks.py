@@ -1,0 +1,251 @@
+"""Mask structure analysis: what an attention site's mask is, proved from the graph.
+
+A site's scores pass through an ordered list of mask operations (`MaskOp`) between the score matmul and
+the softmax: additive terms, `masked_fill`, `where`. Each mask tensor is classified by what it depends on:
+
+* only shapes, buffers and constants (a causal buffer slice, `arange` comparisons, `tril`): it is
+  evaluated on the example inputs and its values are classified (causal, window band, key-only, ALiBi);
+* user data (a padding `attention_mask`): it is classified only when its shape proves the structure,
+  i.e. it broadcasts over the query dimension, so it is a per-key mask; anything else is `dense`.
+
+The combined `MaskSpec.kind` is one of MASK_KINDS. Only the structured kinds can be approximated.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import networkx as nx
+import torch
+import torch.fx as fx
+
+from .graph_utils import BUFFER, INPUT, PARAMETER, SIZE, evaluate, input_dependencies, is_number, shape_of
+
+MASK_KINDS = ("none", "causal", "key_padding", "causal+key_padding", "alibi", "window", "causal+window", "dense")
+
+# An additive value below this removes a key: exp(-200) underflows to 0 in fp32 and bf16 (and fp16).
+BLOCKED_BELOW = -200.0
+
+
+@dataclass
+class MaskOp:
+    """One operation between the score matmul and the softmax.
+
+    kind: "scale" (scores * factor), "add" (scores + tensor), "fill" (where(cond, value, scores)),
+          "keep" (where(cond, scores, value)).
+    """
+
+    kind: str
+    node: fx.Node  # the graph node applying the operation
+    tensor: Any = None  # the additive tensor, or the boolean condition
+    value: Any = None  # the scale factor, or the fill value
+    divide: bool = False  # scale given as a division
+
+
+@dataclass
+class MaskSpec:
+    kind: str = "none"
+    causal: bool = False
+    window: int = 0
+    key_mask: list = field(default_factory=list)  # nodes of data-dependent per-key additive/bool terms
+    alibi_slopes: list[float] | None = None
+    reason: str = ""  # why the mask is dense (or how it was proved)
+
+    @property
+    def structured(self) -> bool:
+        return self.kind != "dense"
+
+
+@dataclass
+class _Facts:
+    """What is known of the combined mask: static allowed set and bias, plus data-dependent key terms."""
+
+    allowed: torch.Tensor | None = None  # bool [..., L, S] from the static parts (None: all allowed)
+    bias: torch.Tensor | None = None  # float [..., L, S] finite static additive part
+    key_terms: list = field(default_factory=list)
+    dense_reason: str = ""
+
+
+def _static_value(op_tensor: Any, ctx: "_Context") -> Any:
+    if isinstance(op_tensor, fx.Node):
+        return evaluate(ctx.gm, ctx.graph, op_tensor, ctx.example_inputs)
+    return op_tensor
+
+
+@dataclass
+class _Context:
+    gm: fx.GraphModule
+    graph: nx.DiGraph
+    kinds: dict
+    example_inputs: Sequence[Any]
+
+
+def _depends_on_data(node: Any, ctx: _Context) -> bool:
+    if not isinstance(node, fx.Node):
+        return False
+    return bool(input_dependencies(ctx.graph, node, ctx.kinds) & {INPUT, PARAMETER})
+
+
+def _broadcasts_over_queries(node: fx.Node) -> bool:
+    shape = shape_of(node)
+    return shape is not None and len(shape) >= 2 and shape[-2] == 1
+
+
+def _and(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
+    return b if a is None else a & b
+
+
+def _apply_static(facts: _Facts, op: MaskOp, ctx: _Context) -> None:
+    if op.kind == "add":
+        value = _static_value(op.tensor, ctx)
+        value = torch.as_tensor(value).float()
+        blocked = (value < BLOCKED_BELOW) | value.isnan()
+        finite = torch.where(blocked, torch.zeros_like(value), value)
+        facts.allowed = _and(facts.allowed, ~blocked)
+        facts.bias = finite if facts.bias is None else facts.bias + finite
+    elif op.kind in ("fill", "keep"):
+        cond = torch.as_tensor(_static_value(op.tensor, ctx)).bool()
+        value = float(op.value)
+        if value < BLOCKED_BELOW:
+            facts.allowed = _and(facts.allowed, ~cond if op.kind == "fill" else cond)
+        else:
+            facts.dense_reason = f"masked_fill with a finite value {value} rewrites scores instead of removing keys"
+
+
+def analyze(ops: Sequence[MaskOp], scores_shape: tuple | None, ctx: _Context) -> MaskSpec:
+    """Classify the combined mask of one site from its ordered mask operations."""
+    facts = _Facts()
+    for op in ops:
+        if op.kind == "scale":
+            continue
+        if op.kind in ("fill", "keep") and not is_number(op.value):
+            facts.dense_reason = "masked_fill/where with a tensor fill value"
+            continue
+        if _depends_on_data(op.tensor, ctx):
+            if _broadcasts_over_queries(op.tensor):
+                facts.key_terms.append(op)
+            else:
+                facts.dense_reason = "mask depends on data along the query dim"
+            continue
+        try:
+            _apply_static(facts, op, ctx)
+        except Exception as exc:  # noqa: BLE001 - an unevaluable mask is simply not understood
+            facts.dense_reason = f"mask could not be evaluated at compile time ({type(exc).__name__})"
+    return _combine(facts, scores_shape)
+
+
+def _combine(facts: _Facts, scores_shape: tuple | None) -> MaskSpec:
+    if facts.dense_reason:
+        return MaskSpec(kind="dense", reason=facts.dense_reason)
+    structure = classify_static(facts.allowed, facts.bias, scores_shape)
+    if structure.kind == "dense":
+        return structure
+    if facts.key_terms:
+        if structure.kind == "none":
+            structure.kind = "key_padding"
+        elif structure.kind == "causal":
+            structure.kind = "causal+key_padding"
+        else:
+            return MaskSpec(kind="dense", reason=f"{structure.kind} combined with a data-dependent key mask")
+        structure.key_mask = [op.tensor for op in facts.key_terms]
+        structure.reason = "key mask broadcasts over the query dim"
+    return structure
+
+
+def _rows_cols(shape: tuple | None) -> tuple[int, int] | None:
+    if shape is None or len(shape) < 2:
+        return None
+    try:
+        return int(shape[-2]), int(shape[-1])
+    except (TypeError, ValueError):
+        return None
+
+
+def classify_static(allowed: torch.Tensor | None, bias: torch.Tensor | None, scores_shape: tuple | None) -> MaskSpec:
+    """Classify concrete mask values broadcast to the scores' last two dims [L, S]."""
+    if allowed is None and bias is None:
+        return MaskSpec(kind="none", reason="no mask")
+    rc = _rows_cols(scores_shape)
+    if rc is None:
+        return MaskSpec(kind="dense", reason="scores have no static shape")
+    L, S = rc
+    ones = torch.ones(L, S, dtype=torch.bool)
+    allowed = ones if allowed is None else torch.broadcast_to(allowed, allowed.shape[:-2] + (L, S)) & ones
+    bias_full = None if bias is None else torch.broadcast_to(bias, bias.shape[:-2] + (L, S)).float()
+    # All leading (batch, head) slices must share one structure for the kinds below.
+    flat = allowed.reshape(-1, L, S)
+    if not bool((flat == flat[:1]).all()):
+        return MaskSpec(kind="dense", reason="mask structure differs across batch or heads")
+    pattern = flat[0]
+    i = torch.arange(L).unsqueeze(1)
+    j = torch.arange(S).unsqueeze(0)
+    slopes = None
+    if bias_full is not None and bool((bias_full != 0).any()):
+        slopes = _alibi_slopes(bias_full, allowed, L, S)
+        if slopes is None:
+            return MaskSpec(kind="dense", reason="additive bias is not ALiBi-shaped (m*(j-i) per head)")
+    if bool(pattern.all()):
+        kind, causal, window = "none", False, 0
+    elif L == S and bool((pattern == (j <= i)).all()):
+        kind, causal, window = "causal", True, 0
+    else:
+        band = _band_width(pattern, i, j, L, S)
+        if band is not None:
+            kind, causal, window = band
+        elif bool((pattern == pattern[:1]).all()):
+            kind, causal, window = "key_padding", False, 0
+        elif L == S and bool((pattern == ((j <= i) & pattern[-1:])).all()):
+            kind, causal, window = "causal+key_padding", True, 0
+        else:
+            return MaskSpec(kind="dense", reason="mask is not causal, banded or per-key")
+    if slopes is not None:
+        if kind not in ("none", "causal"):
+            return MaskSpec(kind="dense", reason=f"ALiBi bias combined with a {kind} mask")
+        return MaskSpec(kind="alibi", causal=causal, alibi_slopes=slopes, reason="bias m*(j-i) per head")
+    return MaskSpec(kind=kind, causal=causal, window=window, reason=f"proved from mask values ({kind})")
+
+
+def _band_width(pattern, i, j, L, S):
+    if L != S:
+        return None
+    for causal in (True, False):
+        # width w: the number of allowed keys in the last row (causal) or around the diagonal
+        width = int(pattern[-1].sum().item()) if causal else int(pattern[L // 2, L // 2 :].sum().item())
+        if width <= 0 or width >= S:
+            continue
+        band = (j <= i) & (j > i - width) if causal else ((i - j).abs() < width)
+        if bool((pattern == band).all()):
+            return ("causal+window" if causal else "window"), causal, width
+    return None
+
+
+def _alibi_slopes(bias, allowed, L, S):
+    """Per-head slopes m when bias[..., h, i, j] = m_h * (j - i) + c_i on allowed entries, else None."""
+    if bias.dim() < 3:
+        bias = bias.reshape(1, L, S)
+    heads = bias.reshape(-1, L, S)
+    mask = allowed.reshape(-1, L, S) if allowed.dim() >= 3 else allowed.reshape(1, L, S)
+    j = torch.arange(S, dtype=torch.float32)
+    slopes = []
+    for h in range(heads.shape[0]):
+        m_allowed = mask[h % mask.shape[0]]
+        row = heads[h]
+        # slope from consecutive allowed pairs in each row; constant per row (c_i) cancels in softmax
+        diff = row[:, 1:] - row[:, :-1]
+        valid = m_allowed[:, 1:] & m_allowed[:, :-1]
+        if not bool(valid.any()):
+            slopes.append(0.0)
+            continue
+        m = float(diff[valid].mean())
+        predicted = m * j.unsqueeze(0)
+        centered = row - predicted
+        top = torch.where(m_allowed, centered, float("-inf")).amax(dim=1)
+        bottom = torch.where(m_allowed, centered, float("inf")).amin(dim=1)
+        rows = m_allowed.any(dim=1)
+        if not bool(((top - bottom)[rows] <= 1e-4 * (1 + abs(m) * S)).all()):
+            return None
+        slopes.append(m)
+    if all(math.isclose(s, 0.0, abs_tol=1e-12) for s in slopes):
+        return None
+    return slopes

@@ -1,0 +1,177 @@
+"""Replace attention sites with one fused call: SDPA (exact) or an almostlinear op (approximate).
+
+Every new node gets `example_value`/`val` (computed under the graph's fake mode) and the
+`stack_trace`/`nn_module_stack` of the site it replaces, so Inductor does not warn (pytorch #114873)
+and reports point at the user's source. The passes know the approximate ops only by name.
+"""
+from __future__ import annotations
+
+import operator
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from .graph_utils import example_value, is_number, tensor_meta
+from .match import SDPA, AttentionSite
+
+_META_KEYS = ("stack_trace", "nn_module_stack", "source_fn_stack", "seq_nr", "original_aten")
+
+
+class RewriteError(Exception):
+    """The site cannot be rewritten as asked; the message is the reason kept in the report."""
+
+
+def _fake_value(fake_mode, target, args, kwargs, method: bool = False) -> Any:
+    fargs = fx.node.map_arg(args, example_value)
+    fkwargs = fx.node.map_arg(kwargs, example_value)
+    with fake_mode if fake_mode is not None else nullcontext():
+        if method:
+            self_obj, *rest = fargs
+            return getattr(self_obj, target)(*rest, **fkwargs)
+        return target(*fargs, **fkwargs)
+
+
+class _Builder:
+    """Inserts nodes before `anchor`, with fake values and the site's source metadata."""
+
+    def __init__(self, gm: fx.GraphModule, anchor: fx.Node, source: fx.Node, fake_mode):
+        self.gm, self.anchor, self.source, self.fake_mode = gm, anchor, source, fake_mode
+
+    def _finish(self, node: fx.Node, value: Any) -> fx.Node:
+        node.meta["example_value"] = value
+        node.meta["val"] = value
+        for key in _META_KEYS:
+            if key in self.source.meta:
+                node.meta[key] = self.source.meta[key]
+        return node
+
+    def call(self, target, args, kwargs=None) -> fx.Node:
+        kwargs = kwargs or {}
+        with self.gm.graph.inserting_before(self.anchor):
+            node = self.gm.graph.call_function(target, tuple(args), kwargs)
+        return self._finish(node, _fake_value(self.fake_mode, target, args, kwargs))
+
+    def method(self, name, args, kwargs=None) -> fx.Node:
+        kwargs = kwargs or {}
+        with self.gm.graph.inserting_before(self.anchor):
+            node = self.gm.graph.call_method(name, tuple(args), kwargs)
+        return self._finish(node, _fake_value(self.fake_mode, name, args, kwargs, method=True))
+
+
+def _dtype(node: Any) -> torch.dtype | None:
+    meta = tensor_meta(node)
+    return None if meta is None else meta.dtype
+
+
+def _scaled_query(site: AttentionSite, build: _Builder) -> tuple[fx.Node, float]:
+    """q and the float scale for SDPA. Symbolic or 0-d tensor factors are applied to q in the graph."""
+    constant = getattr(site, "_constant_scale", site.scale if is_number(site.scale) else 1.0)
+    q = site.q
+    for factor, divide in site.scale_factors:
+        q = build.call(operator.truediv if divide else operator.mul, (q, factor))
+    return q, float(constant)
+
+
+def additive_mask(site: AttentionSite, build: _Builder) -> fx.Node | None:
+    """The site's mask operations as one additive float mask M with softmax(s*c + M) == the original.
+
+    Scale ops after a mask also scale the mask accumulated so far; `masked_fill(cond, v)` becomes
+    `where(cond, v, M)`. Built from the mask tensors only (their own broadcast shape, never [B,H,L,S]
+    unless the mask already was).
+    """
+    acc: Any = None
+    for op in site.mask_ops:
+        if op.kind == "scale":
+            if acc is not None:
+                acc = build.call(operator.truediv if op.divide else operator.mul, (acc, op.value))
+        elif op.kind == "add":
+            if is_number(op.tensor):
+                continue  # a constant shift of every score cancels in the softmax
+            acc = op.tensor if acc is None else build.call(operator.add, (acc, op.tensor))
+        elif op.kind == "fill":
+            acc = build.call(torch.where, (op.tensor, op.value, 0.0 if acc is None else acc))
+        elif op.kind == "keep":
+            acc = build.call(torch.where, (op.tensor, 0.0 if acc is None else acc, op.value))
+    if acc is None:
+        return None
+    dtype = _dtype(site.q)
+    if _dtype(acc) != dtype:
+        acc = build.method("to", (acc, dtype))
+    return acc
+
+
+def _dropout_p(site: AttentionSite) -> Any:
+    training = site.dropout_training
+    if isinstance(training, fx.Node):
+        raise RewriteError("dropout's `training` flag is computed in the graph")
+    return site.dropout_p if training else 0.0
+
+
+def _erase_dead(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
+    """Erase the replaced chain, then any pure node that became unused because of it (last first)."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    chain = set(nodes)
+    pending = set(n for n in nodes if n in order)
+    while pending:
+        node = max(pending, key=order.__getitem__)
+        pending.discard(node)
+        if node.users or node.op in ("placeholder", "output", "get_attr"):
+            continue
+        if node not in chain and node.is_impure():
+            continue
+        inputs = node.all_input_nodes
+        gm.graph.erase_node(node)
+        pending.update(i for i in inputs if i.op in ("call_function", "call_method") and not i.users)
+
+
+def rewrite_exact(gm: fx.GraphModule, site: AttentionSite, fake_mode) -> str:
+    """Rewrite one site to a fused SDPA call (is_causal=True for causal masks). Returns a description."""
+    if site.form == "sdpa":
+        return _tighten_sdpa(gm, site)
+    build = _Builder(gm, site.output, site.anchor, fake_mode)
+    dropout_p = _dropout_p(site)
+    q, scale = _scaled_query(site, build)
+    causal = site.mask.kind == "causal"
+    mask = None if causal else additive_mask(site, build)
+    kwargs = {"attn_mask": mask, "dropout_p": dropout_p, "is_causal": causal, "scale": scale}
+    out = build.call(SDPA, (q, site.k, site.v), kwargs)
+    want = _dtype(site.output)
+    if want is not None and _dtype(out) != want:
+        out = build.method("to", (out, want))
+    old_output = site.output
+    old_output.replace_all_uses_with(out)
+    _erase_dead(gm, site.chain + [old_output])
+    site.output = out
+    return "sdpa(is_causal=True)" if causal else ("sdpa(attn_mask)" if mask is not None else "sdpa")
+
+
+def _tighten_sdpa(gm: fx.GraphModule, site: AttentionSite) -> str:
+    """An SDPA call whose explicit mask is exactly causal gets `is_causal=True` and no mask."""
+    node = site.output
+    if site.mask.kind == "causal" and site.sdpa_mask is not None and not site.is_causal_flag:
+        q_shape, k_shape = tensor_meta(site.q).shape, tensor_meta(site.k).shape
+        if q_shape[-2] == k_shape[-2]:
+            old_mask = site.sdpa_mask
+            args = list(node.args)
+            kwargs = dict(node.kwargs)
+            if len(args) > 3:
+                args[3] = None
+            kwargs["attn_mask"] = None
+            if len(args) > 5:
+                args[5] = True
+            else:
+                kwargs["is_causal"] = True
+            node.args, node.kwargs = tuple(args), kwargs
+            site.sdpa_mask, site.is_causal_flag = None, True
+            if isinstance(old_mask, fx.Node):
+                _erase_dead(gm, [old_mask] if not old_mask.users else [])
+            return "sdpa(is_causal=True), explicit causal mask dropped"
+    return "sdpa (already fused, unchanged)"
+
+
+def finalize(gm: fx.GraphModule) -> None:
+    gm.graph.lint()
+    gm.recompile()

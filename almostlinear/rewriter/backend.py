@@ -1,0 +1,190 @@
+"""The torch.compile backend: normalize -> match -> plan -> rewrite -> report -> inner compiler."""
+from __future__ import annotations
+
+import collections
+import copy
+import itertools
+import re
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+
+from ..passes import match as matcher
+from ..passes import rewrite as rewriter
+from ..passes.graph_utils import concrete_int, fake_mode_of, shape_of
+from ..passes.normalize import normalize
+from .options import Options
+from .plan import decide
+from .report import Report, Site, emit, log
+
+RECENT_REPORTS: collections.deque = collections.deque(maxlen=64)
+_graph_counter = itertools.count()
+
+
+def _module_path(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    path = re.sub(r"^L\['(self|fn|mod|model|m)'\]\.?", "", str(path))
+    path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    path = re.sub(r"\['([^']+)'\]", r".\1", path)
+    return path.strip(".")
+
+
+def _source_line(node: fx.Node) -> str:
+    trace = node.meta.get("stack_trace") or ""
+    frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)', trace)
+    if not frames:
+        return ""
+    file, line, _, code = frames[-1]
+    return f"{file.rsplit('/', 1)[-1]}:{line} {code.strip()[:60]}"
+
+
+def _shape(node: Any) -> tuple | None:
+    shape = shape_of(node)
+    if shape is None:
+        return None
+    return tuple(concrete_int(d) if concrete_int(d) is not None else str(d) for d in shape)
+
+
+def _site_row(site: matcher.AttentionSite, path: str) -> Site:
+    dropout = site.dropout_p if isinstance(site.dropout_p, (int, float)) else None
+    if site.form == "eager" and site.dropout_training is False:
+        dropout = 0.0
+    return Site(
+        id=site.id,
+        module_path=path,
+        source_line=_source_line(site.anchor),
+        form=site.form,
+        q_shape=_shape(site.q),
+        k_shape=_shape(site.k),
+        v_shape=_shape(site.v),
+        mask_kind=site.mask.kind,
+        causal=site.mask.causal,
+        window=site.mask.window,
+        scale=site.effective_scale,
+        dropout_p=dropout,
+        gqa_groups=site.gqa_groups,
+        residual=site.residual.name if site.residual is not None else None,
+    )
+
+
+def _copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A graph module we may rewrite: new graph and nodes (meta copied), the same attributes."""
+    work = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    work.meta = dict(getattr(gm, "meta", {}))
+    return work
+
+
+def transform(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Options) -> tuple[Report, fx.GraphModule]:
+    """Rewrite a copy of `gm` as the options say; the input graph module is left untouched."""
+    started = time.perf_counter()
+    name = f"graph_{next(_graph_counter)}"
+    report = Report(graph_name=name, options=options.as_dict(), budget=options.budget, graph_before=gm.code)
+    work = _copy(gm)
+    normalize(work)
+    sites, misses = matcher.find_sites(work, example_inputs)
+    fake_mode = fake_mode_of(work)
+    for site in sites:
+        path = _module_path(site.anchor)
+        row = _site_row(site, path)
+        decision = decide(site, path, options)
+        row.reason = decision.reason
+        if decision.method == "unchanged":
+            row.method = "unchanged"
+        elif decision.method == "polynomial":
+            from .approximate import rewrite_polynomial
+
+            try:
+                desc = rewrite_polynomial(work, site, fake_mode, options, decision)
+                row.rewritten, row.method, row.degree = True, "polynomial", decision.degree
+                row.rank, row.reason = desc
+            except rewriter.RewriteError as exc:
+                row.method, row.reason = "unchanged", f"not rewritten: {exc}"
+        else:
+            try:
+                desc = rewriter.rewrite_exact(work, site, fake_mode)
+                row.rewritten = "unchanged" not in desc
+                row.method = "exact"
+                row.reason = f"{decision.reason}; {desc}"
+            except rewriter.RewriteError as exc:
+                row.method, row.reason = "unchanged", f"not rewritten: {exc}"
+        report.sites.append(row)
+    for miss in misses:
+        report.near_misses.append(
+            Site(
+                id=-1,
+                module_path=_module_path(miss.node),
+                source_line=_source_line(miss.node),
+                form="softmax",
+                q_shape=_shape(miss.node),
+                mask_kind="-",
+                method="unchanged",
+                reason=miss.reason,
+            )
+        )
+    rewriter.finalize(work)
+    report.graph_after = work.code
+    report.planning_seconds = time.perf_counter() - started
+    return report, work
+
+
+def hand_off(gm: fx.GraphModule, example_inputs: Sequence[Any], inner: str) -> Callable:
+    """Compile the rewritten graph with the inner compiler (on a copy: compile_fx mutates its input)."""
+    if inner == "eager":
+        return gm.forward
+    if inner == "aot_eager":
+        from torch._dynamo.backends.debugging import aot_eager
+
+        return aot_eager(gm, example_inputs)
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(_copy(gm), example_inputs)
+
+
+def compile_graph(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], options: Options, reports: list | None = None
+) -> Callable:
+    report, work = transform(gm, example_inputs, options)
+    if reports is not None:
+        reports.append(report)
+    RECENT_REPORTS.append(report)
+    emit(report)
+    return hand_off(work, example_inputs, options.inner)
+
+
+def almostlinear_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options=None, mode=None) -> Callable:
+    """The function registered as `backend="almostlinear"` (entry point group torch_dynamo_backends).
+
+    `options` is the dict given to torch.compile(..., options=...); `mode` is accepted for
+    compatibility and must be None or "default".
+    """
+    if mode not in (None, "default"):
+        raise ValueError(f"almostlinear takes no torch.compile mode (valid: None, 'default'), got {mode!r}")
+    return compile_graph(gm, example_inputs, Options.from_mapping(options))
+
+
+class Backend:
+    """`almostlinear.Backend(**options)`: a backend object that keeps the reports of every graph it compiled.
+
+    >>> backend = Backend(budget=0.02)
+    >>> compiled = torch.compile(model, backend=backend)
+    >>> compiled(x); print(backend.reports[-1])
+    """
+
+    def __init__(self, **options: Any):
+        self.options = Options.from_mapping(options)
+        self.reports: list[Report] = []
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Callable:
+        return compile_graph(gm, example_inputs, self.options, self.reports)
+
+    def __repr__(self) -> str:
+        return f"almostlinear.Backend({self.options.as_dict()})"
+
+
+__all__ = ["Backend", "almostlinear_backend", "transform", "hand_off", "RECENT_REPORTS", "log", "torch"]

@@ -1,0 +1,90 @@
+"""Backend options: one validated, immutable record. Every bad key or value names the valid choices."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+METHODS = ("auto", "exact", "polynomial")
+INNER_COMPILERS = ("inductor", "aot_eager", "eager")
+SITE_CHOICES = ("exact", "polynomial", "skip")
+DEGREES = (2, 4, 6)
+
+
+@dataclass(frozen=True)
+class Options:
+    """What the user may set, per model (per `Backend` / per `torch.compile(..., options=...)` call).
+
+    budget        largest relative end-to-end gradient error allowed (float > 0)
+    method        "auto" (approximate where measured to fit the budget and faster), "exact" (never
+                  approximate), "polynomial" (approximate every supported site, for experiments)
+    inner         compiler the rewritten graph is handed to: "inductor", "aot_eager" or "eager"
+    degree        polynomial degree for approximated sites (even: 2, 4 or 6), or None to choose
+    min_seq_len   key length below which approximation is not used (None: the measured crossover)
+    sites         {module-path glob: "exact" | "polynomial" | "skip"} per-site overrides
+    recheck_every re-measure the error every N calls of a training graph (0: never)
+    strict        raise instead of falling back to exact when the budget cannot be met
+    """
+
+    budget: float = 0.05
+    method: str = "auto"
+    inner: str = "inductor"
+    degree: int | None = None
+    min_seq_len: int | None = None
+    sites: Mapping[str, str] = field(default_factory=dict)
+    recheck_every: int = 0
+    strict: bool = False
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any] | None = None, **more: Any) -> "Options":
+        merged = dict(values or {})
+        merged.update(more)
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(merged) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown almostlinear option(s) {unknown}; valid options are {valid}")
+        options = cls(**merged)
+        options.validate()
+        return options
+
+    def validate(self) -> None:
+        _check(
+            isinstance(self.budget, (int, float)) and not isinstance(self.budget, bool) and self.budget > 0,
+            f"budget must be a number > 0 (a relative gradient error such as 0.05), got {self.budget!r}",
+        )
+        _check(self.method in METHODS, f"method must be one of {list(METHODS)}, got {self.method!r}")
+        _check(self.inner in INNER_COMPILERS, f"inner must be one of {list(INNER_COMPILERS)}, got {self.inner!r}")
+        _check(
+            self.degree is None or self.degree in DEGREES,
+            f"degree must be None (choose automatically) or one of {list(DEGREES)}, got {self.degree!r}",
+        )
+        _check(
+            self.min_seq_len is None or (_is_int(self.min_seq_len) and self.min_seq_len >= 0),
+            f"min_seq_len must be None or an int >= 0, got {self.min_seq_len!r}",
+        )
+        _check(isinstance(self.sites, Mapping), f"sites must be a dict of glob -> {list(SITE_CHOICES)}, got {self.sites!r}")
+        for pattern, choice in self.sites.items():
+            _check(isinstance(pattern, str), f"sites keys must be module-path globs (str), got {pattern!r}")
+            _check(
+                choice in SITE_CHOICES,
+                f"sites[{pattern!r}] must be one of {list(SITE_CHOICES)}, got {choice!r}",
+            )
+        _check(
+            _is_int(self.recheck_every) and self.recheck_every >= 0,
+            f"recheck_every must be an int >= 0 (0 disables re-checks), got {self.recheck_every!r}",
+        )
+        _check(isinstance(self.strict, bool), f"strict must be True or False, got {self.strict!r}")
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["sites"] = dict(self.sites)
+        return d
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)

@@ -1,0 +1,130 @@
+"""What the backend found and did: `Site` rows, the `Report` table, logging and the tlparse artifact."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("almostlinear")
+
+
+@dataclass
+class Site:
+    """One attention site (or near-miss softmax) of a compiled graph, and the decision taken for it."""
+
+    id: int
+    module_path: str
+    source_line: str
+    form: str  # "eager" chain, "sdpa" call, or "softmax" for a near-miss
+    q_shape: tuple | None = None
+    k_shape: tuple | None = None
+    v_shape: tuple | None = None
+    mask_kind: str = "none"
+    causal: bool = False
+    window: int = 0
+    scale: float | None = None
+    dropout_p: float | None = 0.0
+    gqa_groups: int = 1
+    residual: str | None = None
+    rewritten: bool = False
+    method: str = "exact"  # "exact" | "polynomial" | "unchanged"
+    degree: int | None = None
+    rank: int | None = None
+    reason: str = ""
+    predicted_error: float | None = None
+    measured_error: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Report:
+    """Everything one backend call decided, for one captured graph."""
+
+    graph_name: str
+    options: dict
+    sites: list[Site] = field(default_factory=list)
+    near_misses: list[Site] = field(default_factory=list)
+    grad_error: float | None = None
+    budget: float = 0.05
+    graph_before: str = ""
+    graph_after: str = ""
+    planning_seconds: float = 0.0
+    history: list[dict] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.as_dict(), indent=2, default=str)
+
+    def __str__(self) -> str:
+        lines = [f"almostlinear report for {self.graph_name}: {len(self.sites)} attention site(s)"]
+        header = ("id", "module", "source", "shapes q/k/v", "mask", "scale", "drop", "gqa", "decision", "reason")
+        rows = [header]
+        for s in self.sites:
+            decision = f"{s.method}" + (f" (deg {s.degree}, r={s.rank})" if s.degree else "")
+            rows.append(
+                (
+                    str(s.id),
+                    s.module_path or "(root)",
+                    s.source_line or "-",
+                    f"{_shape(s.q_shape)}/{_shape(s.k_shape)}/{_shape(s.v_shape)}",
+                    s.mask_kind + (f"(w={s.window})" if s.window else ""),
+                    "-" if s.scale is None else f"{s.scale:.4g}",
+                    "-" if s.dropout_p is None else f"{s.dropout_p:g}",
+                    str(s.gqa_groups),
+                    decision,
+                    s.reason,
+                )
+            )
+        lines.extend(_table(rows))
+        if self.near_misses:
+            lines.append("softmax not rewritten (near misses):")
+            for m in self.near_misses:
+                lines.append(f"  - {m.module_path or '-'} {m.source_line or ''}: {m.reason}")
+        if self.grad_error is not None:
+            verdict = "within" if self.grad_error <= self.budget else "OVER"
+            lines.append(f"end-to-end gradient error {self.grad_error:.3g} ({verdict} budget {self.budget:g})")
+        else:
+            lines.append(f"end-to-end gradient error: not measured (no approximated site); budget {self.budget:g}")
+        return "\n".join(lines)
+
+
+def _shape(shape) -> str:
+    return "?" if shape is None else "x".join(str(d) for d in shape)
+
+
+def _table(rows: list[tuple]) -> list[str]:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    out = []
+    for n, row in enumerate(rows):
+        out.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+        if n == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return out
+
+
+def emit(report: Report) -> None:
+    """Log the report and emit it as a structured-trace artifact (visible in tlparse)."""
+    for s in report.sites:
+        log.info(
+            "site %d %s (%s): mask=%s -> %s; %s", s.id, s.module_path, s.source_line, s.mask_kind, s.method, s.reason
+        )
+    for m in report.near_misses:
+        log.debug("softmax at %s (%s) not rewritten: %s", m.module_path, m.source_line, m.reason)
+    log.debug("graph after rewriting %s:\n%s", report.graph_name, report.graph_after)
+    try:
+        from torch._logging import trace_structured
+
+        trace_structured(
+            "artifact",
+            metadata_fn=lambda: {"name": "almostlinear_report", "encoding": "json"},
+            payload_fn=report.to_json,
+        )
+    except Exception as exc:  # noqa: BLE001 - tracing is best effort and must never break compilation
+        log.debug("structured trace not emitted: %s", exc)
