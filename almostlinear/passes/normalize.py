@@ -162,7 +162,7 @@ def _rewrite_cast(node: fx.Node):
 
 RULES: tuple[Rule, ...] = (
     Rule("matmul", _either((operator.matmul, torch.bmm), ("matmul", "bmm")), _rewrite_matmul),
-    Rule("softmax", _either((F.softmax,), ("softmax",)), _rewrite_softmax),
+    Rule("softmax", _either((F.softmax, torch.softmax), ("softmax",)), _rewrite_softmax),
     Rule("transpose", _is_transpose_spelling, _rewrite_transpose),
     Rule("dropout", _fn(torch.dropout, F.dropout), _rewrite_dropout),
     Rule("mul", _either((torch.mul,), ("mul",)), _binary(operator.mul)),

@@ -36,7 +36,7 @@ def itertools_chain(model: torch.nn.Module):
     yield from model.named_buffers()
 
 
-def merge(reports: list[Report], name: str) -> Report:
+def merge_reports(reports: list[Report], name: str) -> Report:
     """One report for a model whose forward was captured as several graphs (graph breaks)."""
     if len(reports) == 1:
         return reports[0]
@@ -70,4 +70,4 @@ def explain(model: Any, *args: Any, kwargs: dict | None = None, dynamic: bool | 
         compiled = torch.compile(model, backend=backend, dynamic=dynamic)
         compiled(*args, **(kwargs or {}))
     name = type(model).__name__ if module is not None else getattr(model, "__name__", "function")
-    return merge(backend.reports, name)
+    return merge_reports(backend.reports, name)
