@@ -51,6 +51,7 @@ class MaskSpec:
     key_mask: list = field(default_factory=list)  # nodes of data-dependent per-key additive/bool terms
     alibi_slopes: list[float] | None = None
     reason: str = ""  # why the mask is dense (or how it was proved)
+    empty_rows_possible: bool = True  # False only when proved that every query keeps at least one key
 
     @property
     def structured(self) -> bool:
@@ -65,6 +66,7 @@ class _Facts:
     bias: torch.Tensor | None = None  # float [..., L, S] finite static additive part
     key_terms: list = field(default_factory=list)
     dense_reason: str = ""
+    data_dependent: bool = False
 
 
 def _static_value(op_tensor: Any, ctx: "_Context") -> Any:
@@ -127,12 +129,17 @@ def analyze(ops: Sequence[MaskOp], scores_shape: tuple | None, ctx: _Context) ->
                 facts.key_terms.append(op)
             else:
                 facts.dense_reason = "mask depends on data along the query dim"
+                facts.data_dependent = True
             continue
         try:
             _apply_static(facts, op, ctx)
         except Exception as exc:  # noqa: BLE001 - an unevaluable mask is simply not understood
             facts.dense_reason = f"mask could not be evaluated at compile time ({type(exc).__name__})"
-    return _combine(facts, scores_shape)
+    spec = _combine(facts, scores_shape)
+    spec.empty_rows_possible = bool(facts.key_terms) or facts.data_dependent or bool(facts.dense_reason) or (
+        facts.allowed is not None and not bool(facts.allowed.any(dim=-1).all())
+    )
+    return spec
 
 
 def _combine(facts: _Facts, scores_shape: tuple | None) -> MaskSpec:

@@ -138,6 +138,8 @@ def rewrite_exact(gm: fx.GraphModule, site: AttentionSite, fake_mode) -> str:
     mask = None if causal else additive_mask(site, build)
     kwargs = {"attn_mask": mask, "dropout_p": dropout_p, "is_causal": causal, "scale": scale}
     out = build.call(SDPA, (q, site.k, site.v), kwargs)
+    if mask is not None and site.mask.empty_rows_possible:
+        out = _propagate_empty_rows(out, mask, build)
     want = _dtype(site.output)
     if want is not None and _dtype(out) != want:
         out = build.method("to", (out, want))
@@ -146,6 +148,18 @@ def rewrite_exact(gm: fx.GraphModule, site: AttentionSite, fake_mode) -> str:
     _erase_dead(gm, site.chain + [old_output])
     site.output = out
     return "sdpa(is_causal=True)" if causal else ("sdpa(attn_mask)" if mask is not None else "sdpa")
+
+
+def _propagate_empty_rows(out: fx.Node, mask: fx.Node, build: _Builder) -> fx.Node:
+    """Eager softmax over a row that is all -inf gives NaN; SDPA on CPU gives 0. Keep eager's NaN.
+
+    Added only when the mask is not proved to leave every query a key (data-dependent masks); it reads
+    the mask once (mask-sized, not scores-sized).
+    """
+    empty = build.call(torch.all, (build.call(torch.isneginf, (mask,)),), {"dim": -1, "keepdim": True})
+    nan_rows = build.call(torch.where, (empty, float("nan"), 0.0))
+    nan_rows = build.method("to", (nan_rows, _dtype(out)))
+    return build.call(operator.add, (out, nan_rows))
 
 
 def _tighten_sdpa(gm: fx.GraphModule, site: AttentionSite) -> str:

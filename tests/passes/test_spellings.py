@@ -29,3 +29,28 @@ def test_eager_chain_becomes_one_sdpa_call_with_is_causal():
     assert "is_causal = True" in report.graph_after
     assert "softmax" not in report.graph_after
     assert "masked_fill" not in report.graph_after and "tril" not in report.graph_after
+
+
+def test_fully_masked_rows_keep_eager_behaviour():
+    """A padding mask that removes every key of a row: eager gives NaN there (-inf) or a uniform row (finfo.min)."""
+
+    def padded(q, k, v, keep):  # keep: [B, 1, 1, S] bool from data
+        scores = (q @ k.transpose(-2, -1)) * 0.5
+        return torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1) @ v
+
+    def padded_min(q, k, v, keep):
+        scores = (q @ k.transpose(-2, -1)) * 0.5
+        return torch.softmax(scores.masked_fill(~keep, torch.finfo(q.dtype).min), dim=-1) @ v
+
+    q, k, v = qkv()
+    keep = torch.ones(2, 1, 1, 8, dtype=torch.bool)
+    keep[1] = False  # the second batch element has no valid key at all
+    for fn in (padded, padded_min):
+        torch._dynamo.reset()
+        import almostlinear
+
+        backend = almostlinear.Backend(method="exact", inner="aot_eager")
+        out = torch.compile(fn, backend=backend)(q, k, v, keep)
+        torch.testing.assert_close(out, fn(q, k, v, keep), equal_nan=True)
+        assert backend.reports[-1].sites[0].mask_kind == "key_padding"
+        assert backend.reports[-1].sites[0].rewritten
