@@ -201,6 +201,8 @@ def _is_inplace(node: fx.Node) -> bool:
         return node.target.endswith(_INPLACE_METHODS_SUFFIX) and not node.target.startswith("_")
     if node.op == "call_function":
         name = getattr(node.target, "__name__", "")
+        if getattr(node.target, "__module__", "") in ("_operator", "operator"):
+            return name.startswith("i") and name[1:] in ("add", "sub", "mul", "truediv", "and", "or", "xor", "matmul")
         return bool(node.kwargs.get("inplace")) or (name.endswith("_") and not name.startswith("_"))
     return False
 

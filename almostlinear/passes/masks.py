@@ -13,6 +13,7 @@ The combined `MaskSpec.kind` is one of MASK_KINDS. Only the structured kinds can
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -115,26 +116,130 @@ def _apply_static(facts: _Facts, op: MaskOp, ctx: _Context) -> None:
             facts.dense_reason = f"masked_fill with a finite value {value} rewrites scores instead of removing keys"
 
 
+@dataclass
+class KeyTerm:
+    """A data-dependent per-key mask term, proved to broadcast over the query dim ([..., 1, S]).
+
+    kind: "allowed" (bool, True keeps the key), "blocked" (bool, True removes it) or "additive" (float
+    added to the scores, times `factor` for scale ops applied after it).
+    """
+
+    node: fx.Node
+    kind: str
+    factor: float = 1.0
+
+
+_PASS_THROUGH_METHODS = ("expand", "to", "contiguous", "clone", "bool", "float", "type_as", "expand_as")
+
+
+def _is_pass_through(node: fx.Node) -> bool:
+    """Ops that keep the values of their first operand (broadcast, device or dtype moves)."""
+    return (node.op == "call_method" and node.target in _PASS_THROUGH_METHODS) or (
+        node.op == "call_function" and node.target in (torch.Tensor.expand, torch.broadcast_to)
+    )
+
+
+def _scalar(value: Any, ctx: "_Context") -> float | None:
+    if is_number(value):
+        return float(value)
+    if isinstance(value, fx.Node) and not _depends_on_data(value, ctx):
+        try:
+            v = _static_value(value, ctx)
+        except Exception:  # noqa: BLE001
+            return None
+        if isinstance(v, torch.Tensor) and v.numel() == 1:
+            return float(v.reshape(()))
+    return None
+
+
+def _bool_terms(node: Any, negate: bool, facts: _Facts, ctx: "_Context") -> None:
+    """Decompose a boolean mask (True = allowed, or blocked when `negate`) into static and key parts."""
+    if not isinstance(node, fx.Node) or not _depends_on_data(node, ctx):
+        cond = torch.as_tensor(_static_value(node, ctx)).bool()
+        facts.allowed = _and(facts.allowed, ~cond if negate else cond)
+        return
+    if _broadcasts_over_queries(node):
+        facts.key_terms.append(KeyTerm(node, "blocked" if negate else "allowed"))
+        return
+    target = node.target
+    if _is_pass_through(node):
+        return _bool_terms(node.args[0], negate, facts, ctx)
+    if target in (operator.and_, torch.logical_and, torch.bitwise_and) and not negate:
+        for a in node.args[:2]:
+            _bool_terms(a, negate, facts, ctx)
+        return
+    if target in (operator.or_, torch.logical_or, torch.bitwise_or) and negate:  # ~(a | b) = ~a & ~b
+        for a in node.args[:2]:
+            _bool_terms(a, negate, facts, ctx)
+        return
+    if target in (operator.invert, torch.logical_not, torch.bitwise_not, "logical_not", "bitwise_not"):
+        return _bool_terms(node.args[0], not negate, facts, ctx)
+    if target in (operator.eq, torch.eq) and _scalar(node.args[1], ctx) == 0.0:  # `mask == 0` is `~mask`
+        return _bool_terms(node.args[0], not negate, facts, ctx)
+    raise _DenseMask("mask depends on data along the query dim")
+
+
+class _DenseMask(Exception):
+    pass
+
+
+def _additive_terms(node: Any, facts: _Facts, ctx: "_Context") -> None:
+    """Decompose an additive float mask into static values, boolean structure and key terms."""
+    if not isinstance(node, fx.Node) or not _depends_on_data(node, ctx):
+        _apply_static(facts, MaskOp("add", None, tensor=node), ctx)
+        return
+    if _broadcasts_over_queries(node):
+        facts.key_terms.append(KeyTerm(node, "additive"))
+        return
+    if _is_pass_through(node):
+        return _additive_terms(node.args[0], facts, ctx)
+    if node.target in (operator.add, torch.add) and len(node.args) == 2 and not node.kwargs:
+        for a in node.args:
+            _additive_terms(a, facts, ctx)
+        return
+    if node.target is torch.where and len(node.args) == 3:
+        cond, a, b = node.args
+        va, vb = _scalar(a, ctx), _scalar(b, ctx)
+        if va == 0.0 and vb is not None and vb < BLOCKED_BELOW:  # where(allowed, 0, min): HF masks
+            return _bool_terms(cond, False, facts, ctx)
+        if vb == 0.0 and va is not None and va < BLOCKED_BELOW:
+            return _bool_terms(cond, True, facts, ctx)
+    if node.target in (torch.masked_fill, "masked_fill"):
+        base, cond, value = node.args[0], node.args[1], node.args[2]
+        v = _scalar(value, ctx)
+        if v is not None and v < BLOCKED_BELOW:
+            _additive_terms(base, facts, ctx)
+            return _bool_terms(cond, True, facts, ctx)
+    raise _DenseMask("mask depends on data along the query dim")
+
+
 def analyze(ops: Sequence[MaskOp], scores_shape: tuple | None, ctx: _Context) -> MaskSpec:
     """Classify the combined mask of one site from its ordered mask operations."""
     facts = _Facts()
     for op in ops:
         if op.kind == "scale":
+            factor = _scalar(op.value, ctx)
+            for term in facts.key_terms:
+                if term.kind == "additive" and factor is not None:
+                    term.factor = term.factor / factor if op.divide else term.factor * factor
             continue
         if op.kind in ("fill", "keep") and not is_number(op.value):
             facts.dense_reason = "masked_fill/where with a tensor fill value"
             continue
-        if _depends_on_data(op.tensor, ctx):
-            if _broadcasts_over_queries(op.tensor):
-                facts.key_terms.append(op)
-            else:
-                facts.dense_reason = "mask depends on data along the query dim"
-                facts.data_dependent = True
-            continue
         try:
-            _apply_static(facts, op, ctx)
+            if op.kind == "add":
+                _additive_terms(op.tensor, facts, ctx)
+            elif float(op.value) < BLOCKED_BELOW:
+                _bool_terms(op.tensor, op.kind == "fill", facts, ctx)
+            elif _depends_on_data(op.tensor, ctx):
+                raise _DenseMask(f"masked_fill with a finite value {op.value} rewrites scores")
+            else:
+                _apply_static(facts, op, ctx)
+        except _DenseMask as exc:
+            facts.dense_reason = str(exc)
+            facts.data_dependent = True
         except Exception as exc:  # noqa: BLE001 - an unevaluable mask is simply not understood
-            facts.dense_reason = f"mask could not be evaluated at compile time ({type(exc).__name__})"
+            facts.dense_reason = f"mask could not be evaluated at compile time ({type(exc).__name__}: {exc})"[:160]
     spec = _combine(facts, scores_shape)
     spec.empty_rows_possible = bool(facts.key_terms) or facts.data_dependent or bool(facts.dense_reason) or (
         facts.allowed is not None and not bool(facts.allowed.any(dim=-1).all())
@@ -155,7 +260,7 @@ def _combine(facts: _Facts, scores_shape: tuple | None) -> MaskSpec:
             structure.kind = "causal+key_padding"
         else:
             return MaskSpec(kind="dense", reason=f"{structure.kind} combined with a data-dependent key mask")
-        structure.key_mask = [op.tensor for op in facts.key_terms]
+        structure.key_mask = list(facts.key_terms)
         structure.reason = "key mask broadcasts over the query dim"
     return structure
 

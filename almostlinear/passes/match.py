@@ -327,6 +327,50 @@ def _check_shapes(site: AttentionSite) -> None:
         raise NotAttention(f"q, k, v dtypes are not one floating dtype ({sorted(map(str, dtypes))})")
 
 
+def repeated_kv(node: fx.Node) -> tuple[fx.Node, int] | None:
+    """(unrepeated k or v [B, Hk, S, D], groups) when `node` repeats kv heads for grouped-query attention.
+
+    HF `repeat_kv`: x[:, :, None, :, :].expand(B, Hk, n, S, D).reshape(B, Hk * n, S, D);
+    `x.repeat_interleave(n, dim=1)` (older GQA code).
+    """
+    if is_call(node, "repeat_interleave", torch.repeat_interleave):
+        groups, dim = arg(node, 1, "repeats"), arg(node, 2, "dim")
+        base = node.args[0]
+        if isinstance(groups, int) and normalize_dim(dim, ndim_of(base)) == 1 and ndim_of(base) == 4:
+            return base, groups
+        return None
+    if not is_call(node, "reshape", "view", torch.reshape):
+        return None
+    expand = node.args[0]
+    if not is_call(expand, "expand") or len(shape_of(expand) or ()) != 5:
+        return None
+    inner = expand.args[0]
+    base = None
+    if is_call(inner, operator.getitem) and isinstance(inner.args[1], tuple):
+        index = inner.args[1]
+        if len(index) >= 3 and index[2] is None and all(i == slice(None) for i in index[:2]):
+            base = inner.args[0]
+    elif is_call(inner, "unsqueeze", torch.unsqueeze) and normalize_dim(inner.args[1], 5) == 2:
+        base = inner.args[0]
+    shape = shape_of(expand)
+    if base is None or ndim_of(base) != 4 or shape_of(node) is None:
+        return None
+    try:
+        groups = int(shape[2])
+        if tuple(shape_of(node)) != (shape[0], shape[1] * shape[2], shape[3], shape[4]):
+            return None
+    except (TypeError, ValueError):
+        return None
+    return base, groups
+
+
+def _gqa(site: AttentionSite) -> None:
+    k, v = repeated_kv(site.k), repeated_kv(site.v)
+    if k is not None and v is not None and k[1] == v[1]:
+        site.gqa_groups = k[1]
+        site.kv_unrepeated = (k[0], v[0])  # type: ignore[attr-defined]
+
+
 def _total_scale(site: AttentionSite) -> None:
     constant, symbolic = 1.0, []
     for op in site.mask_ops:
@@ -356,6 +400,7 @@ def _match_eager(softmax: fx.Node, site: AttentionSite) -> None:
     _match_scores(softmax, site)
     _check_shapes(site)
     _total_scale(site)
+    _gqa(site)
 
 
 def _match_sdpa(node: fx.Node, site: AttentionSite) -> None:
@@ -375,6 +420,8 @@ def _match_sdpa(node: fx.Node, site: AttentionSite) -> None:
             site.gqa_groups = int(q_shape[-3]) // int(k_shape[-3])
         except (TypeError, ValueError, ZeroDivisionError):
             site.gqa_groups = 1
+    elif isinstance(site.k, fx.Node) and isinstance(site.v, fx.Node):
+        _gqa(site)
     site.output = node
 
 

@@ -28,7 +28,7 @@ def _module_path(node: fx.Node) -> str:
     if not stack:
         return ""
     path = list(stack.values())[-1][0]
-    path = re.sub(r"^L\['(self|fn|mod|model|m)'\]\.?", "", str(path))
+    path = re.sub(r"^L\['[^']+'\](\[\d+\])*\.?", "", str(path))
     path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
     path = re.sub(r"\[(\d+)\]", r".\1", path)
     path = re.sub(r"\['([^']+)'\]", r".\1", path)
@@ -94,6 +94,8 @@ def transform(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Option
         row = _site_row(site, path)
         decision = decide(site, path, options)
         row.reason = decision.reason
+        if site.mask.kind == "dense" and site.mask.reason:
+            row.reason += f" [dense mask: {site.mask.reason}]"
         if decision.method == "unchanged":
             row.method = "unchanged"
         elif decision.method == "polynomial":
