@@ -210,17 +210,20 @@ def _is_inplace(node: fx.Node) -> bool:
 def evaluate(gm: fx.GraphModule, graph: nx.DiGraph, node: fx.Node, example_inputs: Sequence[Any]) -> Any:
     """Run only the nodes `node` depends on, on the real example inputs, and return its value.
 
-    Used for masks that depend on shapes and buffers only. Raises ValueError when the subgraph would
-    mutate something (never evaluated, so the caller treats the mask as unknown).
+    Used for masks that depend on shapes and buffers only. When the subgraph has in-place operations,
+    it runs on copies of the inputs, so nothing the user owns is mutated.
     """
     needed = ancestors(graph, node) | {node}
-    if any(_is_inplace(n) for n in needed):
-        raise ValueError("the mask subgraph contains an in-place operation")
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    copy_inputs = any(_is_inplace(n) for n in needed)  # e.g. F._canonical_mask's zeros_like().masked_fill_()
     env: dict[fx.Node, Any] = {}
     for ph, ex in zip(placeholders, example_inputs):
+        if ph not in needed:
+            continue
         if isinstance(ex, torch.SymInt):
             ex = concrete_int(ex)
+        elif copy_inputs and isinstance(ex, torch.Tensor):
+            ex = ex.detach().clone()  # in-place ops may then only touch copies, never the user's tensors
         env[ph] = ex
     for current in gm.graph.nodes:
         if current not in needed or current.op == "placeholder":
@@ -236,7 +239,7 @@ def evaluate(gm: fx.GraphModule, graph: nx.DiGraph, node: fx.Node, example_input
             value = gm
             for atom in str(current.target).split("."):
                 value = getattr(value, atom)
-            env[current] = value
+            env[current] = value.detach().clone() if copy_inputs and isinstance(value, torch.Tensor) else value
         elif current.op == "call_module":
             env[current] = gm.get_submodule(current.target)(*args, **kwargs)
         else:

@@ -14,6 +14,7 @@ import torch.fx as fx
 from ..passes import match as matcher
 from ..passes import rewrite as rewriter
 from ..passes.graph_utils import concrete_int, fake_mode_of, shape_of
+from ..passes.mha import decompose_mha
 from ..passes.normalize import normalize
 from .options import Options
 from .plan import decide
@@ -86,6 +87,7 @@ def transform(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Option
     name = f"graph_{next(_graph_counter)}"
     report = Report(graph_name=name, options=options.as_dict(), budget=options.budget, graph_before=gm.code)
     work = _copy(gm)
+    mha_calls = decompose_mha(work)  # nn.MultiheadAttention arrives as one opaque call
     normalize(work)
     sites, misses = matcher.find_sites(work, example_inputs)
     fake_mode = fake_mode_of(work)
@@ -116,6 +118,12 @@ def transform(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Option
             except rewriter.RewriteError as exc:
                 row.method, row.reason = "unchanged", f"not rewritten: {exc}"
         report.sites.append(row)
+    for node, reason in mha_calls:
+        if not getattr(node, "_erased", False):  # still in the graph: the call was left as it is
+            report.near_misses.append(
+                Site(id=-1, module_path=_module_path(node), source_line=_source_line(node), form="mha",
+                     mask_kind="-", method="unchanged", reason=f"nn.MultiheadAttention not rewritten: {reason}")
+            )
     for miss in misses:
         report.near_misses.append(
             Site(
