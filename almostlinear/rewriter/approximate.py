@@ -1,16 +1,117 @@
-"""Approximate sites: which ones the polynomial op supports, and the rewrite to torch.ops.almostlinear.*"""
+"""Approximate sites: which ones the polynomial op supports, and the rewrite to torch.ops.almostlinear.*
+
+The rewritten node calls `torch.ops.almostlinear.poly_attention(q, k, v, key_weight, alibi_slopes, scale,
+coefficients, causal, window)` with q [B, Hq, L, D] and the *unrepeated* k/v [B, Hk, S, D] for
+grouped-query attention. Key masks proved by the matcher become a per-key weight [B, S].
+"""
 from __future__ import annotations
 
+import operator
 from typing import Any
 
+import torch
+import torch.fx as fx
+
+from ..kernels import MASK_KINDS as OP_MASK_KINDS
+from ..kernels import default_min_seq_len, feature_rank, taylor_coefficients
+from ..passes.graph_utils import concrete_int, is_number, shape_of, tensor_meta
 from ..passes.match import AttentionSite
-from ..passes.rewrite import RewriteError
+from ..passes.rewrite import RewriteError, _Builder, _dtype, _erase_dead, _scaled_query
 from .options import Options
+
+POLY_OP = torch.ops.almostlinear.poly_attention.default
+
+
+def _kv(site: AttentionSite) -> tuple[fx.Node, fx.Node]:
+    return getattr(site, "kv_unrepeated", None) or (site.k, site.v)
+
+
+def _dropout_active(site: AttentionSite) -> bool:
+    p = site.dropout_p
+    if site.form == "eager" and site.dropout_training is False:
+        return False
+    return not (is_number(p) and p == 0)
+
+
+def min_seq_len_for(site: AttentionSite, options: Options) -> int:
+    if options.min_seq_len is not None:
+        return options.min_seq_len
+    q = tensor_meta(site.q)
+    return default_min_seq_len(q.device if q is not None else "cpu")
 
 
 def polynomial_support(site: AttentionSite, options: Options) -> tuple[bool, str]:
-    return False, "the polynomial op is not available yet"
+    """Whether the op can compute this site, and the reason (kept in the report either way)."""
+    if site.mask.kind not in OP_MASK_KINDS:
+        return False, f"mask kind {site.mask.kind!r} has no linear-time structure ({site.mask.reason})"
+    q_shape, k_shape = shape_of(site.q), shape_of(_kv(site)[0])
+    if q_shape is None or len(q_shape) != 4:
+        return False, "the polynomial op takes [B, H, T, D] tensors; this site is not 4-D"
+    if _dropout_active(site):
+        return False, "dropout on the attention weights is not supported by the polynomial op"
+    for term in site.mask.key_mask:
+        shape = shape_of(term.node)
+        if shape is None or any(concrete_int(d) != 1 for d in shape[1:-1]):
+            return False, "the key mask differs across heads (the op takes one weight per batch and key)"
+    length = concrete_int(k_shape[-2])
+    threshold = min_seq_len_for(site, options)
+    if length is None:
+        return False, "symbolic key length: the crossover cannot be decided at compile time"
+    if length < threshold:
+        return False, f"key length {length} < min_seq_len {threshold}: exact attention is faster there"
+    return True, f"polynomial (key length {length} >= min_seq_len {threshold})"
 
 
-def rewrite_polynomial(gm, site: AttentionSite, fake_mode, options: Options, decision) -> Any:
-    raise RewriteError("the polynomial op is not available yet")
+def _key_weight(site: AttentionSite, q: fx.Node, build: _Builder) -> fx.Node | None:
+    """The per-key weight [B, S] (float32): product of the proved key terms."""
+    if not site.mask.key_mask:
+        return None
+    weight = None
+    for term in site.mask.key_mask:
+        leaf = term.node
+        if term.kind == "allowed":
+            w = build.call(operator.ne, (leaf, 0))
+        elif term.kind == "blocked":
+            w = build.call(operator.eq, (leaf, 0))
+        else:  # additive: exp(factor * mask); finfo.min and -inf give weight 0
+            scaled = build.call(operator.mul, (build.method("to", (leaf, torch.float32)), float(term.factor)))
+            w = build.call(torch.exp, (scaled,))
+        w = build.method("to", (w, torch.float32))
+        w = build.method("flatten", (w, 0, -2))  # [B or 1, 1, 1, S] -> [B or 1, S]
+        weight = w if weight is None else build.call(operator.mul, (weight, w))
+    batch_ones = build.call(torch.ones_like, (build.call(operator.getitem, (q, (slice(None), 0, 0, slice(0, 1)))),),
+                            {"dtype": torch.float32})
+    return build.call(operator.mul, (weight, batch_ones))  # broadcast a [1, S] mask to [B, S]
+
+
+def rewrite_polynomial(gm: fx.GraphModule, site: AttentionSite, fake_mode, options: Options, decision) -> tuple:
+    """Replace the site with the polynomial op. Returns (rank, description) for the report."""
+    build = _Builder(gm, site.output, site.anchor, fake_mode)
+    degree = decision.degree or 2
+    coefficients = list(taylor_coefficients(degree))
+    if site.form == "sdpa":
+        scale = site.scale
+        if not is_number(scale):
+            raise RewriteError("SDPA scale is not a constant")
+        q = site.q
+    else:
+        q, scale = _scaled_query(site, build)
+    k, v = _kv(site)
+    mask = site.mask
+    alibi = None
+    if mask.alibi_slopes is not None:
+        device = tensor_meta(site.q).device
+        alibi = build.call(torch.tensor, (list(mask.alibi_slopes),), {"dtype": torch.float32, "device": device})
+    key_weight = _key_weight(site, q, build)
+    args = (q, k, v, key_weight, alibi, float(scale), coefficients, bool(mask.causal), int(mask.window))
+    out = build.call(POLY_OP, args)
+    want = _dtype(site.output)
+    if want is not None and _dtype(out) != want:
+        out = build.method("to", (out, want))
+    old = site.output
+    old.replace_all_uses_with(out)
+    _erase_dead(gm, site.chain + [old])
+    site.output = out
+    d = shape_of(site.q)[-1]
+    rank = feature_rank(concrete_int(d) or 0, degree)
+    return rank, f"polynomial degree {degree} (Taylor), rank {rank}, mask {mask.kind}"

@@ -104,9 +104,9 @@ def transform(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Option
             from .approximate import rewrite_polynomial
 
             try:
-                desc = rewrite_polynomial(work, site, fake_mode, options, decision)
+                row.rank, desc = rewrite_polynomial(work, site, fake_mode, options, decision)
                 row.rewritten, row.method, row.degree = True, "polynomial", decision.degree
-                row.rank, row.reason = desc
+                row.reason = f"{decision.reason}; {desc}"
             except rewriter.RewriteError as exc:
                 row.method, row.reason = "unchanged", f"not rewritten: {exc}"
         else:

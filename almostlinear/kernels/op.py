@@ -1,0 +1,215 @@
+"""Custom op glue, public entry point, device dispatch and the exact fallback.
+
+``torch.ops.almostlinear.poly_attention(q, k, v, key_weight, alibi_slopes, scale, coefficients, causal,
+window) -> Tensor`` is the low-rank op (degree = len(coefficients) - 1), with an analytic backward op
+``torch.ops.almostlinear.poly_attention_backward``.  :func:`poly_attention` validates the arguments,
+normalises them and either calls the op or, when the key length is below ``min_seq_len``, computes
+exact softmax attention with the same mask semantics (SDPA, fully masked rows -> 0).
+
+Dispatch: CUDA tensors with degree 2 and mask kinds none / causal / key_padding / causal+key_padding
+use the Triton kernels (almostlinear.kernels.triton); everything else (CPU, ALiBi, window, degree > 2,
+Triton unavailable) uses the chunked torch path (almostlinear.kernels.cpu), which runs on any device.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import cpu
+from .features import validate_polynomial
+
+__all__ = ["MASK_KINDS", "poly_attention", "DEFAULT_MIN_SEQ_LEN", "default_min_seq_len", "mask_kind"]
+
+MASK_KINDS = ("none", "causal", "key_padding", "causal+key_padding", "alibi", "window", "causal+window")
+
+# Key length below which exact attention is faster (fwd+bwd, d=64), measured by benchmarks/attention.py
+# (CPU: 2-core machine, torch 2.13; CUDA: H100/H200 vs flash SDPA, benchmarks/gpu_check.py).
+DEFAULT_MIN_SEQ_LEN = {"cpu": 2048, "cuda": 8192}
+
+
+def default_min_seq_len(device) -> int:
+    """Crossover key length for a device (str / torch.device / tensor); exact below it."""
+    if isinstance(device, torch.Tensor):
+        device = device.device
+    kind = torch.device(device).type
+    return DEFAULT_MIN_SEQ_LEN.get(kind, DEFAULT_MIN_SEQ_LEN["cpu"])
+
+
+def mask_kind(causal: bool, key_weight=None, alibi_slopes=None, window: int = 0) -> str:
+    """The MASK_KINDS name of an argument combination (ALiBi/window with padding map to the base name)."""
+    if alibi_slopes is not None:
+        return "alibi"
+    if window:
+        return "causal+window" if causal else "window"
+    if key_weight is not None:
+        return "causal+key_padding" if causal else "key_padding"
+    return "causal" if causal else "none"
+
+
+def _use_triton(q, v, degree, key_weight, alibi_slopes, window) -> bool:
+    if not q.is_cuda or degree != 2 or alibi_slopes is not None or window:
+        return False
+    if os.environ.get("ALMOSTLINEAR_DISABLE_TRITON"):
+        return False
+    try:
+        from .triton import poly_attention as _tr  # noqa: F401
+    except Exception:  # pragma: no cover - triton missing
+        return False
+    return q.shape[-1] in (16, 32, 64, 128) and v.shape[-1] in (16, 32, 64, 128)
+
+
+def _compute_dtype(t):
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _prep(*ts):
+    return [None if t is None else t.to(_compute_dtype(ts[0])).contiguous() for t in ts]
+
+
+@torch.library.custom_op("almostlinear::poly_attention", mutates_args=())
+def _poly_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_weight: Optional[torch.Tensor],
+                       alibi_slopes: Optional[torch.Tensor], scale: float, coefficients: Sequence[float],
+                       causal: bool, window: int) -> torch.Tensor:
+    coeffs = tuple(coefficients)
+    q32, k32, v32, kw, al = _prep(q, k, v, key_weight, alibi_slopes)
+    if _use_triton(q, v, len(coeffs) - 1, key_weight, alibi_slopes, window):
+        from .triton import poly_attention as tr
+        out = tr.forward(q32, k32, v32, kw, scale=scale, coeffs=coeffs, causal=causal)
+    else:
+        out, _ = cpu.forward(q32, k32, v32, kw, al, scale=scale, coeffs=coeffs, causal=causal, window=window)
+    return out.to(q.dtype)
+
+
+@_poly_attention_op.register_fake
+def _(q, k, v, key_weight, alibi_slopes, scale, coefficients, causal, window):
+    return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
+
+
+@torch.library.custom_op("almostlinear::poly_attention_backward", mutates_args=())
+def _poly_attention_bwd_op(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           out: torch.Tensor, key_weight: Optional[torch.Tensor],
+                           alibi_slopes: Optional[torch.Tensor], scale: float, coefficients: Sequence[float],
+                           causal: bool, window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    coeffs = tuple(coefficients)
+    g32, q32, k32, v32, o32, kw, al = _prep(grad, q, k, v, out, key_weight, alibi_slopes)
+    if _use_triton(q, v, len(coeffs) - 1, key_weight, alibi_slopes, window):
+        from .triton import poly_attention as tr
+        dq, dk, dv = tr.backward(g32, q32, k32, v32, o32, kw, scale=scale, coeffs=coeffs, causal=causal)
+    else:
+        dq, dk, dv = cpu.backward(g32, q32, k32, v32, o32, kw, al, scale=scale, coeffs=coeffs, causal=causal,
+                                  window=window)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+@_poly_attention_bwd_op.register_fake
+def _(grad, q, k, v, out, key_weight, alibi_slopes, scale, coefficients, causal, window):
+    # contiguous, like the real kernels' outputs (empty_like would keep a transposed q's strides)
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_weight, alibi_slopes, scale, coefficients, causal, window = inputs
+    ctx.save_for_backward(q, k, v, output, key_weight, alibi_slopes)
+    ctx.args = (scale, list(coefficients), causal, window)
+
+
+def _backward(ctx, grad):
+    q, k, v, out, key_weight, alibi_slopes = ctx.saved_tensors
+    scale, coefficients, causal, window = ctx.args
+    dq, dk, dv = _poly_attention_bwd_op(grad.contiguous(), q, k, v, out, key_weight, alibi_slopes, scale,
+                                        coefficients, causal, window)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+_poly_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _validate(q, k, v, *, scale, causal, key_weight, alibi_slopes, window):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor [B, H, T, D]; got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be floating point (float16, bfloat16, float32, float64); got {t.dtype}")
+    B, Hq, L, D = q.shape
+    Bk, Hk, S, Dk = k.shape
+    if Bk != B or v.shape[0] != B:
+        raise ValueError(f"batch sizes differ: q {B}, k {Bk}, v {v.shape[0]}")
+    if Dk != D:
+        raise ValueError(f"q and k head dims differ: {D} vs {Dk}")
+    if v.shape[1] != Hk or v.shape[2] != S:
+        raise ValueError(f"k [B, Hk, S, D] {tuple(k.shape)} and v [B, Hk, S, Dv] {tuple(v.shape)} disagree")
+    if Hk == 0 or Hq % Hk:
+        raise ValueError(f"query heads Hq={Hq} must be a multiple of key/value heads Hk={Hk} (GQA)")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+        raise ValueError(f"window must be an int >= 0 (0 = no window); got {window!r}")
+    if causal and L != S:
+        raise ValueError(f"causal=True needs equal query and key lengths (top-left aligned); got L={L}, S={S}")
+    if window and L != S:
+        raise ValueError(f"window > 0 needs equal query and key lengths; got L={L}, S={S}")
+    if key_weight is not None and tuple(key_weight.shape) != (B, S):
+        raise ValueError(f"key_weight must have shape [B, S] = {[B, S]}; got {list(key_weight.shape)}")
+    if alibi_slopes is not None and tuple(alibi_slopes.shape) != (Hq,):
+        raise ValueError(f"alibi_slopes must have shape [Hq] = [{Hq}]; got {list(alibi_slopes.shape)}")
+    if not isinstance(scale, (int, float, torch.SymFloat, torch.SymInt)):
+        raise ValueError(f"scale must be a float; got {type(scale).__name__}")
+
+
+def poly_attention(q, k, v, *, scale: float, degree: int = 2, coefficients=None, causal: bool = False,
+                   key_weight=None, alibi_slopes=None, window: int = 0, min_seq_len: int = 0) -> torch.Tensor:
+    """Low-rank polynomial attention. q [B, Hq, L, D], k [B, Hk, S, D], v [B, Hk, S, Dv] -> [B, Hq, L, Dv].
+
+    Weights P(scale q.k) * key_weight_j * exp(m_h (j - i)) on the allowed keys (causal: j <= i;
+    window w: causal i - w < j <= i, else |i - j| < w), normalised per row; a row with no allowed key
+    (all key weights 0) returns 0.  P has the given coefficients (default Taylor of exp of ``degree``)
+    and must be positive on the whole real line.  If S < min_seq_len, exact softmax attention with the
+    same masks is computed instead (faster for short sequences).  Output dtype = q.dtype; features and
+    accumulation in float32.
+    """
+    _validate(q, k, v, scale=scale, causal=causal, key_weight=key_weight, alibi_slopes=alibi_slopes,
+              window=window)
+    coeffs = validate_polynomial(degree, coefficients)
+    L, S = q.shape[2], k.shape[2]
+    if window and window >= max(L, S):
+        window = 0  # the window covers everything
+    if S < min_seq_len:
+        return exact_attention(q, k, v, scale=scale, causal=causal, key_weight=key_weight,
+                               alibi_slopes=alibi_slopes, window=window)
+    return _poly_attention_op(q, k, v, key_weight, alibi_slopes, float(scale), list(coeffs), bool(causal),
+                              int(window))
+
+
+def exact_attention(q, k, v, *, scale: float, causal: bool = False, key_weight=None, alibi_slopes=None,
+                    window: int = 0) -> torch.Tensor:
+    """Exact softmax attention (SDPA) with poly_attention's mask semantics; fully masked rows -> 0."""
+    B, Hq, L, D = q.shape
+    Hk, S = k.shape[1], k.shape[2]
+    gqa = Hq != Hk
+    if key_weight is None and alibi_slopes is None and not window:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
+    i = torch.arange(L, device=q.device).unsqueeze(-1)
+    j = torch.arange(S, device=q.device).unsqueeze(0)
+    valid = torch.ones(L, S, dtype=torch.bool, device=q.device)
+    if causal:
+        valid = valid & (j <= i)
+        if window:
+            valid = valid & (j > i - window)
+    elif window:
+        valid = valid & ((i - j).abs() < window)
+    bdt = _compute_dtype(q)
+    bias = torch.zeros(1, 1, L, S, dtype=bdt, device=q.device)
+    if alibi_slopes is not None:
+        bias = bias + alibi_slopes.to(bdt).reshape(1, Hq, 1, 1) * (j - i).to(bdt)
+    valid = valid.reshape(1, 1, L, S)
+    if key_weight is not None:
+        kw = key_weight.to(bdt).reshape(B, 1, 1, S)
+        valid = valid & (kw > 0)
+        bias = bias + torch.log(kw.clamp_min(1e-38))
+    bias = bias.masked_fill(~valid, float("-inf"))
+    any_valid = valid.any(-1, keepdim=True)
+    bias = torch.where(any_valid, bias, torch.zeros_like(bias))  # avoid NaN; zeroed below
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=scale, enable_gqa=gqa)
+    return out * any_valid.to(out.dtype)
