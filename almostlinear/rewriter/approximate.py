@@ -88,7 +88,7 @@ def rewrite_polynomial(gm: fx.GraphModule, site: AttentionSite, fake_mode, optio
     """Replace the site with the polynomial op. Returns (rank, description) for the report."""
     build = _Builder(gm, site.output, site.anchor, fake_mode)
     degree = decision.degree or 2
-    coefficients = list(taylor_coefficients(degree))
+    coefficients = list(decision.coefficients or taylor_coefficients(degree))
     if site.form == "sdpa":
         scale = site.scale
         if not is_number(scale):
@@ -114,4 +114,5 @@ def rewrite_polynomial(gm: fx.GraphModule, site: AttentionSite, fake_mode, optio
     site.output = out
     d = shape_of(site.q)[-1]
     rank = feature_rank(concrete_int(d) or 0, degree)
-    return rank, f"polynomial degree {degree} (Taylor), rank {rank}, mask {mask.kind}"
+    kind = "fitted" if decision.coefficients else "Taylor"
+    return rank, f"polynomial degree {degree} ({kind}), rank {rank}, mask {mask.kind}"

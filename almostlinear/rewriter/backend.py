@@ -6,6 +6,7 @@ import copy
 import itertools
 import re
 import time
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
@@ -17,7 +18,7 @@ from ..passes.graph_utils import concrete_int, fake_mode_of, shape_of
 from ..passes.mha import decompose_mha
 from ..passes.normalize import normalize
 from .options import Options
-from .plan import decide
+from .plan import Decision, decide
 from .report import Report, Site, emit, log
 
 RECENT_REPORTS: collections.deque = collections.deque(maxlen=64)
@@ -81,66 +82,97 @@ def _copy(gm: fx.GraphModule) -> fx.GraphModule:
     return work
 
 
-def transform(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Options) -> tuple[Report, fx.GraphModule]:
-    """Rewrite a copy of `gm` as the options say; the input graph module is left untouched."""
-    started = time.perf_counter()
-    name = f"graph_{next(_graph_counter)}"
-    report = Report(graph_name=name, options=options.as_dict(), budget=options.budget, graph_before=gm.code)
+@dataclass
+class Build:
+    """One rewritten copy of the captured graph, with the site rows and the decisions applied."""
+
+    work: fx.GraphModule
+    sites: list
+    rows: list[Site]
+    decisions: dict[int, Decision]
+    misses: list
+    mha_calls: list
+    poly_nodes: dict = field(default_factory=dict)  # site id -> the poly_attention node
+
+
+def _apply(work: fx.GraphModule, site, row: Site, decision: Decision, fake_mode, options: Options, build: Build) -> None:
+    row.reason = decision.reason
+    if site.mask.kind == "dense" and site.mask.reason:
+        row.reason += f" [dense mask: {site.mask.reason}]"
+    if decision.method == "unchanged":
+        row.method = "unchanged"
+        return
+    if decision.method == "polynomial":
+        from .approximate import rewrite_polynomial
+
+        try:
+            row.rank, desc = rewrite_polynomial(work, site, fake_mode, options, decision)
+            row.rewritten, row.method, row.degree = True, "polynomial", decision.degree
+            row.coefficients = tuple(decision.coefficients) if decision.coefficients else None
+            row.reason = f"{decision.reason}; {desc}"
+            build.poly_nodes[site.id] = site.output
+            return
+        except rewriter.RewriteError as exc:
+            decision = Decision("exact", f"fused exact: the polynomial rewrite failed ({exc})")
+            build.decisions[site.id] = decision
+            row.reason = decision.reason
+    try:
+        desc = rewriter.rewrite_exact(work, site, fake_mode)
+        row.rewritten = "unchanged" not in desc
+        row.method = "exact"
+        row.reason = f"{row.reason}; {desc}"
+    except rewriter.RewriteError as exc:
+        row.method, row.reason = "unchanged", f"not rewritten: {exc}"
+
+
+def build(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Options,
+          chosen: dict[int, Decision] | None = None) -> Build:
+    """Copy, normalize, match and rewrite with the given decisions (the options decide the rest)."""
     work = _copy(gm)
     mha_calls = decompose_mha(work)  # nn.MultiheadAttention arrives as one opaque call
     normalize(work)
     sites, misses = matcher.find_sites(work, example_inputs)
     fake_mode = fake_mode_of(work)
+    result = Build(work, sites, [], {}, misses, mha_calls)
     for site in sites:
         path = _module_path(site.anchor)
         row = _site_row(site, path)
-        decision = decide(site, path, options)
-        row.reason = decision.reason
-        if site.mask.kind == "dense" and site.mask.reason:
-            row.reason += f" [dense mask: {site.mask.reason}]"
-        if decision.method == "unchanged":
-            row.method = "unchanged"
-        elif decision.method == "polynomial":
-            from .approximate import rewrite_polynomial
-
-            try:
-                row.rank, desc = rewrite_polynomial(work, site, fake_mode, options, decision)
-                row.rewritten, row.method, row.degree = True, "polynomial", decision.degree
-                row.reason = f"{decision.reason}; {desc}"
-            except rewriter.RewriteError as exc:
-                row.method, row.reason = "unchanged", f"not rewritten: {exc}"
-        else:
-            try:
-                desc = rewriter.rewrite_exact(work, site, fake_mode)
-                row.rewritten = "unchanged" not in desc
-                row.method = "exact"
-                row.reason = f"{decision.reason}; {desc}"
-            except rewriter.RewriteError as exc:
-                row.method, row.reason = "unchanged", f"not rewritten: {exc}"
-        report.sites.append(row)
-    for node, reason in mha_calls:
-        if not getattr(node, "_erased", False):  # still in the graph: the call was left as it is
-            report.near_misses.append(
-                Site(id=-1, module_path=_module_path(node), source_line=_source_line(node), form="mha",
-                     mask_kind="-", method="unchanged", reason=f"nn.MultiheadAttention not rewritten: {reason}")
-            )
-    for miss in misses:
-        report.near_misses.append(
-            Site(
-                id=-1,
-                module_path=_module_path(miss.node),
-                source_line=_source_line(miss.node),
-                form="softmax",
-                q_shape=_shape(miss.node),
-                mask_kind="-",
-                method="unchanged",
-                reason=miss.reason,
-            )
-        )
+        decision = (chosen or {}).get(site.id) or decide(site, path, options)
+        result.decisions[site.id] = decision
+        _apply(work, site, row, decision, fake_mode, options, result)
+        result.rows.append(row)
     rewriter.finalize(work)
-    report.graph_after = work.code
+    return result
+
+
+def _near_misses(result: Build) -> list[Site]:
+    rows = []
+    for node, reason in result.mha_calls:
+        if not getattr(node, "_erased", False):  # still in the graph: the call was left as it is
+            rows.append(Site(id=-1, module_path=_module_path(node), source_line=_source_line(node), form="mha",
+                             mask_kind="-", method="unchanged", reason=f"nn.MultiheadAttention not rewritten: {reason}"))
+    for miss in result.misses:
+        rows.append(Site(id=-1, module_path=_module_path(miss.node), source_line=_source_line(miss.node),
+                         form="softmax", q_shape=_shape(miss.node), mask_kind="-", method="unchanged",
+                         reason=miss.reason))
+    return rows
+
+
+def transform(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Options) -> tuple[Report, fx.GraphModule]:
+    """Rewrite a copy of `gm` as the options say; the input graph module is left untouched."""
+    started = time.perf_counter()
+    name = f"graph_{next(_graph_counter)}"
+    report = Report(graph_name=name, options=options.as_dict(), budget=options.budget, graph_before=gm.code)
+    result = build(gm, example_inputs, options)
+    if result.poly_nodes:
+        from .planning import plan_within_budget
+
+        result = plan_within_budget(gm, example_inputs, options, result, build, report)
+    report.sites = result.rows
+    report.near_misses = _near_misses(result)
+    report.graph_after = result.work.code
     report.planning_seconds = time.perf_counter() - started
-    return report, work
+    return report, result.work
 
 
 def hand_off(gm: fx.GraphModule, example_inputs: Sequence[Any], inner: str) -> Callable:

@@ -15,6 +15,7 @@ class Decision:
     method: str  # "exact" (fused SDPA), "polynomial" (almostlinear op), "unchanged" (left as it is)
     reason: str
     degree: int | None = None
+    coefficients: tuple[float, ...] | None = None  # None: Taylor coefficients of exp
 
 
 def site_override(module_path: str, options: Options) -> tuple[str, str] | None:
@@ -32,7 +33,9 @@ def decide(site: AttentionSite, module_path: str, options: Options) -> Decision:
         return Decision("unchanged", f"left as written: sites option {override[0]!r} = 'skip'")
     if override is not None and override[1] == "exact":
         return Decision("exact", f"fused exact: sites option {override[0]!r} = 'exact'")
-    wants_poly = options.method == "polynomial" or (override is not None and override[1] == "polynomial")
+    wants_poly = options.method in ("polynomial", "auto") or (override is not None and override[1] == "polynomial")
+    if options.method == "exact" and override is None:
+        return Decision("exact", "fused exact (method='exact')")
     if wants_poly:
         from .approximate import polynomial_support
 
@@ -40,6 +43,4 @@ def decide(site: AttentionSite, module_path: str, options: Options) -> Decision:
         if ok:
             return Decision("polynomial", why, degree=options.degree or 2)
         return Decision("exact", f"fused exact: {why}")
-    if options.method == "auto":
-        return Decision("exact", "fused exact (method='auto' approximates only within a measured budget)")
-    return Decision("exact", "fused exact (method='exact')")
+    return Decision("exact", "fused exact")

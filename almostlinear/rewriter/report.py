@@ -33,8 +33,13 @@ class Site:
     degree: int | None = None
     rank: int | None = None
     reason: str = ""
-    predicted_error: float | None = None
-    measured_error: float | None = None
+    predicted_error: float | None = None  # 2 eps / (1 - eps) * max|V| on the example inputs
+    measured_error: float | None = None  # relative output error of the op vs exact attention, measured
+    sampled_error: float | None = None  # the same on sampled queries at calibration (decides what is tried)
+    logit_bound: float | None = None  # B: max |scale q.k| seen on the example inputs
+    eps: float | None = None  # relative error of the polynomial on [-B, B]
+    paper_degree: int | None = None  # the Taylor degree the error bound would need for the budget
+    coefficients: tuple | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -83,16 +88,39 @@ class Report:
                 )
             )
         lines.extend(_table(rows))
+        calibrated = [s for s in self.sites if s.logit_bound is not None]
+        if calibrated:
+            lines.append("approximation (calibrated on the example inputs; errors relative to exact attention):")
+            rows = [("id", "B=max|logit|", "eps on [-B,B]", "bound 2eps/(1-eps)*max|V|", "sampled err",
+                     "measured err", "paper degree", "degree", "coefficients")]
+            for s in calibrated:
+                rows.append((str(s.id), f"{s.logit_bound:.3g}", f"{s.eps:.3g}", f"{s.predicted_error:.3g}",
+                             _num(s.sampled_error), _num(s.measured_error), str(s.paper_degree),
+                             str(s.degree or "-"), "fitted" if s.coefficients else "Taylor"))
+            lines.extend("  " + line for line in _table(rows))
         if self.near_misses:
             lines.append("softmax not rewritten (near misses):")
             for m in self.near_misses:
                 lines.append(f"  - {m.module_path or '-'} {m.source_line or ''}: {m.reason}")
+        for step in self.history:
+            lines.append(
+                f"  call {step.get('call', 0)} step {step.get('step', 0)}: gradient error {step['grad_error']:.3g} "
+                f"with sites {step.get('approximated')} approximated"
+                + (f"; {step['event']}" if step.get("event") else "")
+            )
         if self.grad_error is not None:
             verdict = "within" if self.grad_error <= self.budget else "OVER"
-            lines.append(f"end-to-end gradient error {self.grad_error:.3g} ({verdict} budget {self.budget:g})")
+            lines.append(
+                f"end-to-end gradient error {self.grad_error:.3g} ({verdict} budget {self.budget:g}); "
+                f"planning took {self.planning_seconds:.2f} s"
+            )
         else:
             lines.append(f"end-to-end gradient error: not measured (no approximated site); budget {self.budget:g}")
         return "\n".join(lines)
+
+
+def _num(value) -> str:
+    return "-" if value is None else f"{value:.3g}"
 
 
 def _shape(shape) -> str:

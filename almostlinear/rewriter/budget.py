@@ -1,0 +1,250 @@
+"""The error budget: calibrate approximable sites, measure the end-to-end gradient error, back off.
+
+Gradient error of a graph f(inputs) -> outputs (DESIGN.md): random cotangents u for the floating outputs,
+g = VJP(f, u) w.r.t. every floating input that requires grad (parameters included; if none does, all
+floating inputs), error = ||g_rewritten - g_reference|| / ||g_reference|| over the concatenation. The
+reference is the graph with every site rewritten to fused exact attention (equal to the original to fp32
+round-off, see the exact-mode oracle) so that measuring never materialises n x n scores.
+
+Measuring leaves no trace: inputs (parameters, buffers) are cloned, gradients are taken with
+torch.autograd.grad (no .grad is touched), and the CPU/CUDA RNG states are restored; both runs start
+from the same RNG state, so dropout draws are identical.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.fx as fx
+
+from ..kernels import exact_attention, taylor_coefficients, validate_polynomial
+from ..passes.graph_utils import concrete_int
+
+POLY_OP = torch.ops.almostlinear.poly_attention.default
+
+
+class BudgetError(RuntimeError):
+    """strict=True and the budget cannot be met with the approximation."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Polynomial error on a logit range (the paper's B)
+# ---------------------------------------------------------------------------------------------------
+
+
+def relative_error(coefficients: Sequence[float], bound: float, points: int = 2001) -> float:
+    """eps = max over s in [-B, B] of |P(s) - exp(s)| / exp(s)."""
+    s = torch.linspace(-bound, bound, points, dtype=torch.float64)
+    p = torch.zeros_like(s)
+    for c in reversed(list(coefficients)):
+        p = p * s + c
+    return float(((p - s.exp()).abs() / s.exp()).max())
+
+
+def fitted_coefficients(degree: int, bound: float) -> tuple[float, ...] | None:
+    """A positive polynomial fitted to exp on [-B, B] (least squares of the relative error), or None."""
+    s = torch.linspace(-bound, bound, 801, dtype=torch.float64)
+    basis = torch.stack([s**j * torch.exp(-s) for j in range(degree + 1)], dim=1)
+    coeffs = torch.linalg.lstsq(basis, torch.ones_like(s).unsqueeze(1)).solution.squeeze(1)
+    try:
+        return validate_polynomial(degree, [float(c) for c in coeffs])
+    except ValueError:
+        return None
+
+
+def paper_degree(bound: float, budget: float, max_degree: int = 64) -> int:
+    """Smallest even Taylor degree whose relative error bound 2 eps / (1 - eps) fits the budget."""
+    for degree in range(2, max_degree + 1, 2):
+        eps = relative_error(taylor_coefficients(degree), bound)
+        if eps < 1 and 2 * eps / (1 - eps) <= budget:
+            return degree
+    return max_degree
+
+
+@dataclass
+class Calibration:
+    sampled_error: float  # relative output error of the op vs exact on sampled queries (all their keys)
+    logit_bound: float  # B: max |scale * q.k| on a sample of the example inputs
+    eps: float
+    predicted_error: float  # 2 eps / (1 - eps) * max|V|
+    predicted_relative: float  # 2 eps / (1 - eps)
+    paper_degree: int
+    degree: int
+    coefficients: tuple[float, ...]
+    fitted: bool
+
+
+def _poly(s: torch.Tensor, coefficients: Sequence[float]) -> torch.Tensor:
+    out = torch.zeros_like(s)
+    for c in reversed(list(coefficients)):
+        out = out * s + c
+    return out
+
+
+def sampled_output_error(q, k, v, scale: float, coefficients: Sequence[float], causal: bool, window: int,
+                         index: torch.Tensor) -> float:
+    """||A_poly V - A_exp V|| / ||A_exp V|| for the sampled queries against all their keys (no n x n)."""
+    qs = q.index_select(-2, index).float()
+    logits = scale * (qs @ k.float().transpose(-2, -1))  # [B, H, m, S]
+    S = k.shape[-2]
+    i = index.reshape(-1, 1)
+    j = torch.arange(S, device=q.device).reshape(1, -1)
+    allowed = torch.ones(len(index), S, dtype=torch.bool, device=q.device)
+    if causal:
+        allowed &= j <= i
+        if window:
+            allowed &= j > i - window
+    elif window:
+        allowed &= (i - j).abs() < window
+    exact = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
+    weights = _poly(logits, coefficients) * allowed
+    poly = weights / weights.sum(-1, keepdim=True).clamp_min(1e-30)
+    vf = v.float()
+    reference = exact @ vf
+    return float((poly @ vf - reference).norm() / reference.norm().clamp_min(1e-30))
+
+
+def calibrate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, degree: int, budget: float,
+              causal: bool = False, window: int = 0, sample: int = 128) -> Calibration:
+    """Logit range and measured error on sampled queries, the polynomial's error bound, the degrees.
+
+    q [B, Hq, L, D], k/v [B, Hk, S, D] (GQA groups are repeated here, on the sample only).
+    """
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    L = q.shape[-2]
+    index = torch.randperm(L, generator=generator)[:sample].sort().values.to(q.device)
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    logits = scale * (q.index_select(-2, index).float() @ k.float().transpose(-2, -1))
+    bound = max(float(logits.abs().max()), 1e-6)
+    taylor = taylor_coefficients(degree)
+    eps = relative_error(taylor, bound)
+    coefficients, fitted = taylor, False
+    candidate = fitted_coefficients(degree, bound)
+    sampled = sampled_output_error(q, k, v, scale, taylor, causal, window, index)
+    if candidate is not None:
+        sampled_fit = sampled_output_error(q, k, v, scale, candidate, causal, window, index)
+        if sampled_fit < 0.8 * sampled:
+            coefficients, fitted, sampled = candidate, True, sampled_fit
+            eps = relative_error(candidate, bound)
+    relative = 2 * eps / (1 - eps) if eps < 1 else math.inf
+    return Calibration(
+        sampled_error=sampled,
+        logit_bound=bound,
+        eps=eps,
+        predicted_error=relative * float(v.abs().max()),
+        predicted_relative=relative,
+        paper_degree=paper_degree(bound, budget),
+        degree=degree,
+        coefficients=tuple(coefficients),
+        fitted=fitted,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running graphs without side effects
+# ---------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def rng_preserved() -> Iterator[None]:
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def real_inputs(example_inputs: Sequence[Any]) -> list[Any] | None:
+    """Concrete copies of the example inputs (SymInts by their hints), or None if any is fake."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    out = []
+    for x in example_inputs:
+        if isinstance(x, FakeTensor):
+            return None
+        if isinstance(x, torch.SymInt):
+            x = concrete_int(x)
+            if x is None:
+                return None
+        out.append(x)
+    return out
+
+
+def _grad_inputs(inputs: Sequence[Any]) -> tuple[list[Any], list[int]]:
+    """Clones of the inputs; the floating ones that require grad (or all floating ones) get grads."""
+    floating = [i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor) and x.is_floating_point()]
+    wanted = [i for i in floating if inputs[i].requires_grad] or floating
+    clones = []
+    for i, x in enumerate(inputs):
+        if isinstance(x, torch.Tensor):
+            x = x.detach().clone()
+            if i in wanted:
+                x.requires_grad_(True)
+        clones.append(x)
+    return clones, wanted
+
+
+class _SiteErrors(fx.Interpreter):
+    """Runs a rewritten graph and, at each polynomial node, measures it against exact attention."""
+
+    def __init__(self, gm: fx.GraphModule, watch: dict[fx.Node, int] | None = None):
+        super().__init__(gm)
+        self.local_errors: dict[fx.Node, float] = {}
+        self.watch = watch or {}
+        self.captured: dict[fx.Node, torch.Tensor] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        if n in self.watch and isinstance(result, torch.Tensor):
+            self.captured[n] = result.detach()
+        if n.op == "call_function" and n.target is POLY_OP:
+            q, k, v, key_weight, alibi, scale, _, causal, window = (self.env[a] if isinstance(a, fx.Node) else a for a in n.args)
+            with torch.no_grad():
+                exact = exact_attention(q.detach(), k.detach(), v.detach(), scale=scale, causal=causal,
+                                        key_weight=key_weight, alibi_slopes=alibi, window=window)
+                diff = (result.detach().float() - exact.float()).norm()
+                self.local_errors[n] = float(diff / exact.float().norm().clamp_min(1e-30))
+        return result
+
+
+@dataclass
+class Measurement:
+    grads: list[torch.Tensor] = field(default_factory=list)
+    local_errors: dict = field(default_factory=dict)
+    captured: dict = field(default_factory=dict)
+
+
+def run_with_grads(gm: fx.GraphModule, inputs: Sequence[Any], rng_state: torch.Tensor,
+                   watch: dict[fx.Node, int] | None = None) -> Measurement:
+    """One forward+backward of `gm` on clones of `inputs` with fixed cotangents; no side effects."""
+    clones, wanted = _grad_inputs(inputs)
+    with rng_preserved(), torch.enable_grad():
+        torch.set_rng_state(rng_state)
+        interpreter = _SiteErrors(gm, watch)
+        outputs = interpreter.run(*clones)
+        flat = [o for o in (outputs if isinstance(outputs, (tuple, list)) else [outputs])
+                if isinstance(o, torch.Tensor) and o.is_floating_point() and o.requires_grad]
+        generator = torch.Generator(device="cpu").manual_seed(20240)
+        cotangents = [torch.randn(o.shape, generator=generator, dtype=torch.float32).to(o) for o in flat]
+        targets = [clones[i] for i in wanted]
+        grads = torch.autograd.grad(flat, targets, cotangents, allow_unused=True) if flat else []
+    grads = [torch.zeros_like(t) if g is None else g.detach() for g, t in zip(grads, targets)]
+    return Measurement(grads, interpreter.local_errors, interpreter.captured)
+
+
+def gradient_error(grads: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]) -> float:
+    if not reference:
+        return 0.0
+    num = torch.sqrt(sum(((g.double() - r.double()) ** 2).sum() for g, r in zip(grads, reference)))
+    den = torch.sqrt(sum((r.double() ** 2).sum() for r in reference))
+    if float(den) == 0.0:
+        return 0.0 if float(num) == 0.0 else math.inf
+    return float(num / den)

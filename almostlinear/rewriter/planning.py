@@ -1,0 +1,147 @@
+"""Planning within the budget: calibrate, predict, rewrite, measure, back off until the error fits.
+
+1. Calibrate each approximated site on the example inputs (logit bound B, polynomial error eps, predicted
+   output error, the paper's degree vs the chosen one, Taylor or fitted coefficients).
+2. method="auto": sites predicted not to fit the budget stay exact without being tried.
+3. Rewrite the rest, measure the end-to-end gradient error against the all-exact reference.
+4. While it exceeds the budget, the site with the largest measured error goes back to exact; measure again.
+Every step is recorded in report.history. Cost: one reference pass plus one pass per step (fwd+bwd).
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..passes.graph_utils import example_value, is_number, tensor_meta
+from .budget import BudgetError, Calibration, calibrate, gradient_error, real_inputs, run_with_grads
+from .options import Options
+from .plan import Decision
+from .report import Report, log
+
+
+def _site_scale(site) -> float:
+    """The factor on q.k of the captured q (pre-scaled q already holds its own factor)."""
+    if site.form == "sdpa":
+        return float(site.scale) if is_number(site.scale) else 1.0
+    scale = float(getattr(site, "_constant_scale", 1.0))
+    for factor, divide in site.scale_factors:
+        value = example_value(factor)
+        hint = getattr(getattr(value, "node", None), "hint", None)
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            hint = None  # a 0-d tensor's value is not known from its fake; stays conservative
+        if hint is None:
+            continue
+        scale = scale / float(hint) if divide else scale * float(hint)
+    return scale
+
+
+def _kv(site):
+    return getattr(site, "kv_unrepeated", None) or (site.k, site.v)
+
+
+def _annotate(row, calibration: Calibration) -> None:
+    row.sampled_error = calibration.sampled_error
+    row.logit_bound = calibration.logit_bound
+    row.eps = calibration.eps
+    row.predicted_error = calibration.predicted_error
+    row.paper_degree = calibration.paper_degree
+
+
+def plan_within_budget(gm, example_inputs: Sequence[Any], options: Options, initial, build: Callable,
+                       report: Report):
+    started = time.perf_counter()
+    decisions: dict[int, Decision] = dict(initial.decisions)
+    candidates = sorted(initial.poly_nodes)
+    inputs = real_inputs(example_inputs)
+    if inputs is None:
+        for sid in candidates:
+            decisions[sid] = Decision("exact", "fused exact: no real example inputs to measure the error on")
+        return build(gm, example_inputs, options, decisions)
+
+    # Reference: every site exact. One pass; it also captures q/k/v of the candidate sites.
+    exact = {sid: Decision("exact", "reference") if d.method == "polynomial" else d for sid, d in decisions.items()}
+    reference = build(gm, example_inputs, options, exact)
+    watch = {}
+    for site in reference.sites:
+        if site.id in candidates:
+            k, v = _kv(site)
+            watch.update({site.q: site.id, k: site.id, v: site.id})
+    rng = torch.get_rng_state()
+    ref = run_with_grads(reference.work, inputs, rng, watch)
+
+    calibrations: dict[int, Calibration] = {}
+    dropped: dict[int, str] = {}
+    for site in reference.sites:
+        if site.id not in candidates:
+            continue
+        k, v = _kv(site)
+        q_val, k_val, v_val = ref.captured.get(site.q), ref.captured.get(k), ref.captured.get(v)
+        if q_val is None or k_val is None or v_val is None or q_val.dim() != 4:
+            continue
+        degree = decisions[site.id].degree or 2
+        cal = calibrate(q_val, k_val, v_val, _site_scale(site), degree, options.budget,
+                        causal=site.mask.causal, window=site.mask.window)
+        calibrations[site.id] = cal
+        if options.method == "auto" and cal.sampled_error > options.budget:
+            why = (f"fused exact: error on sampled queries {cal.sampled_error:.3g} > budget {options.budget:g} "
+                   f"(logits up to B = {cal.logit_bound:.3g}, eps = {cal.eps:.3g}; the bound needs degree "
+                   f"{cal.paper_degree})")
+            decisions[site.id] = Decision("exact", why)
+            dropped[site.id] = why
+        else:
+            d = decisions[site.id]
+            decisions[site.id] = Decision("polynomial", d.reason, degree, cal.coefficients if cal.fitted else None)
+
+    step = 0
+    while True:
+        current = build(gm, example_inputs, options, decisions)
+        measured = run_with_grads(current.work, inputs, rng)
+        error = gradient_error(measured.grads, ref.grads)
+        local = {sid: measured.local_errors.get(node) for sid, node in current.poly_nodes.items()}
+        report.history.append({"call": 0, "step": step, "grad_error": error,
+                               "approximated": sorted(current.poly_nodes), "site_errors": local})
+        log.info("%s: step %d, end-to-end gradient error %.3g with sites %s approximated",
+                 report.graph_name, step, error, sorted(current.poly_nodes))
+        if error <= options.budget or not current.poly_nodes or options.method == "polynomial":
+            break
+        worst = max(local, key=lambda sid: local[sid] if local[sid] is not None else -1.0)
+        why = (f"fused exact: budget {options.budget:g} exceeded ({error:.3g} end-to-end) and this site had the "
+               f"largest measured error ({local[worst]:.3g})")
+        decisions[worst] = Decision("exact", why)
+        dropped[worst] = why
+        step += 1
+
+    for row in current.rows:
+        if row.id in calibrations:
+            _annotate(row, calibrations[row.id])
+        if row.id in current.poly_nodes:
+            row.measured_error = local.get(row.id)
+    report.grad_error = error
+    report.history[-1]["planning_seconds"] = time.perf_counter() - started
+
+    if options.method == "polynomial" and error > options.budget:
+        warnings.warn(
+            f"almostlinear: method='polynomial' approximates every supported site, and the measured end-to-end "
+            f"gradient error {error:.3g} exceeds the budget {options.budget:g} ({report.graph_name})",
+            stacklevel=2,
+        )
+    if options.strict and dropped:
+        lines = [f"  site {sid} ({_path(current, sid)}): {why}" for sid, why in sorted(dropped.items())]
+        raise BudgetError(
+            f"almostlinear (strict=True): the budget {options.budget:g} cannot be met with the approximation at "
+            f"{len(dropped)} site(s):\n" + "\n".join(lines)
+        )
+    return current
+
+
+def _path(result, sid: int) -> str:
+    for row in result.rows:
+        if row.id == sid:
+            return row.module_path or "(root)"
+    return "?"
+
+
+__all__ = ["plan_within_budget", "BudgetError", "tensor_meta"]
