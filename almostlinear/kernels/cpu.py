@@ -97,9 +97,23 @@ class _Ctx:
         self.fm = _fm(q, scale, coeffs)
         self.quad = DSPACE and isinstance(self.fm, Quad2Features)  # degree 2: consume states in d-space
         self.dt, self.dev = q.dtype, q.device
+        self._bufs = {}
         if alibi is not None:
             self.m = alibi.to(self.dt).view(self.Hk, self.G)  # [Hk, G]
             self.a = self.m.clamp_min(0.0)
+
+    def buf(self, name, shape):
+        """A contiguous scratch tensor reused across chunks (fresh multi-MB allocations page-fault)."""
+        n = 1
+        for x in shape:
+            n *= x
+        b = self._bufs.get(name)
+        if b is None or b.numel() < n:
+            b = self._bufs[name] = torch.empty(n, dtype=self.dt, device=self.dev)
+        return b[:n].view(shape)
+
+    def phi(self, x, side):
+        return self.fm.phi(x, side, out=self.buf("phi" + side, (*x.shape[:-1], self.fm.rank)))
 
     def pos(self, lo, hi):
         return torch.arange(lo, hi, device=self.dev, dtype=self.dt)
@@ -201,11 +215,11 @@ def _q_fwd(cx, qc, prep):
     """qc [B, Hk, G, C, D] -> num [B, Hk, G, C, E], cache for _q_bwd."""
     B, Hk, G, C, D = qc.shape
     if isinstance(prep, torch.Tensor):
-        return _qstate_mm(cx.fm.phi(qc, "q"), prep, cx.Gs), None
+        return _qstate_mm(cx.phi(qc, "q"), prep, cx.Gs), None
     M, S1, S0 = prep
     qv = qc.reshape(B, Hk, cx.Gs, (G // cx.Gs) * C, D)
     xs = qv * cx.fm.r2
-    T = (xs @ M).unflatten(-1, (D, -1))  # [B, Hk, Gs, G'C, D, E]
+    T = torch.matmul(xs, M, out=cx.buf("T", (*xs.shape[:-1], M.shape[-1]))).unflatten(-1, (D, -1))
     num = (xs.unsqueeze(-2) @ T).squeeze(-2)
     num = num.add_(qv @ S1, alpha=cx.fm.c1s).add_(S0.unsqueeze(-2), alpha=cx.fm.c0)
     return num.view(B, Hk, G, C, -1), T
@@ -218,7 +232,7 @@ def _q_bwd(cx, qc, prep, T, gd):
         return cx.fm.vjp(qc, _qstate_tmm_t(gd, prep, cx.Gs), "q")
     M, S1, S0 = prep
     gv = gd.reshape(B, Hk, cx.Gs, (G // cx.Gs) * C, -1)
-    dq = (T @ gv.unsqueeze(-1)).squeeze(-1).mul_(2 * cx.fm.r2)
+    dq = torch.einsum("...ae,...e->...a", T, gv).mul_(2 * cx.fm.r2)
     dq = dq.add_(gv @ S1.transpose(-1, -2), alpha=cx.fm.c1s)
     return dq.view(B, Hk, G, C, D)
 
@@ -233,13 +247,13 @@ def _k_prep(cx, dstate, dspace=True):
 def _k_consume(cx, kc, prep, X):
     """kc [B, Hk, C, D], X [B, Hk, C, E'] -> dX = phi_k(k) dS [B, Hk, C, E'], dk = J^T (X dS^T)."""
     if isinstance(prep, torch.Tensor):
-        phk = cx.fm.phi(kc, "k")
+        phk = cx.phi(kc, "k")
         return phk @ prep, cx.fm.vjp(kc, X @ prep.transpose(-1, -2), "k")
     N, S1, S0 = prep
     D = kc.shape[-1]
-    T = (kc @ N).unflatten(-1, (D, -1))  # [B, Hk, C, D, E']
+    T = torch.matmul(kc, N, out=cx.buf("T", (*kc.shape[:-1], N.shape[-1]))).unflatten(-1, (D, -1))
     dX = (kc.unsqueeze(-2) @ T).squeeze(-2).add_(kc @ S1).add_(S0.unsqueeze(-2))
-    dk = (T @ X.unsqueeze(-1)).squeeze(-1).mul_(2.0).add_(X @ S1.transpose(-1, -2))
+    dk = torch.einsum("...ae,...e->...a", T, X).mul_(2.0).add_(X @ S1.transpose(-1, -2))
     return dX, dk
 
 
@@ -320,10 +334,18 @@ def _global_state(cx):
     state = None
     for j0 in range(0, cx.S, cx.chunk):
         j1 = min(cx.S, j0 + cx.chunk)
-        phk = cx.fm.phi(cx.k[:, :, j0:j1], "k")
+        phk = cx.phi(cx.k[:, :, j0:j1], "k")
         X = _aug(cx.v[:, :, j0:j1], cx.global_key_factor(j0, j1))
-        upd = phk.transpose(-1, -2) @ X
-        state = upd if state is None else state.add_(upd)
+        state = _accum(state, phk, X)
+    return state
+
+
+def _accum(state, a, b):
+    """state += a^T b over the last two dims (in place; allocates on the first call)."""
+    if state is None:
+        return a.transpose(-1, -2) @ b
+    r, e = state.shape[-2:]
+    state.view(-1, r, e).baddbmm_(a.reshape(-1, *a.shape[-2:]).transpose(-1, -2), b.reshape(-1, *b.shape[-2:]))
     return state
 
 
@@ -336,15 +358,13 @@ def _decay(cx, c):
 
 
 def _causal_update(cx, state, j0, j1):
-    phk = cx.fm.phi(cx.k[:, :, j0:j1], "k")
+    phk = cx.phi(cx.k[:, :, j0:j1], "k")
     X = _aug(cx.v[:, :, j0:j1], cx.causal_key_factor(j0, j1, j1))
-    upd = phk.transpose(-1, -2) @ X
-    if state is None:
-        return upd
-    gam = _decay(cx, j1 - j0)
-    if gam is not None:
-        state = state * gam
-    return state.add_(upd)
+    if state is not None:
+        gam = _decay(cx, j1 - j0)
+        if gam is not None:
+            state.mul_(gam)
+    return _accum(state, phk, X)
 
 
 def _grad_aug(cx, grad_c, out_c, den_c):
@@ -385,8 +405,7 @@ def backward(grad, q, k, v, out, key_weight=None, alibi_slopes=None, *, scale, c
             num, T = _q_fwd(cx, qc, prep)
             gd = _grad_aug(cx, g5[:, :, :, i0:i1], o5[:, :, :, i0:i1], num[..., Dv])
             dq[:, :, :, i0:i1] = _q_bwd(cx, qc, prep, T, gd)
-            upd = _qstate_tmm(cx.fm.phi(qc, "q"), gd, cx.Gs)
-            dstate = upd if dstate is None else dstate.add_(upd)
+            dstate = _qstate_accum(cx, dstate, cx.phi(qc, "q"), gd)
         kprep = _k_prep(cx, dstate)
         for j0 in range(0, S, chunk):
             j1 = min(S, j0 + chunk)
@@ -427,13 +446,21 @@ def backward(grad, q, k, v, out, key_weight=None, alibi_slopes=None, *, scale, c
                 qc = cx.q5[:, :, :, i0:i1]
                 qf = cx.causal_query_factor(i0, i1)
                 gd = gds[:, :, :, i0:i1]
-                upd = _qstate_tmm(cx.fm.phi(qc, "q"), gd if qf is None else gd * qf, cx.Gs)
-                if dstate is None:
-                    dstate = upd
-                else:
+                if dstate is not None:
                     gam = _decay(cx, chunk)
-                    dstate = (dstate * gam if gam is not None else dstate).add_(upd)
+                    if gam is not None:
+                        dstate.mul_(gam)
+                dstate = _qstate_accum(cx, dstate, cx.phi(qc, "q"), gd if qf is None else gd * qf)
     return dq.view_as(q), dk, dv
+
+
+def _qstate_accum(cx, dstate, phq, gd):
+    """dstate (cat layout) += sum phq^T gd."""
+    if cx.Gs == 1:
+        B, Hk, G, C, r = phq.shape
+        return _accum(dstate, phq.reshape(B, Hk, G * C, r), gd.reshape(B, Hk, G * C, -1))
+    upd = _qstate_tmm(phq, gd, cx.Gs)
+    return upd if dstate is None else dstate.add_(upd)
 
 
 def _qstate_tmm_t(gd, state, Gs):

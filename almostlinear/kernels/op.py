@@ -21,21 +21,26 @@ import torch.nn.functional as F
 from . import cpu
 from .features import validate_polynomial
 
-__all__ = ["MASK_KINDS", "poly_attention", "DEFAULT_MIN_SEQ_LEN", "default_min_seq_len", "mask_kind"]
+__all__ = ["MASK_KINDS", "poly_attention", "DEFAULT_MIN_SEQ_LEN", "DEFAULT_MIN_SEQ_LEN_CAUSAL",
+           "default_min_seq_len", "mask_kind", "exact_attention"]
 
 MASK_KINDS = ("none", "causal", "key_padding", "causal+key_padding", "alibi", "window", "causal+window")
 
-# Key length below which exact attention is faster (fwd+bwd, d=64), measured by benchmarks/attention.py
-# (CPU: 2-core machine, torch 2.13; CUDA: H100/H200 vs flash SDPA, benchmarks/gpu_check.py).
-DEFAULT_MIN_SEQ_LEN = {"cpu": 2048, "cuda": 8192}
+# Key length below which exact attention is faster (fwd+bwd, d=64, B=H=1), measured with
+# benchmarks/attention.py (CPU: AMD EPYC 2 cores, torch 2.13, 1 thread: non-causal crossover between 4k and
+# 8k, causal about 16k) and benchmarks/gpu_check.py (H200 vs flash SDPA in bf16: the op was still slower at
+# n = 65536 for d = 64 and 128, so exact is used below 128k).  Non-causal values; causal ones below.
+DEFAULT_MIN_SEQ_LEN = {"cpu": 8192, "cuda": 131072}
+DEFAULT_MIN_SEQ_LEN_CAUSAL = {"cpu": 16384, "cuda": 131072}
 
 
-def default_min_seq_len(device) -> int:
-    """Crossover key length for a device (str / torch.device / tensor); exact below it."""
+def default_min_seq_len(device, causal: bool = False) -> int:
+    """Crossover key length for a device (str / torch.device / tensor); exact attention is faster below it."""
     if isinstance(device, torch.Tensor):
         device = device.device
     kind = torch.device(device).type
-    return DEFAULT_MIN_SEQ_LEN.get(kind, DEFAULT_MIN_SEQ_LEN["cpu"])
+    table = DEFAULT_MIN_SEQ_LEN_CAUSAL if causal else DEFAULT_MIN_SEQ_LEN
+    return table.get(kind, table["cpu"])
 
 
 def mask_kind(causal: bool, key_weight=None, alibi_slopes=None, window: int = 0) -> str:

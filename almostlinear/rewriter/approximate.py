@@ -84,6 +84,24 @@ def _key_weight(site: AttentionSite, q: fx.Node, build: _Builder) -> fx.Node | N
     return build.call(operator.mul, (weight, batch_ones))  # broadcast a [1, S] mask to [B, S]
 
 
+def switch_name(site_id: int) -> str:
+    return f"_almostlinear_switch_{site_id}"
+
+
+def _switchable_call(gm, site, build: _Builder, fake_mode, tensors, scale, coefficients, causal, window) -> fx.Node:
+    """The run-time switchable op, reading a 0-d int8 buffer of the graph module (1: polynomial, 0: exact)."""
+    from .switchable import SWITCHABLE_OP
+
+    name = switch_name(site.id)
+    device = tensor_meta(site.q).device
+    gm.register_buffer(name, torch.ones((), dtype=torch.int8, device=device))
+    with gm.graph.inserting_before(build.anchor):
+        switch = gm.graph.get_attr(name)
+    fake = fake_mode.from_tensor(getattr(gm, name)) if fake_mode is not None else getattr(gm, name)
+    switch.meta["example_value"] = switch.meta["val"] = fake
+    return build.call(SWITCHABLE_OP, (*tensors, switch, scale, coefficients, causal, window))
+
+
 def rewrite_polynomial(gm: fx.GraphModule, site: AttentionSite, fake_mode, options: Options, decision) -> tuple:
     """Replace the site with the polynomial op. Returns (rank, description) for the report."""
     build = _Builder(gm, site.output, site.anchor, fake_mode)
@@ -103,8 +121,14 @@ def rewrite_polynomial(gm: fx.GraphModule, site: AttentionSite, fake_mode, optio
         device = tensor_meta(site.q).device
         alibi = build.call(torch.tensor, (list(mask.alibi_slopes),), {"dtype": torch.float32, "device": device})
     key_weight = _key_weight(site, q, build)
-    args = (q, k, v, key_weight, alibi, float(scale), coefficients, bool(mask.causal), int(mask.window))
-    out = build.call(POLY_OP, args)
+    if options.recheck_every:
+        op_node = _switchable_call(gm, site, build, fake_mode, (q, k, v, key_weight, alibi), float(scale),
+                                   coefficients, bool(mask.causal), int(mask.window))
+        out = build.call(operator.getitem, (op_node, 0))
+    else:
+        args = (q, k, v, key_weight, alibi, float(scale), coefficients, bool(mask.causal), int(mask.window))
+        out = op_node = build.call(POLY_OP, args)
+    site.op_node = op_node  # type: ignore[attr-defined]
     want = _dtype(site.output)
     if want is not None and _dtype(out) != want:
         out = build.method("to", (out, want))

@@ -110,7 +110,7 @@ def _apply(work: fx.GraphModule, site, row: Site, decision: Decision, fake_mode,
             row.rewritten, row.method, row.degree = True, "polynomial", decision.degree
             row.coefficients = tuple(decision.coefficients) if decision.coefficients else None
             row.reason = f"{decision.reason}; {desc}"
-            build.poly_nodes[site.id] = site.output
+            build.poly_nodes[site.id] = getattr(site, "op_node", site.output)
             return
         except rewriter.RewriteError as exc:
             decision = Decision("exact", f"fused exact: the polynomial rewrite failed ({exc})")
@@ -160,6 +160,11 @@ def _near_misses(result: Build) -> list[Site]:
 
 def transform(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Options) -> tuple[Report, fx.GraphModule]:
     """Rewrite a copy of `gm` as the options say; the input graph module is left untouched."""
+    report, work, _ = _transform(gm, example_inputs, options)
+    return report, work
+
+
+def _transform(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Options):
     started = time.perf_counter()
     name = f"graph_{next(_graph_counter)}"
     report = Report(graph_name=name, options=options.as_dict(), budget=options.budget, graph_before=gm.code)
@@ -172,7 +177,7 @@ def transform(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Option
     report.near_misses = _near_misses(result)
     report.graph_after = result.work.code
     report.planning_seconds = time.perf_counter() - started
-    return report, result.work
+    return report, result.work, result.poly_nodes
 
 
 def hand_off(gm: fx.GraphModule, example_inputs: Sequence[Any], inner: str) -> Callable:
@@ -191,12 +196,20 @@ def hand_off(gm: fx.GraphModule, example_inputs: Sequence[Any], inner: str) -> C
 def compile_graph(
     gm: fx.GraphModule, example_inputs: Sequence[Any], options: Options, reports: list | None = None
 ) -> Callable:
-    report, work = transform(gm, example_inputs, options)
+    report, work, poly_nodes = _transform(gm, example_inputs, options)
     if reports is not None:
         reports.append(report)
     RECENT_REPORTS.append(report)
     emit(report)
-    return hand_off(work, example_inputs, options.inner)
+    compiled = hand_off(work, example_inputs, options.inner)
+    if options.recheck_every and poly_nodes:
+        from .recheck import Rechecker
+
+        wrapper = Rechecker(compiled, work, report, options.budget, options.recheck_every, poly_nodes)
+        if getattr(compiled, "_boxed_call", False):
+            wrapper._boxed_call = True  # type: ignore[attr-defined]
+        return wrapper
+    return compiled
 
 
 def almostlinear_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options=None, mode=None) -> Callable:

@@ -23,6 +23,8 @@ import torch.fx as fx
 from ..kernels import exact_attention, taylor_coefficients, validate_polynomial
 from ..passes.graph_utils import concrete_int
 
+from .switchable import SWITCHABLE_OP
+
 POLY_OP = torch.ops.almostlinear.poly_attention.default
 
 
@@ -36,7 +38,9 @@ class BudgetError(RuntimeError):
 
 
 def relative_error(coefficients: Sequence[float], bound: float, points: int = 2001) -> float:
-    """eps = max over s in [-B, B] of |P(s) - exp(s)| / exp(s)."""
+    """eps = max over s in [-B, B] of |P(s) - exp(s)| / exp(s) (inf where exp overflows float64)."""
+    if bound > 600:
+        return math.inf
     s = torch.linspace(-bound, bound, points, dtype=torch.float64)
     p = torch.zeros_like(s)
     for c in reversed(list(coefficients)):
@@ -192,6 +196,19 @@ def _grad_inputs(inputs: Sequence[Any]) -> tuple[list[Any], list[int]]:
     return clones, wanted
 
 
+def site_op_args(node: fx.Node):
+    """(q, k, v, key_weight, alibi, scale, causal, window, switch-or-None) of an approximate op node."""
+    if node.op != "call_function":
+        return None
+    if node.target is POLY_OP:
+        q, k, v, key_weight, alibi, scale, _, causal, window = node.args
+        return q, k, v, key_weight, alibi, scale, causal, window, None
+    if node.target is SWITCHABLE_OP:
+        q, k, v, key_weight, alibi, switch, scale, _, causal, window = node.args
+        return q, k, v, key_weight, alibi, scale, causal, window, switch
+    return None
+
+
 class _SiteErrors(fx.Interpreter):
     """Runs a rewritten graph and, at each polynomial node, measures it against exact attention."""
 
@@ -205,13 +222,18 @@ class _SiteErrors(fx.Interpreter):
         result = super().run_node(n)
         if n in self.watch and isinstance(result, torch.Tensor):
             self.captured[n] = result.detach()
-        if n.op == "call_function" and n.target is POLY_OP:
-            q, k, v, key_weight, alibi, scale, _, causal, window = (self.env[a] if isinstance(a, fx.Node) else a for a in n.args)
-            with torch.no_grad():
-                exact = exact_attention(q.detach(), k.detach(), v.detach(), scale=scale, causal=causal,
-                                        key_weight=key_weight, alibi_slopes=alibi, window=window)
-                diff = (result.detach().float() - exact.float()).norm()
-                self.local_errors[n] = float(diff / exact.float().norm().clamp_min(1e-30))
+        args = site_op_args(n)
+        if args is not None:
+            q, k, v, key_weight, alibi, scale, causal, window, active = (
+                self.env[a] if isinstance(a, fx.Node) else a for a in args
+            )
+            out = result[0] if isinstance(result, (tuple, list)) else result
+            if active is None or bool(active):
+                with torch.no_grad():
+                    exact = exact_attention(q.detach(), k.detach(), v.detach(), scale=scale, causal=causal,
+                                            key_weight=key_weight, alibi_slopes=alibi, window=window)
+                    diff = (out.detach().float() - exact.float()).norm()
+                    self.local_errors[n] = float(diff / exact.float().norm().clamp_min(1e-30))
         return result
 
 
@@ -238,6 +260,22 @@ def run_with_grads(gm: fx.GraphModule, inputs: Sequence[Any], rng_state: torch.T
         grads = torch.autograd.grad(flat, targets, cotangents, allow_unused=True) if flat else []
     grads = [torch.zeros_like(t) if g is None else g.detach() for g, t in zip(grads, targets)]
     return Measurement(grads, interpreter.local_errors, interpreter.captured)
+
+
+def agree(values: Sequence[float]) -> list[float]:
+    """The element-wise maximum over all ranks when torch.distributed is initialized (else the values).
+
+    Every decision is taken from agreed numbers, so no rank runs a different graph from the others.
+    """
+    import torch.distributed as dist
+
+    values = [float(v) for v in values]
+    if not values or not (dist.is_available() and dist.is_initialized()):
+        return values
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    tensor = torch.tensor([v if math.isfinite(v) else 1e300 for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return [float(v) if v < 1e300 else math.inf for v in tensor.cpu()]
 
 
 def gradient_error(grads: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]) -> float:

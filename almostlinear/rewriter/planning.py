@@ -9,6 +9,7 @@ Every step is recorded in report.history. Cost: one reference pass plus one pass
 """
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from typing import Any, Callable, Sequence
@@ -16,7 +17,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..passes.graph_utils import example_value, is_number, tensor_meta
-from .budget import BudgetError, Calibration, calibrate, gradient_error, real_inputs, run_with_grads
+from .budget import BudgetError, Calibration, agree, calibrate, gradient_error, real_inputs, run_with_grads
 from .options import Options
 from .plan import Decision
 from .report import Report, log
@@ -82,25 +83,30 @@ def plan_within_budget(gm, example_inputs: Sequence[Any], options: Options, init
         if q_val is None or k_val is None or v_val is None or q_val.dim() != 4:
             continue
         degree = decisions[site.id].degree or 2
-        cal = calibrate(q_val, k_val, v_val, _site_scale(site), degree, options.budget,
-                        causal=site.mask.causal, window=site.mask.window)
-        calibrations[site.id] = cal
+        calibrations[site.id] = calibrate(q_val, k_val, v_val, _site_scale(site), degree, options.budget,
+                                          causal=site.mask.causal, window=site.mask.window)
+    ids = sorted(calibrations)
+    for sid, agreed in zip(ids, agree([calibrations[sid].sampled_error for sid in ids])):
+        cal = calibrations[sid]
+        cal.sampled_error = agreed  # the worst rank's number: every rank decides the same
         if options.method == "auto" and cal.sampled_error > options.budget:
             why = (f"fused exact: error on sampled queries {cal.sampled_error:.3g} > budget {options.budget:g} "
                    f"(logits up to B = {cal.logit_bound:.3g}, eps = {cal.eps:.3g}; the bound needs degree "
                    f"{cal.paper_degree})")
-            decisions[site.id] = Decision("exact", why)
-            dropped[site.id] = why
+            decisions[sid] = Decision("exact", why)
+            dropped[sid] = why
         else:
-            d = decisions[site.id]
-            decisions[site.id] = Decision("polynomial", d.reason, degree, cal.coefficients if cal.fitted else None)
+            d = decisions[sid]
+            decisions[sid] = Decision("polynomial", d.reason, d.degree or 2, cal.coefficients if cal.fitted else None)
 
     step = 0
     while True:
         current = build(gm, example_inputs, options, decisions)
         measured = run_with_grads(current.work, inputs, rng)
-        error = gradient_error(measured.grads, ref.grads)
-        local = {sid: measured.local_errors.get(node) for sid, node in current.poly_nodes.items()}
+        ids = sorted(current.poly_nodes)
+        agreed = agree([gradient_error(measured.grads, ref.grads)]
+                       + [measured.local_errors.get(current.poly_nodes[sid], math.inf) for sid in ids])
+        error, local = agreed[0], dict(zip(ids, agreed[1:]))
         report.history.append({"call": 0, "step": step, "grad_error": error,
                                "approximated": sorted(current.poly_nodes), "site_errors": local})
         log.info("%s: step %d, end-to-end gradient error %.3g with sites %s approximated",

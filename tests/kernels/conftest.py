@@ -1,8 +1,21 @@
 import os
 import sys
 
+import pytest
+import torch
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # for kernel_helpers
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "compile: runs torch.compile with inductor (slow, ~30 s each)")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tests use tiny shapes: one intra-op thread avoids OpenMP oversubscription stalls (tens of
+    seconds on a busy 2-core machine) and changes no result."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -1,0 +1,95 @@
+"""Re-checks in training: every N-th call re-measures the approximated sites on that call's inputs.
+
+The compiled graph reads one 0-d switch buffer per approximated site (see switchable.py). Every
+`recheck_every`-th call made with grad enabled (a training call), after the call itself, one forward pass
+of the rewritten graph runs with exact attention computed beside each still-approximated site; a site
+whose relative output error now exceeds the budget is switched to exact for the following calls (no
+recompile; forward and backward of one call always use the same mode). Local errors are not the whole
+story (a small error before a layer whose softmax became sharp is amplified), so the end-to-end gradient
+error on the call's inputs is then measured too (one fwd+bwd with the current modes, one all-exact), and
+while it exceeds the budget the site with the largest local error is switched as well. The numbers are
+agreed across ranks first. The report's history keeps every check.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+
+from .approximate import switch_name
+from .budget import _SiteErrors, agree, gradient_error, rng_preserved, run_with_grads
+from .report import Report, log
+
+
+class Rechecker:
+    def __init__(self, compiled: Callable, work: fx.GraphModule, report: Report, budget: float, every: int,
+                 poly_nodes: dict[int, fx.Node]):
+        self.compiled, self.work, self.report = compiled, work, report
+        self.budget, self.every = budget, every
+        self.poly_nodes = dict(poly_nodes)
+        self.switches = {sid: getattr(work, switch_name(sid)) for sid in poly_nodes}
+        self.calls = 0
+        self._boxed_call = getattr(compiled, "_boxed_call", False)
+
+    def __call__(self, *args: Any) -> Any:
+        boxed = len(args) == 1 and isinstance(args[0], list)
+        inputs = list(args[0]) if boxed else list(args)  # copied first: boxed callees clear their list
+        out = self.compiled(*args)
+        if torch.is_grad_enabled():
+            self.calls += 1
+            if self.calls % self.every == 0 and self.active():
+                self.recheck(inputs)
+        return out
+
+    def active(self) -> list[int]:
+        return sorted(sid for sid, switch in self.switches.items() if int(switch) == 1)
+
+    def recheck(self, inputs: Sequence[Any]) -> None:
+        detached = [x.detach() if isinstance(x, torch.Tensor) else x for x in inputs]
+        with rng_preserved(), torch.no_grad():
+            interpreter = _SiteErrors(self.work)
+            interpreter.run(*detached)
+        ids = self.active()
+        errors = agree([interpreter.local_errors.get(self.poly_nodes[sid], math.inf) for sid in ids])
+        for sid, error in zip(ids, errors):
+            over = error > self.budget
+            if over:
+                self._switch(sid, f"measured error {error:.3g} > budget {self.budget:g}")
+            self._record(sid, error, over, "local error")
+        self._check_end_to_end(inputs, dict(zip(ids, errors)))
+
+    def _switch(self, sid: int, why: str) -> None:
+        self.switches[sid].fill_(0)
+        for row in self.report.sites:
+            if row.id == sid:
+                row.method = "exact"
+                row.reason = f"switched to exact at call {self.calls}: {why} (was polynomial)"
+        log.warning("almostlinear: site %d switched to exact at call %d: %s", sid, self.calls, why)
+
+    def _record(self, sid: int, error: float, over: bool, what: str) -> None:
+        self.report.history.append({"call": self.calls, "site": sid, "measured_error": error,
+                                    "decision": "exact" if over else "polynomial", "grad_error": error,
+                                    "approximated": self.active(),
+                                    "event": f"re-check site {sid} ({what}): {'switched to exact' if over else 'kept'}"})
+
+    def _check_end_to_end(self, inputs: Sequence[Any], local: dict[int, float]) -> None:
+        rng = torch.get_rng_state()
+        while self.active():
+            active = self.active()
+            for sid in active:
+                self.switches[sid].fill_(0)
+            reference = run_with_grads(self.work, inputs, rng)
+            for sid in active:
+                self.switches[sid].fill_(1)
+            current = run_with_grads(self.work, inputs, rng)
+            error = agree([gradient_error(current.grads, reference.grads)])[0]
+            self.report.grad_error = error
+            self.report.history.append({"call": self.calls, "grad_error": error, "approximated": active,
+                                        "event": "re-check end-to-end gradient error"})
+            if error <= self.budget:
+                return
+            worst = max(active, key=lambda sid: local.get(sid, 0.0))
+            self._switch(worst, f"end-to-end gradient error {error:.3g} > budget {self.budget:g}, largest local "
+                                f"error {local.get(worst, 0.0):.3g}")

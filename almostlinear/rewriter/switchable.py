@@ -1,0 +1,128 @@
+"""A polynomial site that can switch to exact attention at run time, without a recompile.
+
+Used when `recheck_every` > 0. The rewritten graph calls
+
+    out, mode = almostlinear::switchable_attention(q, k, v, key_weight, alibi_slopes, switch, scale,
+                                                   coefficients, causal, window)
+
+where `switch` is a 0-d int8 buffer of the graph module (1: polynomial, 0: exact). The op returns the mode
+it used, and the backward receives that mode, so forward and backward of one call always agree even if
+the switch flips in between. The exact branch is SDPA with the op's mask semantics.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from ..kernels import exact_attention
+
+
+def _exact(q, k, v, key_weight, alibi_slopes, scale, causal, window):
+    return exact_attention(q, k, v, scale=scale, causal=causal, key_weight=key_weight, alibi_slopes=alibi_slopes,
+                           window=window)
+
+
+@torch.library.custom_op("almostlinear::switchable_attention", mutates_args=())
+def switchable_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_weight: Optional[torch.Tensor],
+                         alibi_slopes: Optional[torch.Tensor], switch: torch.Tensor, scale: float,
+                         coefficients: Sequence[float], causal: bool, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    mode = switch.detach().clone()
+    if bool(mode):
+        out = torch.ops.almostlinear.poly_attention(q, k, v, key_weight, alibi_slopes, scale, list(coefficients),
+                                                    causal, window)
+    else:
+        out = _exact(q, k, v, key_weight, alibi_slopes, scale, causal, window)
+    return out.contiguous(), mode
+
+
+@switchable_attention.register_fake
+def _(q, k, v, key_weight, alibi_slopes, switch, scale, coefficients, causal, window):
+    return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1]), torch.empty_like(switch)
+
+
+def exact_attention_backward(grad, q, k, v, key_weight, alibi_slopes, scale: float, causal: bool, window: int,
+                             block: int = 256):
+    """dq, dk, dv of exact softmax attention with the op's mask semantics, in query blocks (no n x n).
+
+    q [B, Hq, L, D], k/v [B, Hk, S, D]; fp32 accumulation; fully masked rows contribute nothing.
+    """
+    B, Hq, L, _ = q.shape
+    Hk, S = k.shape[1], k.shape[2]
+    groups = Hq // Hk
+    qf, gf = q.float(), grad.float()
+    kf = k.float().repeat_interleave(groups, dim=1) if groups > 1 else k.float()
+    vf = v.float().repeat_interleave(groups, dim=1) if groups > 1 else v.float()
+    dq, dk, dv = torch.zeros_like(qf), torch.zeros_like(kf), torch.zeros_like(vf)
+    j = torch.arange(S, device=q.device).reshape(1, -1)
+    log_weight = None
+    if key_weight is not None:
+        kw = key_weight.float().reshape(B, 1, 1, S)
+        log_weight = torch.where(kw > 0, torch.log(kw.clamp_min(1e-38)), torch.full_like(kw, float("-inf")))
+    for start in range(0, L, block):
+        stop = min(L, start + block)
+        i = torch.arange(start, stop, device=q.device).reshape(-1, 1)
+        logits = scale * (qf[:, :, start:stop] @ kf.transpose(-2, -1))
+        allowed = torch.ones(stop - start, S, dtype=torch.bool, device=q.device)
+        if causal:
+            allowed &= j <= i
+            if window:
+                allowed &= j > i - window
+        elif window:
+            allowed &= (i - j).abs() < window
+        if alibi_slopes is not None:
+            logits = logits + alibi_slopes.float().reshape(1, Hq, 1, 1) * (j - i).float()
+        if log_weight is not None:
+            logits = logits + log_weight
+        logits = logits.masked_fill(~allowed, float("-inf"))
+        p = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+        g = gf[:, :, start:stop]
+        out = p @ vf
+        dv += p.transpose(-2, -1) @ g
+        dp = g @ vf.transpose(-2, -1)
+        ds = p * (dp - (g * out).sum(-1, keepdim=True))
+        dq[:, :, start:stop] = scale * (ds @ kf)
+        dk += scale * (ds.transpose(-2, -1) @ qf[:, :, start:stop])
+    if groups > 1:
+        dk = dk.reshape(B, Hk, groups, S, -1).sum(2)
+        dv = dv.reshape(B, Hk, groups, S, -1).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+@torch.library.custom_op("almostlinear::switchable_attention_backward", mutates_args=())
+def switchable_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                  out: torch.Tensor, key_weight: Optional[torch.Tensor],
+                                  alibi_slopes: Optional[torch.Tensor], mode: torch.Tensor, scale: float,
+                                  coefficients: Sequence[float], causal: bool,
+                                  window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad = grad.contiguous()
+    if bool(mode):
+        dq, dk, dv = torch.ops.almostlinear.poly_attention_backward(grad, q, k, v, out, key_weight, alibi_slopes,
+                                                                   scale, list(coefficients), causal, window)
+    else:
+        dq, dk, dv = exact_attention_backward(grad, q, k, v, key_weight, alibi_slopes, scale, causal, window)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@switchable_attention_backward.register_fake
+def _(grad, q, k, v, out, key_weight, alibi_slopes, mode, scale, coefficients, causal, window):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_weight, alibi_slopes, switch, scale, coefficients, causal, window = inputs
+    ctx.save_for_backward(q, k, v, output[0], key_weight, alibi_slopes, output[1])
+    ctx.args = (scale, list(coefficients), causal, window)
+
+
+def _backward(ctx, grad, _grad_mode):
+    q, k, v, out, key_weight, alibi_slopes, mode = ctx.saved_tensors
+    scale, coefficients, causal, window = ctx.args
+    dq, dk, dv = switchable_attention_backward(grad, q, k, v, out, key_weight, alibi_slopes, mode, scale,
+                                               coefficients, causal, window)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+switchable_attention.register_autograd(_backward, setup_context=_setup_context)
+
+SWITCHABLE_OP = torch.ops.almostlinear.switchable_attention.default
