@@ -40,7 +40,7 @@ class MaskOp:
     kind: str
     node: fx.Node  # the graph node applying the operation
     tensor: Any = None  # the additive tensor, or the boolean condition
-    value: Any = None  # the scale factor, or the fill value
+    value: Any = None  # the scale factor, the fill value, or (add) a constant factor on the tensor
     divide: bool = False  # scale given as a division
 
 
@@ -228,7 +228,14 @@ def analyze(ops: Sequence[MaskOp], scores_shape: tuple | None, ctx: _Context) ->
             continue
         try:
             if op.kind == "add":
-                _additive_terms(op.tensor, facts, ctx)
+                beta = 1.0 if op.value is None else float(op.value)
+                before = len(facts.key_terms)
+                if beta != 1.0 and not _depends_on_data(op.tensor, ctx):
+                    _apply_static(facts, MaskOp("add", op.node, tensor=beta * torch.as_tensor(_static_value(op.tensor, ctx))), ctx)
+                else:
+                    _additive_terms(op.tensor, facts, ctx)
+                for term in facts.key_terms[before:]:
+                    term.factor *= beta
             elif float(op.value) < BLOCKED_BELOW:
                 _bool_terms(op.tensor, op.kind == "fill", facts, ctx)
             elif _depends_on_data(op.tensor, ctx):

@@ -269,9 +269,17 @@ def _match_scores(softmax: fx.Node, site: AttentionSite) -> None:
         if einsum is not None:
             site.q, site.k = einsum
             break
-        upstream = _score_step(node, site)
+        baddbmm = is_call(node, torch.baddbmm, "baddbmm")
+        if baddbmm:  # BLOOM-style scores: alibi.baddbmm(q, k^T, beta=beta, alpha=scale)
+            beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
+            if not (is_number(beta) and is_number(alpha)) or len(node.args) != 3:
+                raise NotAttention("baddbmm with non-constant beta/alpha")
+            if beta != 0:
+                site.mask_ops.append(MaskOp("add", node, tensor=node.args[0], value=float(beta)))
+            site.mask_ops.append(MaskOp("scale", node, value=float(alpha)))
+        upstream = None if baddbmm else _score_step(node, site)
         if upstream is None:  # the score matmul
-            a, b = node.args
+            a, b = node.args[1:] if baddbmm else node.args
             if not isinstance(b, fx.Node) or not _last_two_dims_swapped(b):
                 desc = b.format_node() if isinstance(b, fx.Node) else repr(b)
                 raise NotAttention(f"key operand is not a swap of the last two dims ({desc[:80]})")

@@ -90,7 +90,10 @@ def additive_mask(site: AttentionSite, build: _Builder) -> fx.Node | None:
         elif op.kind == "add":
             if is_number(op.tensor):
                 continue  # a constant shift of every score cancels in the softmax
-            acc = op.tensor if acc is None else build.call(operator.add, (acc, op.tensor))
+            term = op.tensor
+            if op.value is not None and op.value != 1:
+                term = build.call(operator.mul, (term, op.value))  # baddbmm's beta
+            acc = term if acc is None else build.call(operator.add, (acc, term))
         elif op.kind == "fill":
             acc = build.call(torch.where, (op.tensor, op.value, 0.0 if acc is None else acc))
         elif op.kind == "keep":

@@ -105,3 +105,16 @@ SPELLINGS = [
     ("sdpa_causal", sdpa_causal, lambda: (), "causal", 0.3),
     ("sdpa_bool_causal_mask", sdpa_bool_causal_mask, lambda: (), "causal", 0.5),
 ]
+
+
+# BLOOM: ALiBi bias and scores in one baddbmm on [B*H, L, S]
+def baddbmm_alibi(q, k, v):
+    BH, L, S = q.size(0) * q.size(1), q.size(-2), k.size(-2)
+    q3, k3, v3 = (x.reshape(BH, x.size(-2), x.size(-1)) for x in (q, k, v))
+    slopes = torch.tensor([0.5, 0.25, 0.125]).repeat(q.size(0)).reshape(BH, 1, 1)
+    alibi = slopes * torch.arange(S).reshape(1, 1, S).float()
+    scores = alibi.baddbmm(q3, k3.transpose(1, 2), beta=1.0, alpha=0.5)
+    return torch.bmm(torch.softmax(scores, dim=-1), v3).reshape(q.shape)
+
+
+SPELLINGS.append(("baddbmm_alibi", baddbmm_alibi, lambda: (), "alibi", 0.5))
