@@ -4,7 +4,7 @@ import torch
 
 from tests.oracle import assert_exact_oracle
 
-from .hf_models import build
+from almostlinear.zoo import build
 
 pytest.importorskip("transformers")
 
