@@ -194,9 +194,12 @@ def hand_off(gm: fx.GraphModule, example_inputs: Sequence[Any], inner: str) -> C
 
 
 def compile_graph(
-    gm: fx.GraphModule, example_inputs: Sequence[Any], options: Options, reports: list | None = None
+    gm: fx.GraphModule, example_inputs: Sequence[Any], options: Options, reports: list | None = None,
+    keep_graph_modules: bool = False,
 ) -> Callable:
     report, work, poly_nodes = _transform(gm, example_inputs, options)
+    if keep_graph_modules:
+        report._graph_module_before, report._graph_module_after = gm, work
     if reports is not None:
         reports.append(report)
     RECENT_REPORTS.append(report)
@@ -234,9 +237,10 @@ class Backend:
     def __init__(self, **options: Any):
         self.options = Options.from_mapping(options)
         self.reports: list[Report] = []
+        self.keep_graph_modules = False  # the inspect command keeps them to draw the graphs
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Callable:
-        return compile_graph(gm, example_inputs, self.options, self.reports)
+        return compile_graph(gm, example_inputs, self.options, self.reports, self.keep_graph_modules)
 
     def __repr__(self) -> str:
         return f"almostlinear.Backend({self.options.as_dict()})"

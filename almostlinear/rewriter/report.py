@@ -59,9 +59,13 @@ class Report:
     graph_after: str = ""
     planning_seconds: float = 0.0
     history: list[dict] = field(default_factory=list)
+    _graph_module_before: object = field(default=None, repr=False, compare=False)  # kept for drawings only
+    _graph_module_after: object = field(default=None, repr=False, compare=False)
 
     def as_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.name.startswith("_")}
+        d["sites"] = [s.as_dict() for s in self.sites]
+        d["near_misses"] = [s.as_dict() for s in self.near_misses]
         return d
 
     def to_json(self) -> str:

@@ -1,0 +1,148 @@
+"""Command line: `python -m almostlinear inspect ...` (also the console script `almostlinear`).
+
+    almostlinear inspect --model llama --layers 2 --seq-len 256 --method auto --out inspect_out/
+    almostlinear inspect --factory mypkg.models:make --method exact
+
+A factory is `module:function` returning (model, args) or (model, args, kwargs).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+
+MODELS = ("gpt2", "bert", "llama", "mistral", "gpt")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .rewriter.options import INNER_COMPILERS, METHODS
+
+    parser = argparse.ArgumentParser(prog="almostlinear", description="Inspect what almostlinear does to a model.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{inspect}")
+    inspect = sub.add_parser("inspect", help="compile a model, print the report, optionally write graphs")
+    source = inspect.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", choices=MODELS, help="a model built from its config with random weights")
+    source.add_argument("--factory", help="module:function returning (model, args[, kwargs])")
+    inspect.add_argument("--impl", choices=("eager", "sdpa"), default="eager", help="HF attn_implementation")
+    inspect.add_argument("--layers", type=_positive, default=2)
+    inspect.add_argument("--seq-len", type=_positive, default=128)
+    inspect.add_argument("--method", choices=METHODS, default="auto")
+    inspect.add_argument("--inner", choices=INNER_COMPILERS, default="eager")
+    inspect.add_argument("--budget", type=float, default=0.05)
+    inspect.add_argument("--degree", type=int, default=None)
+    inspect.add_argument("--min-seq-len", type=int, default=None)
+    inspect.add_argument("--out", type=Path, help="folder for graph code, drawings and report.json")
+    return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _load_factory(spec: str, parser: argparse.ArgumentParser):
+    if ":" not in spec:
+        parser.error(f"--factory must look like module:function, got {spec!r}")
+    module_name, function_name = spec.split(":", 1)
+    sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        parser.error(f"--factory: cannot import {module_name!r} ({exc})")
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        parser.error(f"--factory: {module_name!r} has no function {function_name!r}")
+    made = function()
+    if not isinstance(made, tuple) or len(made) not in (2, 3):
+        parser.error("--factory must return (model, args) or (model, args, kwargs)")
+    model, args, kwargs = (*made, {}) if len(made) == 2 else made
+    return model, tuple(args), dict(kwargs)
+
+
+def _build(ns, parser):
+    import torch
+
+    if ns.factory:
+        return _load_factory(ns.factory, parser)
+    if ns.model == "gpt":
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from examples.gpt import GPT, GPTConfig
+
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(block_size=ns.seq_len, n_layer=ns.layers, n_head=4, n_embd=128))
+        return model, (torch.randint(0, model.config.vocab_size, (1, ns.seq_len)),), {}
+    from .zoo import build
+
+    model, ids, kwargs = build(ns.model, ns.impl, layers=ns.layers, seq_len=ns.seq_len)
+    return model, (ids,), kwargs
+
+
+def _draw(code_name: str, gm_code: str, out: Path) -> str:
+    (out / f"{code_name}.py").write_text(gm_code)
+    return str(out / f"{code_name}.py")
+
+
+def _drawings(reports, out: Path) -> list[str]:
+    notes = []
+    try:
+        import pydot  # noqa: F401
+    except ImportError:
+        return ["drawings skipped: install pydot and graphviz (`pip install pydot`, `apt install graphviz`) for SVGs"]
+    import torch.fx as fx
+    from torch.fx.passes.graph_drawer import FxGraphDrawer
+
+    for report in reports:
+        for kind, gm in (("before", report._graph_module_before), ("after", report._graph_module_after)):
+            if not isinstance(gm, fx.GraphModule):
+                continue
+            path = out / f"{report.graph_name}_{kind}.svg"
+            try:
+                FxGraphDrawer(gm, f"{report.graph_name}_{kind}").get_dot_graph().write_svg(str(path))
+                notes.append(str(path))
+            except Exception as exc:  # noqa: BLE001 - graphviz's `dot` may be missing
+                notes.append(f"drawing {path.name} failed: {exc}")
+    return notes
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parser = _parser()
+    ns = parser.parse_args(argv)
+    if ns.budget <= 0:
+        parser.error(f"--budget must be > 0, got {ns.budget}")
+    import torch
+
+    from . import Backend
+    from .rewriter.explainer import merge_reports, preserved_state
+
+    model, args, kwargs = _build(ns, parser)
+    try:
+        backend = Backend(method=ns.method, inner=ns.inner, budget=ns.budget, degree=ns.degree,
+                          min_seq_len=ns.min_seq_len)
+    except ValueError as exc:
+        parser.error(str(exc))
+    backend.keep_graph_modules = True
+    with preserved_state(model if isinstance(model, torch.nn.Module) else None):
+        torch.compile(model, backend=backend)(*args, **kwargs)
+    report = merge_reports(backend.reports, type(model).__name__)
+    print(report)
+    if ns.out:
+        ns.out.mkdir(parents=True, exist_ok=True)
+        written = []
+        for r in backend.reports:
+            written.append(_draw(f"{r.graph_name}_before", r.graph_before, ns.out))
+            written.append(_draw(f"{r.graph_name}_after", r.graph_after, ns.out))
+        (ns.out / "report.json").write_text(json.dumps(report.as_dict(), indent=2, default=str))
+        written.append(str(ns.out / "report.json"))
+        written += _drawings(backend.reports, ns.out)
+        print("\nwritten:\n  " + "\n  ".join(written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""`python -m almostlinear inspect`: builds a model, prints the report, writes graphs and JSON."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from almostlinear.__main__ import main
+
+
+@pytest.mark.parametrize("model", ["gpt2", "bert", "llama"])
+def test_inspect_hf_models(model, tmp_path, capsys):
+    assert main(["inspect", "--model", model, "--seq-len", "16", "--method", "exact", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "attention site(s)" in out and "exact" in out
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert len(report["sites"]) == 2
+    assert (tmp_path / "graph_0_before.py").exists() or any(tmp_path.glob("graph_*_before.py"))
+    after = next(tmp_path.glob("graph_*_after.py")).read_text()
+    assert "scaled_dot_product_attention" in after
+
+
+def test_inspect_factory(tmp_path, capsys, monkeypatch):
+    (tmp_path / "my_models.py").write_text(
+        "import torch\n"
+        "def make():\n"
+        "    def attention(q, k, v):\n"
+        "        return torch.softmax(q @ k.transpose(-2, -1), dim=-1) @ v\n"
+        "    q = torch.randn(1, 2, 8, 4)\n"
+        "    return attention, (q, q, q)\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    assert main(["inspect", "--factory", "my_models:make"]) == 0
+    assert "1 attention site(s)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["inspect", "--model", "t5"], "choose from 'gpt2', 'bert', 'llama', 'mistral', 'gpt'"),
+        (["inspect", "--model", "gpt2", "--method", "fast"], "choose from 'auto', 'exact', 'polynomial'"),
+        (["inspect", "--model", "gpt2", "--budget", "-1"], "--budget must be > 0"),
+        (["inspect", "--factory", "nocolon"], "module:function"),
+        (["inspect", "--model", "gpt2", "--degree", "3"], "degree must be None"),
+    ],
+)
+def test_usage_errors_name_the_valid_choices(argv, needle, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_console_entry_point_runs():
+    result = subprocess.run([sys.executable, "-m", "almostlinear", "inspect", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "--factory" in result.stdout
