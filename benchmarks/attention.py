@@ -52,7 +52,8 @@ def worker(impl: str, n: int, causal: bool, B: int, H: int, d: int, repeats: int
         step()
         times.append(time.perf_counter() - t)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return dict(time=min(times[1:]) if len(times) > 1 else times[0], times=times, maxrss_mb=rss / 1024, base_rss_mb=rss0 / 1024)
+    return dict(time=min(times[1:]) if len(times) > 1 else times[0], times=times, maxrss_mb=rss / 1024,
+                base_rss_mb=rss0 / 1024)
 
 
 def run_point(impl, n, causal, B, H, d, repeats, threads, timeout):

@@ -82,7 +82,8 @@ def main():
     log(f"device {torch.cuda.get_device_name()}; torch {torch.__version__}; triton {triton.__version__}; "
         f"dot precision {tr._PREC}; chunk {tr.CHUNK}")
     log("== correctness vs naive (rms(a-b)/rms(b): out, dq, dk, dv) ==")
-    cases = [dict(n=4096, d=64, causal=False, kw=False, gqa=False), dict(n=4096, d=64, causal=True, kw=False, gqa=False),
+    cases = [dict(n=4096, d=64, causal=False, kw=False, gqa=False),
+             dict(n=4096, d=64, causal=True, kw=False, gqa=False),
              dict(n=4096, d=64, causal=True, kw=True, gqa=True), dict(n=4096, d=128, causal=False, kw=True, gqa=True),
              dict(n=4096, d=128, causal=True, kw=False, gqa=False),
              dict(n=2048, d=64, causal=True, kw=False, gqa=False, alibi=True),

@@ -30,8 +30,10 @@ import torch
 from .features import Quad2Features, fast_feature_map, poly_deriv_eval, poly_eval
 
 CHUNK = 128
+# Degree 2: consume a state that is reused across chunks in d-space (see _q_fwd) instead of building phi and
+# its VJP.  The causal recurrences change the state every chunk, where unpacking it did not pay off.
+DSPACE = True
 CAUSAL_DSPACE = False
-DSPACE = True  # degree 2: consume states in d-space (see _q_fwd) instead of building phi + its VJP
 _TINY = 1e-30
 
 
@@ -296,8 +298,9 @@ def _finish(cx, num, den_out, out, i0, i1):
 
 
 def forward(q, k, v, key_weight=None, alibi_slopes=None, *, scale, coeffs, causal=False, window=0,
-            chunk=CHUNK):
+            chunk=None):
     """Returns out [B, Hq, L, Dv] and den [B, Hq, L] (den = sum_j W_ij)."""
+    chunk = chunk or CHUNK
     cx = _Ctx(q, k, v, key_weight, alibi_slopes, scale, coeffs, causal, window, chunk)
     B, Hk, G, L, Dv = cx.B, cx.Hk, cx.G, cx.L, cx.Dv
     out = q.new_empty(B, Hk, G, L, Dv)
@@ -375,8 +378,9 @@ def _grad_aug(cx, grad_c, out_c, den_c):
 
 
 def backward(grad, q, k, v, out, key_weight=None, alibi_slopes=None, *, scale, coeffs, causal=False,
-             window=0, chunk=CHUNK):
+             window=0, chunk=None):
     """Analytic backward. grad, out: [B, Hq, L, Dv] (same dtype as q). Returns dq, dk, dv."""
+    chunk = chunk or CHUNK
     cx = _Ctx(q, k, v, key_weight, alibi_slopes, scale, coeffs, causal, window, chunk)
     B, Hk, G, L, D, Dv, S = cx.B, cx.Hk, cx.G, cx.L, cx.D, cx.Dv, cx.S
     g5 = grad.view(B, Hk, G, L, Dv)
@@ -441,7 +445,8 @@ def backward(grad, q, k, v, out, key_weight=None, alibi_slopes=None, *, scale, c
             i0 = ci * chunk
             i1 = min(L, i0 + chunk)
             if dstate is not None:
-                _key_side_grads(cx, dk, dv, _k_prep(cx, dstate, dspace=CAUSAL_DSPACE), i0, i1, cx.causal_key_factor(i0, i1, i1))
+                kprep = _k_prep(cx, dstate, dspace=CAUSAL_DSPACE)
+                _key_side_grads(cx, dk, dv, kprep, i0, i1, cx.causal_key_factor(i0, i1, i1))
             if ci > 0:
                 qc = cx.q5[:, :, :, i0:i1]
                 qf = cx.causal_query_factor(i0, i1)

@@ -14,6 +14,7 @@ def test_public_constants():
     assert MASK_KINDS == ("none", "causal", "key_padding", "causal+key_padding", "alibi", "window", "causal+window")
     assert default_min_seq_len("cpu") == DEFAULT_MIN_SEQ_LEN["cpu"]
     assert default_min_seq_len(torch.device("cuda")) == DEFAULT_MIN_SEQ_LEN["cuda"]
+    assert default_min_seq_len("cpu", causal=True) >= default_min_seq_len("cpu")
     assert mask_kind(True, torch.ones(1, 2)) == "causal+key_padding"
 
 
