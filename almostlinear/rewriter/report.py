@@ -76,7 +76,7 @@ class Report:
         header = ("id", "module", "source", "shapes q/k/v", "mask", "scale", "drop", "gqa", "decision", "reason")
         rows = [header]
         for s in self.sites:
-            decision = f"{s.method}" + (f" (deg {s.degree}, r={s.rank})" if s.degree else "")
+            decision = f"{s.method}" + (f" (deg {s.degree}, r={s.rank})" if s.degree and s.method == "polynomial" else "")
             rows.append(
                 (
                     str(s.id),
@@ -107,11 +107,13 @@ class Report:
             for m in self.near_misses:
                 lines.append(f"  - {m.module_path or '-'} {m.source_line or ''}: {m.reason}")
         for step in self.history:
-            lines.append(
-                f"  call {step.get('call', 0)} step {step.get('step', 0)}: gradient error {step['grad_error']:.3g} "
-                f"with sites {step.get('approximated')} approximated"
-                + (f"; {step['event']}" if step.get("event") else "")
-            )
+            if "site" in step:  # a re-check of one site
+                lines.append(f"  call {step['call']}: site {step['site']} measured error {step['measured_error']:.3g} "
+                             f"-> {step['decision']}")
+                continue
+            what = step.get("event") or f"planning step {step.get('step', 0)}"
+            lines.append(f"  call {step.get('call', 0)} ({what}): end-to-end gradient error {step['grad_error']:.3g} "
+                         f"with sites {step.get('approximated')} approximated")
         if self.grad_error is not None:
             verdict = "within" if self.grad_error <= self.budget else "OVER"
             lines.append(

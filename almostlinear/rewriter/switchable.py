@@ -41,12 +41,32 @@ def _(q, k, v, key_weight, alibi_slopes, switch, scale, coefficients, causal, wi
     return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1]), torch.empty_like(switch)
 
 
+def _flash_cpu_backward(grad, q, k, v, scale: float, causal: bool):
+    """Plain or causal attention on CPU: recompute with the fused flash kernel and use its backward."""
+    groups = q.shape[1] // k.shape[1]
+    kk = k.repeat_interleave(groups, dim=1) if groups > 1 else k
+    vv = v.repeat_interleave(groups, dim=1) if groups > 1 else v
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, kk, vv, 0.0, causal, scale=scale)
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        grad.to(q.dtype), q, kk, vv, out, lse, 0.0, causal, scale=scale)
+    if groups > 1:
+        B, Hk, S, D = k.shape
+        dk = dk.reshape(B, Hk, groups, S, D).sum(2)
+        dv = dv.reshape(B, Hk, groups, S, v.shape[-1]).sum(2)
+    return dq, dk, dv
+
+
 def exact_attention_backward(grad, q, k, v, key_weight, alibi_slopes, scale: float, causal: bool, window: int,
                              block: int = 256):
     """dq, dk, dv of exact softmax attention with the op's mask semantics, in query blocks (no n x n).
 
+    Plain and causal attention on CPU use the fused flash kernel's backward instead.
+
     q [B, Hq, L, D], k/v [B, Hk, S, D]; fp32 accumulation; fully masked rows contribute nothing.
     """
+    if q.device.type == "cpu" and key_weight is None and alibi_slopes is None and not window and (
+            not causal or q.shape[2] == k.shape[2]):
+        return _flash_cpu_backward(grad, q, k, v, scale, causal)
     B, Hq, L, _ = q.shape
     Hk, S = k.shape[1], k.shape[2]
     groups = Hq // Hk

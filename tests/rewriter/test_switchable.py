@@ -18,10 +18,12 @@ def _inputs(seed=0, hq=4, hk=2, L=40):
     return q, k, v, kw
 
 
+@pytest.mark.parametrize("padding", [True, False])  # without padding the exact backward is the fused CPU kernel
 @pytest.mark.parametrize("mode", [1, 0])
 @pytest.mark.parametrize("causal,window", [(False, 0), (True, 0), (True, 7)])
-def test_each_mode_matches_its_naive_reference(mode, causal, window):
+def test_each_mode_matches_its_naive_reference(mode, causal, window, padding):
     q, k, v, kw = _inputs()
+    kw = kw if padding else None
     switch = torch.tensor(mode, dtype=torch.int8)
     out, used = switchable_attention(q, k, v, kw, None, switch, 0.3, COEFFS, causal, window)
     cot = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))

@@ -1,0 +1,219 @@
+"""almostlinear under torch.distributed: DDP (and FSDP2) around a model compiled with backend="almostlinear".
+
+What torch 2.13 does (docs/distributed.md has the measurements):
+
+* With the default `torch._dynamo.config.optimize_ddp = True` ("ddp_optimizer") and a DDP module active,
+  Dynamo hands the captured graph to DDPOptimizer, which splits it just before the parameter-using node at
+  which a DDP bucket fills (`bucket_cap_mb`; the first bucket is 1 MiB) and calls the backend once per piece,
+  with *fake* example inputs. A model whose parameters fill one bucket is not split at all. When it is split,
+  the backend cannot evaluate buffer masks (causal `tril` buffers) or measure errors on fake inputs, and a
+  piece boundary falls inside an attention chain whenever a parameter is used inside the chain (a learned
+  temperature, a relative-position bias table).
+* With `optimize_ddp=False` (or "python_reducer") the backend gets the whole graph with real inputs.
+
+`compile_for_ddp(model, **options)` (or `DistributedBackend` with `optimize_ddp=False`) gives the backend the
+whole graph in every mode, rewrites the attention there (real inputs, decisions agreed across ranks), and
+then, when a DDP module is active, splits the *rewritten* graph at DDP's bucket boundaries with DDPOptimizer
+itself, so the inner compiler still gets per-bucket pieces and DDP keeps its communication/backward overlap.
+
+Decisions are agreed across ranks inside planning and re-checks (`budget.agree`, MAX over ranks);
+`assert_same_decisions` checks the outcome and raises on any difference.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import warnings
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+
+from .backend import RECENT_REPORTS, Backend, _transform, compile_graph, emit, hand_off
+from .options import Options
+
+log = logging.getLogger("almostlinear")
+
+DDP_PIECE_MARK = "DDPOptimizer"  # in gm.compile_subgraph_reason of every piece DDPOptimizer compiles
+
+
+def optimize_ddp_mode() -> str:
+    """Dynamo's DDP mode: "ddp_optimizer", "python_reducer", "python_reducer_without_compiled_forward",
+    "no_optimization"."""
+    from torch._dynamo.utils import get_optimize_ddp_mode
+
+    return get_optimize_ddp_mode()
+
+
+def active_ddp_module():
+    """The DistributedDataParallel module whose forward is running now (None outside DDP.forward)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel._get_active_ddp_module()
+
+
+def is_ddp_piece(gm: fx.GraphModule) -> bool:
+    """Whether `gm` is one piece of a graph that DDPOptimizer split (not the whole captured graph)."""
+    return DDP_PIECE_MARK in str(getattr(gm, "compile_subgraph_reason", "") or "")
+
+
+def _has_fake(example_inputs: Sequence[Any]) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return any(isinstance(x, FakeTensor) for x in example_inputs)
+
+
+def _copy_dynamo_sources(original: fx.GraphModule, work: fx.GraphModule) -> None:
+    """DDPOptimizer reads Dynamo's attributes (`node._dynamo_source`, `gm._param_name_to_source`) that the
+    rewrite's copy does not carry."""
+    before = [n for n in original.graph.nodes if n.op == "placeholder"]
+    after = [n for n in work.graph.nodes if n.op == "placeholder"]
+    for old, new in zip(before, after):
+        if hasattr(old, "_dynamo_source") and not hasattr(new, "_dynamo_source"):
+            new._dynamo_source = old._dynamo_source
+    for name in ("_param_name_to_source", "compile_subgraph_reason"):
+        if hasattr(original, name) and not hasattr(work, name):
+            setattr(work, name, getattr(original, name))
+
+
+def ddp_split_hand_off(work: fx.GraphModule, example_inputs: Sequence[Any], inner: str, ddp,
+                       original: fx.GraphModule | None = None) -> Callable:
+    """Split the rewritten graph at `ddp`'s bucket boundaries (DDPOptimizer) and compile each piece."""
+    from torch._dynamo.backends.distributed import DDPOptimizer
+
+    if original is not None:
+        _copy_dynamo_sources(original, work)
+
+    cap = int(ddp.bucket_bytes_cap)
+    first = min(cap, int(getattr(torch.distributed, "_DEFAULT_FIRST_BUCKET_BYTES", cap)))
+    optimizer = DDPOptimizer(bucket_bytes_cap=cap, first_bucket_cap=first,
+                             backend_compile_fn=functools.partial(_inner, inner=inner))
+    compiled = optimizer.compile_fn(work, list(example_inputs))
+    log.info("almostlinear: rewritten graph split into %d DDP bucket piece(s) for the inner compiler",
+             len(optimizer.buckets))
+    return compiled
+
+
+def _inner(gm: fx.GraphModule, example_inputs: Sequence[Any], inner: str, **_: Any) -> Callable:
+    return hand_off(gm, example_inputs, inner)
+
+
+def compile_whole_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Options,
+                        reports: list | None = None, keep_graph_modules: bool = False,
+                        split_buckets: bool = True) -> Callable:
+    """`backend.compile_graph`, but under DDP the rewritten graph is split at DDP's buckets afterwards."""
+    ddp = active_ddp_module()
+    if ddp is None or not split_buckets or options.inner == "eager" or optimize_ddp_mode() != "no_optimization":
+        return compile_graph(gm, example_inputs, options, reports, keep_graph_modules)
+    report, work, poly_nodes = _transform(gm, example_inputs, options)
+    if keep_graph_modules:
+        report._graph_module_before, report._graph_module_after = gm, work
+    if reports is not None:
+        reports.append(report)
+    RECENT_REPORTS.append(report)
+    emit(report)
+    compiled = ddp_split_hand_off(work, example_inputs, options.inner, ddp, original=gm)
+    if options.recheck_every and poly_nodes:
+        from .recheck import Rechecker
+
+        return Rechecker(compiled, work, report, options.budget, options.recheck_every, poly_nodes)
+    return compiled
+
+
+class DistributedBackend(Backend):
+    """`Backend` for DDP: rewrite the whole graph, then split it at DDP's buckets for the inner compiler.
+
+    Use it with `torch._dynamo.config.optimize_ddp = False` (or through `compile_for_ddp`, which sets it
+    while the model runs): Dynamo then hands over the whole graph, and this backend re-creates DDPOptimizer's
+    bucket pieces from the *rewritten* graph (`split_buckets=False`: one piece, no comm/compute overlap).
+    Called on a DDPOptimizer piece (optimize_ddp left True), it warns and compiles the piece like the plain
+    backend does.
+    """
+
+    def __init__(self, split_buckets: bool = True, **options: Any):
+        super().__init__(**options)
+        self.split_buckets = split_buckets
+        self.pieces_seen = 0
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Callable:
+        if is_ddp_piece(gm) or _has_fake(example_inputs):
+            self.pieces_seen += 1
+            if self.pieces_seen == 1:
+                warnings.warn(
+                    "almostlinear: DDPOptimizer split the graph (torch._dynamo.config.optimize_ddp=True) and the "
+                    "backend sees one piece with fake inputs: an attention chain may be cut, buffer masks cannot "
+                    "be evaluated and nothing is approximated. Use almostlinear.rewriter.distributed."
+                    "compile_for_ddp(model) or set torch._dynamo.config.optimize_ddp = False.",
+                    stacklevel=2,
+                )
+            return compile_graph(gm, example_inputs, self.options, self.reports, self.keep_graph_modules)
+        return compile_whole_graph(gm, example_inputs, self.options, self.reports, self.keep_graph_modules,
+                                   self.split_buckets)
+
+    def __repr__(self) -> str:
+        return f"almostlinear.rewriter.distributed.DistributedBackend({self.options.as_dict()})"
+
+
+def compile_for_ddp(model: torch.nn.Module, backend: Backend | None = None, split_buckets: bool = True,
+                    **options: Any) -> torch.nn.Module:
+    """`torch.compile(model, backend=DistributedBackend(...))` whose calls run with optimize_ddp=False.
+
+    Works for both orders, `DDP(compile_for_ddp(model))` and `compile_for_ddp(DDP(model))`; the result keeps
+    torch.compile's module (state_dict keys under `_orig_mod.`). The backend (with its reports) is
+    `compiled.almostlinear_backend`.
+    """
+    backend = backend if backend is not None else DistributedBackend(split_buckets=split_buckets, **options)
+    compiled = torch.compile(model, backend=backend)
+    forward = compiled.forward
+
+    @functools.wraps(forward)
+    def whole_graph_forward(*args: Any, **kwargs: Any) -> Any:
+        with torch._dynamo.config.patch(optimize_ddp=False):
+            return forward(*args, **kwargs)
+
+    compiled.forward = whole_graph_forward
+    compiled.almostlinear_backend = backend
+    return compiled
+
+
+def decision_signature(reports: Sequence[Any]) -> list[tuple]:
+    """What must be identical on every rank: per graph and site, the method, degree and coefficients."""
+    rows = []
+    for index, report in enumerate(reports):
+        for site in report.sites:
+            coefficients = tuple(round(float(c), 12) for c in site.coefficients) if site.coefficients else None
+            rows.append((index, site.module_path, site.method, site.degree, coefficients))
+    return rows
+
+
+def assert_same_decisions(reports_or_backend: Any, group=None) -> list[tuple]:
+    """All-gather the decision signature of every rank; raise RuntimeError naming the ranks that differ.
+
+    Collective: every rank of `group` must call it. Returns this rank's signature.
+    """
+    import torch.distributed as dist
+
+    reports = getattr(reports_or_backend, "reports", reports_or_backend)
+    mine = decision_signature(reports)
+    if not (dist.is_available() and dist.is_initialized()):
+        return mine
+    everyone: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, mine, group=group)
+    differ = [rank for rank, theirs in enumerate(everyone) if theirs != everyone[0]]
+    if differ:
+        raise RuntimeError(f"almostlinear: ranks {differ} took different decisions from rank 0:\n"
+                           + "\n".join(f"  rank {r}: {s}" for r, s in enumerate(everyone)))
+    return mine
+
+
+__all__ = [
+    "DistributedBackend",
+    "compile_for_ddp",
+    "assert_same_decisions",
+    "decision_signature",
+    "optimize_ddp_mode",
+    "active_ddp_module",
+    "is_ddp_piece",
+    "ddp_split_hand_off",
+    "compile_whole_graph",
+]
