@@ -8,6 +8,7 @@ attention or a low-rank polynomial approximation, within a measured gradient-err
 from .rewriter import Backend, Options, Report, Site, explain
 from .rewriter import options
 from .rewriter.backend import RECENT_REPORTS, almostlinear_backend
+from .rewriter.distributed import DistributedBackend, assert_same_decisions, compile_for_ddp
 
 __version__ = "0.1.0"
 
@@ -18,4 +19,5 @@ def last_reports(n: int | None = None) -> list[Report]:
     return reports if n is None else reports[-n:]
 
 
-__all__ = ["Backend", "Options", "Report", "Site", "explain", "options", "almostlinear_backend", "last_reports"]
+__all__ = ["Backend", "Options", "Report", "Site", "explain", "options", "almostlinear_backend", "last_reports",
+           "compile_for_ddp", "DistributedBackend", "assert_same_decisions"]

@@ -72,8 +72,17 @@ class _Facts:
 
 def _static_value(op_tensor: Any, ctx: "_Context") -> Any:
     if isinstance(op_tensor, fx.Node):
-        return evaluate(ctx.gm, ctx.graph, op_tensor, ctx.example_inputs)
+        value = evaluate(ctx.gm, ctx.graph, op_tensor, ctx.example_inputs)
+        if is_fake(value):  # fake example inputs (e.g. a piece compiled by DDPOptimizer): values unknown
+            raise ValueError("its value is unknown: the example inputs are fake (a DDPOptimizer piece?)")
+        return value
     return op_tensor
+
+
+def is_fake(value: Any) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(value, FakeTensor)
 
 
 @dataclass

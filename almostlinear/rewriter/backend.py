@@ -193,10 +193,27 @@ def hand_off(gm: fx.GraphModule, example_inputs: Sequence[Any], inner: str) -> C
     return compile_fx(_copy(gm), example_inputs)
 
 
+_warned_ddp_piece = False
+
+
+def _warn_if_ddp_piece(gm: fx.GraphModule) -> None:
+    """DDPOptimizer (optimize_ddp=True) compiles a split graph piece by piece, with fake inputs."""
+    global _warned_ddp_piece
+    if _warned_ddp_piece or "DDPOptimizer" not in str(getattr(gm, "compile_subgraph_reason", "") or ""):
+        return
+    _warned_ddp_piece = True
+    log.warning("almostlinear: DDPOptimizer split this graph at DDP bucket boundaries "
+                "(torch._dynamo.config.optimize_ddp=True); each piece arrives with fake inputs, so attention is "
+                "only rewritten exact and a chain that uses a parameter may be cut in two. Use "
+                "almostlinear.rewriter.distributed.compile_for_ddp(model) or optimize_ddp=False "
+                "(README, Distributed training).")
+
+
 def compile_graph(
     gm: fx.GraphModule, example_inputs: Sequence[Any], options: Options, reports: list | None = None,
     keep_graph_modules: bool = False,
 ) -> Callable:
+    _warn_if_ddp_piece(gm)
     report, work, poly_nodes = _transform(gm, example_inputs, options)
     if keep_graph_modules:
         report._graph_module_before, report._graph_module_after = gm, work

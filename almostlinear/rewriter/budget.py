@@ -124,17 +124,22 @@ def calibrate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, d
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     logits = scale * (q.index_select(-2, index).float() @ k.float().transpose(-2, -1))
-    bound = max(float(logits.abs().max()), 1e-6)
+    # Under torch.distributed every number that chooses the polynomial is agreed (MAX over ranks), so all
+    # ranks fit on the same logit range and pick the same coefficients: no rank runs a different graph.
+    bound = agree([max(float(logits.abs().max()), 1e-6)])[0]
     taylor = taylor_coefficients(degree)
     eps = relative_error(taylor, bound)
     coefficients, fitted = taylor, False
     candidate = fitted_coefficients(degree, bound)
     sampled = sampled_output_error(q, k, v, scale, taylor, causal, window, index)
+    sampled_fit = math.inf
     if candidate is not None:
         sampled_fit = sampled_output_error(q, k, v, scale, candidate, causal, window, index)
-        if sampled_fit < 0.8 * sampled:
-            coefficients, fitted, sampled = candidate, True, sampled_fit
-            eps = relative_error(candidate, bound)
+    sampled, sampled_fit = agree([sampled, sampled_fit])
+    if candidate is not None and sampled_fit < 0.8 * sampled:
+        candidate = tuple(agree(candidate))  # bit-identical on every rank even if lstsq differs in the last ulp
+        coefficients, fitted, sampled = candidate, True, sampled_fit
+        eps = relative_error(candidate, bound)
     relative = 2 * eps / (1 - eps) if eps < 1 else math.inf
     return Calibration(
         sampled_error=sampled,

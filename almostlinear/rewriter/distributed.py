@@ -79,19 +79,24 @@ def _copy_dynamo_sources(original: fx.GraphModule, work: fx.GraphModule) -> None
 def ddp_split_hand_off(work: fx.GraphModule, example_inputs: Sequence[Any], inner: str, ddp,
                        original: fx.GraphModule | None = None) -> Callable:
     """Split the rewritten graph at `ddp`'s bucket boundaries (DDPOptimizer) and compile each piece."""
+    return _split(work, example_inputs, inner, ddp, original)[0]
+
+
+def _split(work, example_inputs, inner: str, ddp, original=None) -> tuple[Callable, int]:
     from torch._dynamo.backends.distributed import DDPOptimizer
 
     if original is not None:
         _copy_dynamo_sources(original, work)
-
     cap = int(ddp.bucket_bytes_cap)
+    # torch 2.13's DDPOptimizer asserts first_bucket_cap (1 MiB by default) <= bucket_cap: bucket_cap_mb < 1
+    # fails under plain optimize_ddp=True; here the first bucket is simply capped too.
     first = min(cap, int(getattr(torch.distributed, "_DEFAULT_FIRST_BUCKET_BYTES", cap)))
     optimizer = DDPOptimizer(bucket_bytes_cap=cap, first_bucket_cap=first,
                              backend_compile_fn=functools.partial(_inner, inner=inner))
     compiled = optimizer.compile_fn(work, list(example_inputs))
-    log.info("almostlinear: rewritten graph split into %d DDP bucket piece(s) for the inner compiler",
-             len(optimizer.buckets))
-    return compiled
+    pieces = len(optimizer.buckets)
+    log.info("almostlinear: rewritten graph split into %d DDP bucket piece(s) for the inner compiler", pieces)
+    return compiled, pieces
 
 
 def _inner(gm: fx.GraphModule, example_inputs: Sequence[Any], inner: str, **_: Any) -> Callable:
@@ -112,7 +117,7 @@ def compile_whole_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], optio
         reports.append(report)
     RECENT_REPORTS.append(report)
     emit(report)
-    compiled = ddp_split_hand_off(work, example_inputs, options.inner, ddp, original=gm)
+    compiled, report.ddp_pieces = _split(work, example_inputs, options.inner, ddp, original=gm)
     if options.recheck_every and poly_nodes:
         from .recheck import Rechecker
 
