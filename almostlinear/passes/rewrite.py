@@ -143,14 +143,19 @@ def rewrite_exact(gm: fx.GraphModule, site: AttentionSite, fake_mode) -> str:
     out = build.call(SDPA, (q, site.k, site.v), kwargs)
     if mask is not None and site.mask.empty_rows_possible:
         out = _propagate_empty_rows(out, mask, build)
+    replace_output(gm, site, out, build)
+    return "sdpa(is_causal=True)" if causal else ("sdpa(attn_mask)" if mask is not None else "sdpa")
+
+
+def replace_output(gm: fx.GraphModule, site: AttentionSite, out: fx.Node, build: _Builder) -> None:
+    """Route the site's users to `out` (cast back to the original output dtype) and erase the old chain."""
     want = _dtype(site.output)
     if want is not None and _dtype(out) != want:
         out = build.method("to", (out, want))
-    old_output = site.output
-    old_output.replace_all_uses_with(out)
-    _erase_dead(gm, site.chain + [old_output])
+    old = site.output
+    old.replace_all_uses_with(out)
+    _erase_dead(gm, site.chain + [old])
     site.output = out
-    return "sdpa(is_causal=True)" if causal else ("sdpa(attn_mask)" if mask is not None else "sdpa")
 
 
 def _propagate_empty_rows(out: fx.Node, mask: fx.Node, build: _Builder) -> fx.Node:

@@ -16,7 +16,7 @@ from ..kernels import MASK_KINDS as OP_MASK_KINDS
 from ..kernels import default_min_seq_len, feature_rank, taylor_coefficients
 from ..passes.graph_utils import concrete_int, is_number, shape_of, tensor_meta
 from ..passes.match import AttentionSite
-from ..passes.rewrite import RewriteError, _Builder, _dtype, _erase_dead, _scaled_query
+from ..passes.rewrite import RewriteError, _Builder, _scaled_query, replace_output
 from .options import Options
 
 POLY_OP = torch.ops.almostlinear.poly_attention.default
@@ -136,13 +136,7 @@ def rewrite_polynomial(gm: fx.GraphModule, site: AttentionSite, fake_mode, optio
         args = (q, k, v, key_weight, alibi, float(scale), coefficients, bool(mask.causal), int(mask.window))
         out = op_node = build.call(POLY_OP, args)
     site.op_node = op_node  # type: ignore[attr-defined]
-    want = _dtype(site.output)
-    if want is not None and _dtype(out) != want:
-        out = build.method("to", (out, want))
-    old = site.output
-    old.replace_all_uses_with(out)
-    _erase_dead(gm, site.chain + [old])
-    site.output = out
+    replace_output(gm, site, out, build)
     d = shape_of(site.q)[-1]
     rank = feature_rank(concrete_int(d) or 0, degree)
     kind = "fitted" if decision.coefficients else "Taylor"

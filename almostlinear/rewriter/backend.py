@@ -211,9 +211,12 @@ def _warn_if_ddp_piece(gm: fx.GraphModule) -> None:
 
 def compile_graph(
     gm: fx.GraphModule, example_inputs: Sequence[Any], options: Options, reports: list | None = None,
-    keep_graph_modules: bool = False,
+    keep_graph_modules: bool = False, inner_compile: Callable | None = None,
 ) -> Callable:
-    _warn_if_ddp_piece(gm)
+    """Rewrite, report, and compile the rewritten graph with `inner_compile(work, example_inputs, report)`
+    (default: the `inner` option's compiler; the DDP backend splits at DDP's buckets first)."""
+    if inner_compile is None:
+        _warn_if_ddp_piece(gm)
     report, work, poly_nodes = _transform(gm, example_inputs, options)
     if keep_graph_modules:
         report._graph_module_before, report._graph_module_after = gm, work
@@ -221,7 +224,10 @@ def compile_graph(
         reports.append(report)
     RECENT_REPORTS.append(report)
     emit(report)
-    compiled = hand_off(work, example_inputs, options.inner)
+    if inner_compile is None:
+        compiled = hand_off(work, example_inputs, options.inner)
+    else:
+        compiled = inner_compile(work, example_inputs, report)
     if options.recheck_every and poly_nodes:
         from .recheck import Rechecker
 

@@ -23,7 +23,7 @@ import torch.fx as fx
 from ..kernels import exact_attention, taylor_coefficients, validate_polynomial
 from ..passes.graph_utils import concrete_int
 
-from .switchable import SWITCHABLE_OP
+from .switchable import SWITCHABLE_OP, allowed_keys
 
 POLY_OP = torch.ops.almostlinear.poly_attention.default
 
@@ -94,15 +94,7 @@ def sampled_output_error(q, k, v, scale: float, coefficients: Sequence[float], c
     qs = q.index_select(-2, index).float()
     logits = scale * (qs @ k.float().transpose(-2, -1))  # [B, H, m, S]
     S = k.shape[-2]
-    i = index.reshape(-1, 1)
-    j = torch.arange(S, device=q.device).reshape(1, -1)
-    allowed = torch.ones(len(index), S, dtype=torch.bool, device=q.device)
-    if causal:
-        allowed &= j <= i
-        if window:
-            allowed &= j > i - window
-    elif window:
-        allowed &= (i - j).abs() < window
+    allowed = allowed_keys(index.reshape(-1, 1), S, causal, window)
     exact = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
     weights = _poly(logits, coefficients) * allowed
     poly = weights / weights.sum(-1, keepdim=True).clamp_min(1e-30)

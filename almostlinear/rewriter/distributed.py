@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
-from .backend import RECENT_REPORTS, Backend, _transform, compile_graph, emit, hand_off
+from .backend import Backend, compile_graph, hand_off
 from .options import Options
 
 log = logging.getLogger("almostlinear")
@@ -110,19 +110,12 @@ def compile_whole_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], optio
     ddp = active_ddp_module()
     if ddp is None or not split_buckets or options.inner == "eager" or optimize_ddp_mode() != "no_optimization":
         return compile_graph(gm, example_inputs, options, reports, keep_graph_modules)
-    report, work, poly_nodes = _transform(gm, example_inputs, options)
-    if keep_graph_modules:
-        report._graph_module_before, report._graph_module_after = gm, work
-    if reports is not None:
-        reports.append(report)
-    RECENT_REPORTS.append(report)
-    emit(report)
-    compiled, report.ddp_pieces = _split(work, example_inputs, options.inner, ddp, original=gm)
-    if options.recheck_every and poly_nodes:
-        from .recheck import Rechecker
 
-        return Rechecker(compiled, work, report, options.budget, options.recheck_every, poly_nodes)
-    return compiled
+    def split_inner(work: fx.GraphModule, inputs: Sequence[Any], report) -> Callable:
+        compiled, report.ddp_pieces = _split(work, inputs, options.inner, ddp, original=gm)
+        return compiled
+
+    return compile_graph(gm, example_inputs, options, reports, keep_graph_modules, inner_compile=split_inner)
 
 
 class DistributedBackend(Backend):

@@ -41,6 +41,20 @@ def _(q, k, v, key_weight, alibi_slopes, switch, scale, coefficients, causal, wi
     return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1]), torch.empty_like(switch)
 
 
+def allowed_keys(query_index: torch.Tensor, S: int, causal: bool, window: int) -> torch.Tensor:
+    """[m, S] bool: which keys the queries at `query_index` ([m, 1]) see (causal: j <= i; window w: causal
+    i - w < j <= i, otherwise |i - j| < w), the op's mask semantics."""
+    j = torch.arange(S, device=query_index.device).reshape(1, -1)
+    allowed = torch.ones(query_index.shape[0], S, dtype=torch.bool, device=query_index.device)
+    if causal:
+        allowed &= j <= query_index
+        if window:
+            allowed &= j > query_index - window
+    elif window:
+        allowed &= (query_index - j).abs() < window
+    return allowed
+
+
 def _flash_cpu_backward(grad, q, k, v, scale: float, causal: bool):
     """Plain or causal attention on CPU: recompute with the fused flash kernel and use its backward."""
     groups = q.shape[1] // k.shape[1]
@@ -83,13 +97,7 @@ def exact_attention_backward(grad, q, k, v, key_weight, alibi_slopes, scale: flo
         stop = min(L, start + block)
         i = torch.arange(start, stop, device=q.device).reshape(-1, 1)
         logits = scale * (qf[:, :, start:stop] @ kf.transpose(-2, -1))
-        allowed = torch.ones(stop - start, S, dtype=torch.bool, device=q.device)
-        if causal:
-            allowed &= j <= i
-            if window:
-                allowed &= j > i - window
-        elif window:
-            allowed &= (i - j).abs() < window
+        allowed = allowed_keys(i, S, causal, window)
         if alibi_slopes is not None:
             logits = logits + alibi_slopes.float().reshape(1, Hq, 1, 1) * (j - i).float()
         if log_weight is not None:
