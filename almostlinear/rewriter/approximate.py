@@ -36,15 +36,16 @@ def _dropout_active(site: AttentionSite) -> bool:
 def min_seq_len_for(site: AttentionSite, options: Options) -> int:
     """The key length from which the op is faster than exact attention at this site.
 
-    The measured crossover is for head dim 64 (benchmarks/attention.py); the op's cost grows as n*d^3 and
-    exact attention's as n^2*d, so the crossover moves as d^2: a quarter for d = 32, four times for d = 128.
+    The crossover tables are measured at head dim 64 (benchmarks/attention.py). By FLOPs it would move as
+    d^2; measured on the 2-core CPU (causal, fwd+bwd, 4 heads) it moves about linearly in d: d=16 ~6k,
+    d=32 ~8k, d=64 ~16k, so the table value is scaled by d/64.
     """
     if options.min_seq_len is not None:
         return options.min_seq_len
     q = tensor_meta(site.q)
     base = default_min_seq_len(q.device if q is not None else "cpu", causal=site.mask.causal)
     d = concrete_int(q.shape[-1]) if q is not None else 64
-    return max(256, int(base * ((d or 64) / 64) ** 2))
+    return max(256, int(base * (d or 64) / 64))
 
 
 def polynomial_support(site: AttentionSite, options: Options) -> tuple[bool, str]:
