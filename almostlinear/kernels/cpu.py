@@ -27,9 +27,12 @@ from __future__ import annotations
 
 import torch
 
+from . import cpu_batched
 from .features import Quad2Features, fast_feature_map, poly_deriv_eval, poly_eval
 
 CHUNK = 128
+# Causal without window / ALiBi: process cpu_batched.GROUP chunks per Python step (see cpu_batched).
+CAUSAL_BATCHED = True
 # Degree 2: consume a state that is reused across chunks in d-space (see _q_fwd) instead of building phi and
 # its VJP.  The causal recurrences change the state every chunk, where unpacking it did not pay off.
 DSPACE = True
@@ -227,6 +230,24 @@ def _q_fwd(cx, qc, prep):
     return num.view(B, Hk, G, C, -1), T
 
 
+def _q_den(cx, qc, state):
+    """Only the den column of phi_q(qc) state: [B, Hk, G, C].  Degree 2 in d-space without building phi:
+    c0 p0 + c1 s q.p1 + q'^T unpack(p) q' (p = the den columns of the state, one per Gs)."""
+    B, Hk, G, C, D = qc.shape
+    E = cx.Dv + 1
+    p = state[..., cx.Dv::E]  # [B, Hk, r, Gs]
+    if not cx.quad:
+        return (cx.phi(qc, "q") @ p.unsqueeze(2).transpose(2, -1)).squeeze(-1) if cx.Gs > 1 else \
+            (cx.phi(qc, "q") @ p.unsqueeze(2)).squeeze(-1)
+    pt = p.transpose(-1, -2)  # [B, Hk, Gs, r]
+    Mp = cx.fm.unpack(pt.unsqueeze(-1), 1.0).squeeze(-1)  # [B, Hk, Gs, d, d]
+    xs = qc * cx.fm.r2
+    z = ((xs @ Mp) * xs).sum(-1)
+    z += (qc @ pt[..., 1:1 + D].unsqueeze(-1)).squeeze(-1).mul_(cx.fm.c1s)
+    z += pt[..., :1].mul(cx.fm.c0)
+    return z
+
+
 def _q_bwd(cx, qc, prep, T, gd):
     """dq [B, Hk, G, C, D] of sum(gd * num) (gd [B, Hk, G, C, E])."""
     B, Hk, G, C, D = qc.shape
@@ -250,7 +271,9 @@ def _k_consume(cx, kc, prep, X):
     """kc [B, Hk, C, D], X [B, Hk, C, E'] -> dX = phi_k(k) dS [B, Hk, C, E'], dk = J^T (X dS^T)."""
     if isinstance(prep, torch.Tensor):
         phk = cx.phi(kc, "k")
-        return phk @ prep, cx.fm.vjp(kc, X @ prep.transpose(-1, -2), "k")
+        # Gs == 1: the den column of dX is never used (see _key_side_grads), skip it
+        dX = phk @ prep[..., :cx.Dv] if cx.Gs == 1 else phk @ prep
+        return dX, cx.fm.vjp(kc, X @ prep.transpose(-1, -2), "k")
     N, S1, S0 = prep
     D = kc.shape[-1]
     T = torch.matmul(kc, N, out=cx.buf("T", (*kc.shape[:-1], N.shape[-1]))).unflatten(-1, (D, -1))
@@ -301,6 +324,8 @@ def forward(q, k, v, key_weight=None, alibi_slopes=None, *, scale, coeffs, causa
             chunk=None):
     """Returns out [B, Hq, L, Dv] and den [B, Hq, L] (den = sum_j W_ij)."""
     chunk = chunk or CHUNK
+    if _use_batched(q, k, alibi_slopes, causal, window):
+        return _batched_forward(q, k, v, key_weight, scale, coeffs, chunk)
     cx = _Ctx(q, k, v, key_weight, alibi_slopes, scale, coeffs, causal, window, chunk)
     B, Hk, G, L, Dv = cx.B, cx.Hk, cx.G, cx.L, cx.Dv
     out = q.new_empty(B, Hk, G, L, Dv)
@@ -381,6 +406,8 @@ def backward(grad, q, k, v, out, key_weight=None, alibi_slopes=None, *, scale, c
              window=0, chunk=None):
     """Analytic backward. grad, out: [B, Hq, L, Dv] (same dtype as q). Returns dq, dk, dv."""
     chunk = chunk or CHUNK
+    if _use_batched(q, k, alibi_slopes, causal, window):
+        return _batched_backward(grad, q, k, v, out, key_weight, scale, coeffs, chunk)
     cx = _Ctx(q, k, v, key_weight, alibi_slopes, scale, coeffs, causal, window, chunk)
     B, Hk, G, L, D, Dv, S = cx.B, cx.Hk, cx.G, cx.L, cx.D, cx.Dv, cx.S
     g5 = grad.view(B, Hk, G, L, Dv)
@@ -427,8 +454,8 @@ def backward(grad, q, k, v, out, key_weight=None, alibi_slopes=None, *, scale, c
             qf = cx.causal_query_factor(i0, i1)
             if state is not None:
                 prep = _q_prep(cx, state, dspace=False)
-                num, T = _q_fwd(cx, qc, prep)
-                z = num[..., Dv]
+                T = None
+                z = _q_den(cx, qc, state)
                 den_c = den_c + (z if qf is None else z * qf.squeeze(-1))
             gd = _grad_aug(cx, g5[:, :, :, i0:i1], o5[:, :, :, i0:i1], den_c)
             gds[:, :, :, i0:i1] = gd
@@ -483,7 +510,44 @@ def _key_side_grads(cx, dk, dv, kprep, j0, j1, f):
     X = _aug(cx.v[:, :, j0:j1], f)
     dX, dkc = _k_consume(cx, kc, kprep, X)  # dX [B, Hk, C, Gs*(Dv+1)]
     dk[:, :, j0:j1] += dkc
-    dXv = dX.view(*dX.shape[:-1], Gs, Dv + 1)[..., :Dv]  # [B, Hk, C, Gs, Dv]
+    dXv = dX.unsqueeze(-2) if dX.shape[-1] == Dv else dX.view(*dX.shape[:-1], Gs, Dv + 1)[..., :Dv]  # [B,Hk,C,Gs,Dv]
     if f is not None:
         dXv = dXv * f.permute(0, 1, 3, 2).unsqueeze(-1)
     dv[:, :, j0:j1] += dXv.sum(-2)
+
+
+def _use_batched(q, k, alibi_slopes, causal, window):
+    return CAUSAL_BATCHED and causal and not window and alibi_slopes is None and q.shape[2] == k.shape[2]
+
+
+def _padded(chunk, L, *ts):
+    """Zero-pad [.., L, ..] tensors (dim 2; key weights dim 1) at the end to a multiple of chunk."""
+    L2 = -(-L // chunk) * chunk
+    if L2 == L:
+        return ts
+    return tuple(None if t is None else cpu_batched._pad(t, L2, 1 if t.dim() == 2 else 2) for t in ts)
+
+
+def _batched_forward(q, k, v, key_weight, scale, coeffs, chunk):
+    B, Hq, L, _ = q.shape
+    q2, k2, v2, kw2 = _padded(chunk, L, q, k, v, key_weight)
+    cx = _Ctx(q2, k2, v2, kw2, None, scale, coeffs, True, 0, chunk)
+    out = q.new_empty(B, cx.Hk, cx.G, cx.L, cx.Dv)
+    den = q.new_empty(B, cx.Hk, cx.G, cx.L)
+    cpu_batched.forward(cx, out, den)
+    return out.view(B, Hq, cx.L, cx.Dv)[:, :, :L].contiguous(), den.view(B, Hq, cx.L)[:, :, :L].contiguous()
+
+
+def _batched_backward(grad, q, k, v, out, key_weight, scale, coeffs, chunk):
+    B, Hq, L, _ = q.shape
+    q2, k2, v2, kw2, g2, o2 = _padded(chunk, L, q, k, v, key_weight, grad, out)
+    cx = _Ctx(q2, k2, v2, kw2, None, scale, coeffs, True, 0, chunk)
+    g5 = g2.contiguous().view(B, cx.Hk, cx.G, cx.L, cx.Dv)
+    o5 = o2.contiguous().view(B, cx.Hk, cx.G, cx.L, cx.Dv)
+    dq = torch.zeros_like(cx.q5)
+    dk = torch.zeros_like(k2)
+    dv = torch.zeros_like(v2)
+    cpu_batched.backward(cx, g5, o5, dq, dk, dv)
+    if cx.L != L:
+        return dq.view(B, Hq, cx.L, -1)[:, :, :L].contiguous(), dk[:, :, :L].contiguous(), dv[:, :, :L].contiguous()
+    return dq.view_as(q), dk, dv

@@ -75,7 +75,7 @@ def _static_value(op_tensor: Any, ctx: "_Context") -> Any:
         value = evaluate(ctx.gm, ctx.graph, op_tensor, ctx.example_inputs)
         if is_fake(value):  # fake example inputs (e.g. a piece compiled by DDPOptimizer): values unknown
             raise ValueError("its value is unknown: the example inputs are fake (a DDPOptimizer piece?)")
-        return value
+        return value.cpu() if isinstance(value, torch.Tensor) else value  # classified on the CPU
     return op_tensor
 
 
