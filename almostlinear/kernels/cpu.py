@@ -27,12 +27,9 @@ from __future__ import annotations
 
 import torch
 
-from . import cpu_batched
 from .features import Quad2Features, fast_feature_map, poly_deriv_eval, poly_eval
 
 CHUNK = 128
-# Causal without window / ALiBi: process cpu_batched.GROUP chunks per Python step (see cpu_batched).
-CAUSAL_BATCHED = True
 # Degree 2: consume a state that is reused across chunks in d-space (see _q_fwd) instead of building phi and
 # its VJP.  The causal recurrences change the state every chunk, where unpacking it did not pay off.
 DSPACE = True
@@ -289,10 +286,11 @@ def _direct_fwd(cx, qc, kc, vaug, M):
     return (W.view(B, Hk, G * Ci, -1) @ vaug).view(B, Hk, G, Ci, -1), s, W
 
 
-def _direct_bwd(cx, qc, kc, vaug, M, gd):
-    """Gradients of a direct block given gd [B,Hk,G,Ci,Dv+1]; returns dq [B,Hk,G,Ci,D], dk, dv [B,Hk,Cj,.]."""
+def _direct_bwd(cx, qc, kc, vaug, M, gd, sW=None):
+    """Gradients of a direct block given gd [B,Hk,G,Ci,Dv+1]; returns dq [B,Hk,G,Ci,D], dk, dv [B,Hk,Cj,.].
+    sW: (s, W) from _direct_fwd_scores when the caller already has them."""
     B, Hk, G, Ci, D = qc.shape
-    _, s, W = _direct_fwd_scores(cx, qc, kc, M)
+    s, W = sW if sW is not None else _direct_fwd_scores(cx, qc, kc, M)[1:]
     gd2 = gd.reshape(B, Hk, G * Ci, -1)
     dW = (gd2 @ vaug.transpose(-1, -2)).view(B, Hk, G, Ci, -1)
     if M is not None:
@@ -324,8 +322,6 @@ def forward(q, k, v, key_weight=None, alibi_slopes=None, *, scale, coeffs, causa
             chunk=None):
     """Returns out [B, Hq, L, Dv] and den [B, Hq, L] (den = sum_j W_ij)."""
     chunk = chunk or CHUNK
-    if _use_batched(q, k, alibi_slopes, causal, window):
-        return _batched_forward(q, k, v, key_weight, scale, coeffs, chunk)
     cx = _Ctx(q, k, v, key_weight, alibi_slopes, scale, coeffs, causal, window, chunk)
     B, Hk, G, L, Dv = cx.B, cx.Hk, cx.G, cx.L, cx.Dv
     out = q.new_empty(B, Hk, G, L, Dv)
@@ -406,8 +402,6 @@ def backward(grad, q, k, v, out, key_weight=None, alibi_slopes=None, *, scale, c
              window=0, chunk=None):
     """Analytic backward. grad, out: [B, Hq, L, Dv] (same dtype as q). Returns dq, dk, dv."""
     chunk = chunk or CHUNK
-    if _use_batched(q, k, alibi_slopes, causal, window):
-        return _batched_backward(grad, q, k, v, out, key_weight, scale, coeffs, chunk)
     cx = _Ctx(q, k, v, key_weight, alibi_slopes, scale, coeffs, causal, window, chunk)
     B, Hk, G, L, D, Dv, S = cx.B, cx.Hk, cx.G, cx.L, cx.D, cx.Dv, cx.S
     g5 = grad.view(B, Hk, G, L, Dv)
@@ -459,7 +453,7 @@ def backward(grad, q, k, v, out, key_weight=None, alibi_slopes=None, *, scale, c
                 den_c = den_c + (z if qf is None else z * qf.squeeze(-1))
             gd = _grad_aug(cx, g5[:, :, :, i0:i1], o5[:, :, :, i0:i1], den_c)
             gds[:, :, :, i0:i1] = gd
-            a, b, c = _direct_bwd(cx, qc, kc, va, M, gd)
+            a, b, c = _direct_bwd(cx, qc, kc, va, M, gd, (s, W))
             if state is not None:
                 a = a + _q_bwd(cx, qc, prep, T, gd if qf is None else gd * qf)
             dq[:, :, :, i0:i1] = a
@@ -515,39 +509,3 @@ def _key_side_grads(cx, dk, dv, kprep, j0, j1, f):
         dXv = dXv * f.permute(0, 1, 3, 2).unsqueeze(-1)
     dv[:, :, j0:j1] += dXv.sum(-2)
 
-
-def _use_batched(q, k, alibi_slopes, causal, window):
-    return CAUSAL_BATCHED and causal and not window and alibi_slopes is None and q.shape[2] == k.shape[2]
-
-
-def _padded(chunk, L, *ts):
-    """Zero-pad [.., L, ..] tensors (dim 2; key weights dim 1) at the end to a multiple of chunk."""
-    L2 = -(-L // chunk) * chunk
-    if L2 == L:
-        return ts
-    return tuple(None if t is None else cpu_batched._pad(t, L2, 1 if t.dim() == 2 else 2) for t in ts)
-
-
-def _batched_forward(q, k, v, key_weight, scale, coeffs, chunk):
-    B, Hq, L, _ = q.shape
-    q2, k2, v2, kw2 = _padded(chunk, L, q, k, v, key_weight)
-    cx = _Ctx(q2, k2, v2, kw2, None, scale, coeffs, True, 0, chunk)
-    out = q.new_empty(B, cx.Hk, cx.G, cx.L, cx.Dv)
-    den = q.new_empty(B, cx.Hk, cx.G, cx.L)
-    cpu_batched.forward(cx, out, den)
-    return out.view(B, Hq, cx.L, cx.Dv)[:, :, :L].contiguous(), den.view(B, Hq, cx.L)[:, :, :L].contiguous()
-
-
-def _batched_backward(grad, q, k, v, out, key_weight, scale, coeffs, chunk):
-    B, Hq, L, _ = q.shape
-    q2, k2, v2, kw2, g2, o2 = _padded(chunk, L, q, k, v, key_weight, grad, out)
-    cx = _Ctx(q2, k2, v2, kw2, None, scale, coeffs, True, 0, chunk)
-    g5 = g2.contiguous().view(B, cx.Hk, cx.G, cx.L, cx.Dv)
-    o5 = o2.contiguous().view(B, cx.Hk, cx.G, cx.L, cx.Dv)
-    dq = torch.zeros_like(cx.q5)
-    dk = torch.zeros_like(k2)
-    dv = torch.zeros_like(v2)
-    cpu_batched.backward(cx, g5, o5, dq, dk, dv)
-    if cx.L != L:
-        return dq.view(B, Hq, cx.L, -1)[:, :, :L].contiguous(), dk[:, :, :L].contiguous(), dv[:, :, :L].contiguous()
-    return dq.view_as(q), dk, dv
