@@ -130,6 +130,10 @@ class _Ctx:
             jstar = torch.where(self.m > 0, float(self.S - 1), 0.0)
             f = torch.exp(self.m.unsqueeze(-1) * (self.pos(j0, j1) - jstar.unsqueeze(-1)))  # [Hk, G, C]
             f = f.unsqueeze(0)
+        return self._with_key_weight(f, j0, j1)
+
+    def _with_key_weight(self, f, j0, j1):
+        """Multiply a key factor (or None) by the key weights of keys j0..j1; [B, Hk, Gs, C] | None."""
         kw = self.kw_slice(j0, j1)
         if kw is not None:
             kw = kw[:, None, None, :]
@@ -143,13 +147,7 @@ class _Ctx:
         if self.alibi is not None:
             j = self.pos(j0, j1)
             f = torch.exp(self.a.unsqueeze(-1) * (j - c1) + (self.m - self.a).unsqueeze(-1) * j).unsqueeze(0)
-        kw = self.kw_slice(j0, j1)
-        if kw is not None:
-            kw = kw[:, None, None, :]
-            f = kw if f is None else f * kw
-        if f is not None:
-            f = f.expand(self.B, self.Hk, self.Gs, j1 - j0)
-        return f
+        return self._with_key_weight(f, j0, j1)
 
     def causal_query_factor(self, i0, i1):
         """[1, Hk, G, C, 1] | None: exp(-a (i - i0))."""

@@ -30,6 +30,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .graph_utils import example_value, fake_mode_of, tensor_meta
+from .rewrite import annotate
 
 MHA = F.multi_head_attention_forward
 SDPA = F.scaled_dot_product_attention
@@ -38,7 +39,6 @@ LINEAR = torch._C._nn.linear
 NEED_WEIGHTS_REASON = "attention weights are returned (need_weights=True)"
 
 _SIGNATURE = inspect.signature(MHA)
-_META_KEYS = ("stack_trace", "nn_module_stack", "source_fn_stack")
 
 
 class _Skip(Exception):
@@ -105,12 +105,7 @@ class _Builder:
         with self.gm.graph.inserting_before(self.call_node):
             node = self.gm.graph.create_node(op, target, args, kwargs)
         self.created.append(node)
-        node.meta["example_value"] = value
-        node.meta["val"] = value
-        for key in _META_KEYS:
-            if key in self.call_node.meta:
-                node.meta[key] = self.call_node.meta[key]
-        return node
+        return annotate(node, value, self.call_node)
 
     def call(self, target, *args, **kwargs) -> fx.Node:
         return self._make("call_function", target, args, kwargs)

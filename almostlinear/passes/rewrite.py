@@ -34,6 +34,16 @@ def _fake_value(fake_mode, target, args, kwargs, method: bool = False) -> Any:
         return target(*fargs, **fkwargs)
 
 
+def annotate(node: fx.Node, value: Any, source: fx.Node) -> fx.Node:
+    """Give a new node its fake value (`example_value` and `val`) and the source metadata of `source`."""
+    node.meta["example_value"] = value
+    node.meta["val"] = value
+    for key in _META_KEYS:
+        if key in source.meta:
+            node.meta[key] = source.meta[key]
+    return node
+
+
 class _Builder:
     """Inserts nodes before `anchor`, with fake values and the site's source metadata."""
 
@@ -41,12 +51,7 @@ class _Builder:
         self.gm, self.anchor, self.source, self.fake_mode = gm, anchor, source, fake_mode
 
     def _finish(self, node: fx.Node, value: Any) -> fx.Node:
-        node.meta["example_value"] = value
-        node.meta["val"] = value
-        for key in _META_KEYS:
-            if key in self.source.meta:
-                node.meta[key] = self.source.meta[key]
-        return node
+        return annotate(node, value, self.source)
 
     def call(self, target, args, kwargs=None) -> fx.Node:
         kwargs = kwargs or {}
