@@ -5,8 +5,7 @@ read-only on the graph unless its name says otherwise.
 """
 from __future__ import annotations
 
-import operator
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import networkx as nx
 import torch
@@ -71,14 +70,6 @@ def concrete_int(value: Any) -> int | None:
         hint = getattr(value.node, "hint", None)
         return int(hint) if hint is not None else None
     return None
-
-
-def concrete_shape(node: Any) -> tuple[int, ...] | None:
-    shape = shape_of(node)
-    if shape is None:
-        return None
-    dims = tuple(concrete_int(s) for s in shape)
-    return None if any(d is None for d in dims) else dims
 
 
 def normalize_dim(dim: Any, ndim: int | None) -> int | None:
@@ -247,17 +238,7 @@ def evaluate(gm: fx.GraphModule, graph: nx.DiGraph, node: fx.Node, example_input
     return env[node]
 
 
-def users_of(node: fx.Node) -> list[fx.Node]:
-    return list(node.users)
-
-
 def single_user(node: fx.Node) -> fx.Node | None:
     users = list(node.users)
     return users[0] if len(users) == 1 else None
 
-
-def nodes_between(start: Iterable[fx.Node]) -> list[fx.Node]:
-    return list(start)
-
-
-GETITEM = operator.getitem

@@ -21,7 +21,7 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from .graph_utils import BUFFER, INPUT, PARAMETER, SIZE, evaluate, input_dependencies, is_number, shape_of
+from .graph_utils import INPUT, PARAMETER, evaluate, input_dependencies, is_number, shape_of
 
 MASK_KINDS = ("none", "causal", "key_padding", "causal+key_padding", "alibi", "window", "causal+window", "dense")
 

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from . import masks as mask_analysis
 from .graph_utils import (
     arg,
-    concrete_shape,
     example_value,
     is_call,
     is_number,

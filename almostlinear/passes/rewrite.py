@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
 from .graph_utils import example_value, is_number, tensor_meta
 from .match import SDPA, AttentionSite

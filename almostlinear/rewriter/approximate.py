@@ -7,7 +7,7 @@ grouped-query attention. Key masks proved by the matcher become a per-key weight
 from __future__ import annotations
 
 import operator
-from typing import Any
+
 
 import torch
 import torch.fx as fx

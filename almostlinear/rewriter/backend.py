@@ -9,7 +9,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-import torch
 import torch.fx as fx
 
 from ..passes import match as matcher
@@ -231,10 +230,7 @@ def compile_graph(
     if options.recheck_every and poly_nodes:
         from .recheck import Rechecker
 
-        wrapper = Rechecker(compiled, work, report, options.budget, options.recheck_every, poly_nodes)
-        if getattr(compiled, "_boxed_call", False):
-            wrapper._boxed_call = True  # type: ignore[attr-defined]
-        return wrapper
+        return Rechecker(compiled, work, report, options.budget, options.recheck_every, poly_nodes)
     return compiled
 
 
@@ -269,4 +265,4 @@ class Backend:
         return f"almostlinear.Backend({self.options.as_dict()})"
 
 
-__all__ = ["Backend", "almostlinear_backend", "transform", "hand_off", "RECENT_REPORTS", "log", "torch"]
+__all__ = ["Backend", "almostlinear_backend", "transform", "hand_off", "compile_graph", "RECENT_REPORTS"]

@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..passes.graph_utils import example_value, is_number, tensor_meta
+from ..passes.graph_utils import example_value, is_number
 from .budget import BudgetError, Calibration, agree, calibrate, gradient_error, real_inputs, run_with_grads
 from .options import Options
 from .plan import Decision
@@ -150,4 +150,4 @@ def _path(result, sid: int) -> str:
     return "?"
 
 
-__all__ = ["plan_within_budget", "BudgetError", "tensor_meta"]
+__all__ = ["plan_within_budget", "BudgetError"]

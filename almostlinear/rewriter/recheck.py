@@ -31,7 +31,7 @@ class Rechecker:
         self.poly_nodes = dict(poly_nodes)
         self.switches = {sid: getattr(work, switch_name(sid)) for sid in poly_nodes}
         self.calls = 0
-        self._boxed_call = getattr(compiled, "_boxed_call", False)
+        self._boxed_call = getattr(compiled, "_boxed_call", False)  # call us the way the inner callable is called
 
     def __call__(self, *args: Any) -> Any:
         boxed = len(args) == 1 and isinstance(args[0], list)
