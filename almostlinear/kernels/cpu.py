@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from .features import Quad2Features, fast_feature_map, poly_deriv_eval, poly_eval
+from .features import Quad2Features, fast_feature_map, fast_rank, poly_deriv_eval, poly_eval
 
 CHUNK = 128
 # Degree 2: consume a state that is reused across chunks in d-space (see _q_fwd) instead of building phi and
@@ -318,12 +318,15 @@ def _finish(cx, num, den_out, out, i0, i1):
 
 def forward(q, k, v, key_weight=None, alibi_slopes=None, *, scale, coeffs, causal=False, window=0,
             chunk=None):
-    """Returns out [B, Hq, L, Dv] and den [B, Hq, L] (den = sum_j W_ij)."""
+    """Returns out [B, Hq, L, Dv], den [B, Hq, L] (den = sum_j W_ij) and the global state Saug
+    [B, Hk, r, Gs*(Dv+1)] in the non-causal, unwindowed case (None otherwise): passing it to
+    :func:`backward` saves rebuilding it (one of the backward's [n, r] x [r, Dv+1] products)."""
     chunk = chunk or CHUNK
     cx = _Ctx(q, k, v, key_weight, alibi_slopes, scale, coeffs, causal, window, chunk)
     B, Hk, G, L, Dv = cx.B, cx.Hk, cx.G, cx.L, cx.Dv
     out = q.new_empty(B, Hk, G, L, Dv)
     den = q.new_empty(B, Hk, G, L)
+    state = None
     if window > 0:
         for i0 in range(0, L, chunk):
             i1 = min(L, i0 + chunk)
@@ -332,24 +335,33 @@ def forward(q, k, v, key_weight=None, alibi_slopes=None, *, scale, coeffs, causa
                                     cx.block_mult(i0, i1, j0, j1, "band"))
             _finish(cx, num, den, out, i0, i1)
     elif not causal:
-        prep = _q_prep(cx, _global_state(cx), dspace=False)
+        state = _global_state(cx)
+        prep = _q_prep(cx, state, dspace=False)
         for i0 in range(0, L, chunk):
             i1 = min(L, i0 + chunk)
             _finish(cx, _q_fwd(cx, cx.q5[:, :, :, i0:i1], prep)[0], den, out, i0, i1)
     else:
-        state = None
+        running = None
         for i0 in range(0, L, chunk):
             i1 = min(L, i0 + chunk)
             qc, kc = cx.q5[:, :, :, i0:i1], k[:, :, i0:i1]
             num, _, _ = _direct_fwd(cx, qc, kc, _aug(v[:, :, i0:i1], None), cx.block_mult(i0, i1, i0, i1, "causal"))
-            if state is not None:
-                inter = _q_fwd(cx, qc, _q_prep(cx, state, dspace=False))[0]
+            if running is not None:
+                inter = _q_fwd(cx, qc, _q_prep(cx, running, dspace=False))[0]
                 qf = cx.causal_query_factor(i0, i1)
                 num = num + (inter if qf is None else inter * qf)
             _finish(cx, num, den, out, i0, i1)
             if i1 < L:
-                state = _causal_update(cx, state, i0, i1)
-    return out.view(B, cx.Hq, L, Dv), den.view(B, cx.Hq, L)
+                running = _causal_update(cx, running, i0, i1)
+    return out.view(B, cx.Hq, L, Dv), den.view(B, cx.Hq, L), state
+
+
+def state_shape(B, Hq, Hk, D, Dv, degree, alibi: bool, causal: bool, window: int) -> tuple:
+    """Shape of the state :func:`forward` returns; (0,) where it returns None."""
+    if causal or window > 0:
+        return (0,)
+    Gs = Hq // Hk if alibi else 1
+    return (B, Hk, fast_rank(int(D), degree), Gs * (Dv + 1))
 
 
 def _global_state(cx):
@@ -397,8 +409,9 @@ def _grad_aug(cx, grad_c, out_c, den_c):
 
 
 def backward(grad, q, k, v, out, key_weight=None, alibi_slopes=None, *, scale, coeffs, causal=False,
-             window=0, chunk=None):
-    """Analytic backward. grad, out: [B, Hq, L, Dv] (same dtype as q). Returns dq, dk, dv."""
+             window=0, chunk=None, state=None):
+    """Analytic backward. grad, out: [B, Hq, L, Dv] (same dtype as q); state: the global state the
+    non-causal :func:`forward` returned (rebuilt when None). Returns dq, dk, dv."""
     chunk = chunk or CHUNK
     cx = _Ctx(q, k, v, key_weight, alibi_slopes, scale, coeffs, causal, window, chunk)
     B, Hk, G, L, D, Dv, S = cx.B, cx.Hk, cx.G, cx.L, cx.D, cx.Dv, cx.S
@@ -420,7 +433,7 @@ def backward(grad, q, k, v, out, key_weight=None, alibi_slopes=None, *, scale, c
             dk[:, :, j0:j1] += b
             dv[:, :, j0:j1] += c
     elif not causal:
-        prep = _q_prep(cx, _global_state(cx))
+        prep = _q_prep(cx, _global_state(cx) if state is None else state)
         dstate = None
         for i0 in range(0, L, chunk):
             i1 = min(L, i0 + chunk)

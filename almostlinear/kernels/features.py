@@ -337,6 +337,12 @@ class Quad2Features:
 
 
 @functools.lru_cache(maxsize=64)
+def fast_rank(d: int, degree: int) -> int:
+    """Rank of the layout :func:`fast_feature_map` builds (2369 for d = 64, degree 2)."""
+    return Quad2Features(d, (1.0, 1.0, 1.0), 1.0).rank if degree == 2 else feature_rank(d, degree)
+
+
+@functools.lru_cache(maxsize=64)
 def fast_feature_map(d: int, degree: int, coeffs: tuple, scale: float, device: str, dtype=torch.float32):
     """The feature map the chunked torch path uses: blocked layout for degree 2, packed otherwise."""
     if degree == 2:

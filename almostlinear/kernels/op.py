@@ -1,8 +1,9 @@
 """Custom op glue, public entry point, device dispatch and the exact fallback.
 
 ``torch.ops.almostlinear.poly_attention(q, k, v, key_weight, alibi_slopes, scale, coefficients, causal,
-window) -> Tensor`` is the low-rank op (degree = len(coefficients) - 1), with an analytic backward op
-``torch.ops.almostlinear.poly_attention_backward``.  :func:`poly_attention` validates the arguments,
+window) -> (out, state)`` is the low-rank op (degree = len(coefficients) - 1), with an analytic backward op
+``torch.ops.almostlinear.poly_attention_backward``; ``state`` (non-differentiable) carries what the
+backward would otherwise recompute, like the logsumexp of aten's flash attention.  :func:`poly_attention` validates the arguments,
 normalises them and either calls the op or, when the key length is below ``min_seq_len``, computes
 exact softmax attention with the same mask semantics (SDPA, fully masked rows -> 0).
 
@@ -78,27 +79,38 @@ def _prep(*ts):
 @torch.library.custom_op("almostlinear::poly_attention", mutates_args=())
 def _poly_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_weight: Optional[torch.Tensor],
                        alibi_slopes: Optional[torch.Tensor], scale: float, coefficients: Sequence[float],
-                       causal: bool, window: int) -> torch.Tensor:
+                       causal: bool, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (out [B, Hq, L, Dv] in q's dtype, state): state is what the backward reuses instead of
+    recomputing (the non-causal global state of the torch path; empty elsewhere)."""
     coeffs = tuple(coefficients)
     q32, k32, v32, kw, al = _prep(q, k, v, key_weight, alibi_slopes)
     if _use_triton(q, v, len(coeffs) - 1, key_weight, alibi_slopes, window):
         from .triton import poly_attention as tr
-        out = tr.forward(q32, k32, v32, kw, scale=scale, coeffs=coeffs, causal=causal)
+        out, state = tr.forward(q32, k32, v32, kw, scale=scale, coeffs=coeffs, causal=causal), None
     else:
-        out, _ = cpu.forward(q32, k32, v32, kw, al, scale=scale, coeffs=coeffs, causal=causal, window=window)
-    return out.to(q.dtype)
+        out, _, state = cpu.forward(q32, k32, v32, kw, al, scale=scale, coeffs=coeffs, causal=causal,
+                                    window=window)
+    return out.to(q.dtype), q32.new_empty(0) if state is None else state
 
 
 @_poly_attention_op.register_fake
 def _(q, k, v, key_weight, alibi_slopes, scale, coefficients, causal, window):
-    return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
+    B, Hq, L, D = q.shape
+    degree = len(coefficients) - 1
+    if _use_triton(q, v, degree, key_weight, alibi_slopes, window):
+        shape = (0,)
+    else:
+        shape = cpu.state_shape(B, Hq, k.shape[1], D, v.shape[-1], degree, alibi_slopes is not None, causal,
+                                window)
+    return q.new_empty(B, Hq, L, v.shape[-1]), q.new_empty(shape, dtype=_compute_dtype(q))
 
 
 @torch.library.custom_op("almostlinear::poly_attention_backward", mutates_args=())
 def _poly_attention_bwd_op(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                           out: torch.Tensor, key_weight: Optional[torch.Tensor],
+                           out: torch.Tensor, state: torch.Tensor, key_weight: Optional[torch.Tensor],
                            alibi_slopes: Optional[torch.Tensor], scale: float, coefficients: Sequence[float],
                            causal: bool, window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv; ``state`` is the forward's second output (empty: recompute)."""
     coeffs = tuple(coefficients)
     g32, q32, k32, v32, o32, kw, al = _prep(grad, q, k, v, out, key_weight, alibi_slopes)
     if _use_triton(q, v, len(coeffs) - 1, key_weight, alibi_slopes, window):
@@ -106,26 +118,28 @@ def _poly_attention_bwd_op(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         dq, dk, dv = tr.backward(g32, q32, k32, v32, o32, kw, scale=scale, coeffs=coeffs, causal=causal)
     else:
         dq, dk, dv = cpu.backward(g32, q32, k32, v32, o32, kw, al, scale=scale, coeffs=coeffs, causal=causal,
-                                  window=window)
+                                  window=window, state=state if state.numel() else None)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 @_poly_attention_bwd_op.register_fake
-def _(grad, q, k, v, out, key_weight, alibi_slopes, scale, coefficients, causal, window):
+def _(grad, q, k, v, out, state, key_weight, alibi_slopes, scale, coefficients, causal, window):
     # contiguous, like the real kernels' outputs (empty_like would keep a transposed q's strides)
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, key_weight, alibi_slopes, scale, coefficients, causal, window = inputs
-    ctx.save_for_backward(q, k, v, output, key_weight, alibi_slopes)
+    out, state = output
+    ctx.mark_non_differentiable(state)
+    ctx.save_for_backward(q, k, v, out, state, key_weight, alibi_slopes)
     ctx.args = (scale, list(coefficients), causal, window)
 
 
-def _backward(ctx, grad):
-    q, k, v, out, key_weight, alibi_slopes = ctx.saved_tensors
+def _backward(ctx, grad, _grad_state):
+    q, k, v, out, state, key_weight, alibi_slopes = ctx.saved_tensors
     scale, coefficients, causal, window = ctx.args
-    dq, dk, dv = _poly_attention_bwd_op(grad.contiguous(), q, k, v, out, key_weight, alibi_slopes, scale,
+    dq, dk, dv = _poly_attention_bwd_op(grad.contiguous(), q, k, v, out, state, key_weight, alibi_slopes, scale,
                                         coefficients, causal, window)
     return dq, dk, dv, None, None, None, None, None, None
 
@@ -185,7 +199,7 @@ def poly_attention(q, k, v, *, scale: float, degree: int = 2, coefficients=None,
         return exact_attention(q, k, v, scale=scale, causal=causal, key_weight=key_weight,
                                alibi_slopes=alibi_slopes, window=window)
     return _poly_attention_op(q, k, v, key_weight, alibi_slopes, float(scale), list(coeffs), bool(causal),
-                              int(window))
+                              int(window))[0]
 
 
 def exact_attention(q, k, v, *, scale: float, causal: bool = False, key_weight=None, alibi_slopes=None,

@@ -140,7 +140,8 @@ def rewrite_polynomial(gm: fx.GraphModule, site: AttentionSite, fake_mode, optio
         out = build.call(operator.getitem, (op_node, 0))
     else:
         args = (q, k, v, key_weight, alibi, float(scale), coefficients, bool(mask.causal), int(mask.window))
-        out = op_node = build.call(POLY_OP, args)
+        op_node = build.call(POLY_OP, args)
+        out = build.call(operator.getitem, (op_node, 0))
     site.op_node = op_node  # type: ignore[attr-defined]
     replace_output(gm, site, out, build)
     d = shape_of(site.q)[-1]

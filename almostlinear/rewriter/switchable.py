@@ -30,7 +30,7 @@ def switchable_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_
     mode = switch.detach().clone()
     if bool(mode):
         out = torch.ops.almostlinear.poly_attention(q, k, v, key_weight, alibi_slopes, scale, list(coefficients),
-                                                    causal, window)
+                                                    causal, window)[0]
     else:
         out = _exact(q, k, v, key_weight, alibi_slopes, scale, causal, window)
     return out.contiguous(), mode
@@ -125,8 +125,10 @@ def switchable_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.
                                   window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     grad = grad.contiguous()
     if bool(mode):
-        dq, dk, dv = torch.ops.almostlinear.poly_attention_backward(grad, q, k, v, out, key_weight, alibi_slopes,
-                                                                   scale, list(coefficients), causal, window)
+        # the forward's state is not kept across the switch (its shape depends on the mode): recomputed
+        dq, dk, dv = torch.ops.almostlinear.poly_attention_backward(grad, q, k, v, out, q.new_empty(0), key_weight,
+                                                                   alibi_slopes, scale, list(coefficients), causal,
+                                                                   window)
     else:
         dq, dk, dv = exact_attention_backward(grad, q, k, v, key_weight, alibi_slopes, scale, causal, window)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()

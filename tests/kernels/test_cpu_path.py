@@ -29,13 +29,18 @@ def _check(kind, *, B=2, Hq=4, Hk=2, L=37, S=None, D=8, Dv=6, chunk=8, dtype=tor
     grad = torch.randn_like(ref)
     rq, rk, rv = torch.autograd.grad(ref, (q, k, v), grad)
     with torch.no_grad():
-        out, den = cpu.forward(q, k, v, key_weight, slopes, scale=scale, coeffs=coeffs, causal=causal,
-                               window=window, chunk=chunk)
+        out, den, state = cpu.forward(q, k, v, key_weight, slopes, scale=scale, coeffs=coeffs, causal=causal,
+                                      window=window, chunk=chunk)
         dq, dk, dv = cpu.backward(grad, q, k, v, out, key_weight, slopes, scale=scale, coeffs=coeffs,
-                                  causal=causal, window=window, chunk=chunk)
+                                  causal=causal, window=window, chunk=chunk, state=state)
+        rebuilt = cpu.backward(grad, q, k, v, out, key_weight, slopes, scale=scale, coeffs=coeffs,
+                               causal=causal, window=window, chunk=chunk)
+    assert (state is None) == (causal or window > 0)  # only the global (non-causal) state is kept
     assert torch.isfinite(out).all()
     for name, a, b in (("out", out, ref), ("dq", dq, rq), ("dk", dk, rk), ("dv", dv, rv)):
         assert rms_ratio(a, b) < tol, (name, rms_ratio(a, b))
+    for a, b in zip((dq, dk, dv), rebuilt):  # the kept state is the one the backward would rebuild
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-6)
     if kw and B > 1:
         assert (out[-1] == 0).all()  # every key masked -> 0
 

@@ -33,8 +33,8 @@ def test_error_bound_vs_exact(kind, B, Hk, G, L, D, std, degree, seed, chunk):
     scale = 1 / math.sqrt(D)
     a = _args(kind, kw, slopes, L)
     coeffs = taylor_coefficients(degree)
-    out, _ = cpu.forward(q, k, v, a["key_weight"], a["alibi_slopes"], scale=scale, coeffs=coeffs,
-                         causal=a["causal"], window=a["window"], chunk=chunk)
+    out, _, _ = cpu.forward(q, k, v, a["key_weight"], a["alibi_slopes"], scale=scale, coeffs=coeffs,
+                            causal=a["causal"], window=a["window"], chunk=chunk)
     ref = naive_exact_attention(q, k, v, scale=scale, **a)
     s = scale * q @ k.repeat_interleave(G, 1).transpose(-1, -2)
     eps = (poly_eval(s, coeffs) * torch.exp(-s) - 1).abs().max().item()  # over all pairs (superset of valid)
