@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import os
 import sys
@@ -89,9 +90,7 @@ def _draw(code_name: str, gm_code: str, out: Path) -> str:
 
 def _drawings(reports, out: Path) -> list[str]:
     notes = []
-    try:
-        import pydot  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("pydot") is None:
         return ["drawings skipped: install pydot and graphviz (`pip install pydot`, `apt install graphviz`) for SVGs"]
     import torch.fx as fx
     from torch.fx.passes.graph_drawer import FxGraphDrawer

@@ -158,7 +158,7 @@ def _fmt(x):
 
 def write(a, header, rows, mem):
     stem = os.path.join(RESULTS, a.tag)
-    lines = [f"# poly_attention vs SDPA (CPU)\n", header + "\n"]
+    lines = ["# poly_attention vs SDPA (CPU)\n", header + "\n"]
     if rows:
         lines += ["| causal | n | poly fwd+bwd (s) | SDPA fwd+bwd (s) | speed-up | FLOP-count limit |",
                   "|---|---|---|---|---|---|"]

@@ -13,6 +13,8 @@ Triton unavailable) uses the chunked torch path (almostlinear.kernels.cpu), whic
 """
 from __future__ import annotations
 
+import functools
+import importlib
 import os
 from typing import Optional, Sequence
 
@@ -56,14 +58,21 @@ def mask_kind(causal: bool, key_weight=None, alibi_slopes=None, window: int = 0)
     return "causal" if causal else "none"
 
 
+@functools.lru_cache(maxsize=1)
+def _triton_importable() -> bool:
+    try:
+        importlib.import_module(f"{__package__}.triton.poly_attention")
+    except Exception:
+        return False
+    return True
+
+
 def _use_triton(q, v, degree, key_weight, alibi_slopes, window) -> bool:
     if not q.is_cuda or degree != 2 or alibi_slopes is not None or window:
         return False
     if os.environ.get("ALMOSTLINEAR_DISABLE_TRITON"):
         return False
-    try:
-        from .triton import poly_attention as _tr  # noqa: F401
-    except Exception:  # pragma: no cover - triton missing
+    if not _triton_importable():  # pragma: no cover - triton missing or broken
         return False
     return q.shape[-1] in (16, 32, 64, 128) and v.shape[-1] in (16, 32, 64, 128)
 

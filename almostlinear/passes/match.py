@@ -228,31 +228,21 @@ def _score_step(node: fx.Node, site: AttentionSite) -> fx.Node | None:
 
 
 def _came_from_matmul(node: Any, depth: int = 16) -> bool:
-    """Whether `node` is on the score path: reaches a matmul through score-preserving ops only."""
-    while isinstance(node, fx.Node) and depth > 0:
-        if is_call(node, MATMUL) or _einsum_scores(node) is not None:
-            return True
-        if _is_cast(node) or is_call(node, operator.mul, operator.truediv, operator.add, MASKED_FILL):
-            node = node.args[0] if not is_call(node, operator.mul, operator.add) else _first_tensor_arg(node)
-        elif is_call(node, WHERE):
-            node = node.args[1]
-        else:
-            return False
-        depth -= 1
-    return False
-
-
-def _first_tensor_arg(node: fx.Node) -> Any:
-    a, b = node.args
-    return a if _came_from_matmul_shallow(a) or not _came_from_matmul_shallow(b) else b
-
-
-def _came_from_matmul_shallow(node: Any) -> bool:
-    return isinstance(node, fx.Node) and (
-        is_call(node, MATMUL, operator.mul, operator.truediv, operator.add, MASKED_FILL, WHERE)
-        or _is_cast(node)
-        or _einsum_scores(node) is not None
-    )
+    """Whether `node` is on the score path: reaches a score matmul through score-preserving ops only
+    (casts, scale multiplications/divisions, mask additions, masked_fill, the kept branch of a where)."""
+    if not isinstance(node, fx.Node) or depth == 0:
+        return False
+    if is_call(node, MATMUL) or _einsum_scores(node) is not None:
+        return True
+    if _is_cast(node) or is_call(node, operator.truediv, MASKED_FILL):  # scores / c, scores.masked_fill(..)
+        operands = node.args[:1]
+    elif is_call(node, operator.mul, operator.add):  # either side: c * scores, bias + scores
+        operands = node.args[:2]
+    elif is_call(node, WHERE):  # where(mask, scores, fill) or where(mask, fill, scores)
+        operands = node.args[1:3]
+    else:
+        return False
+    return any(_came_from_matmul(x, depth - 1) for x in operands)
 
 
 def _match_scores(softmax: fx.Node, site: AttentionSite) -> None:

@@ -109,7 +109,7 @@ SPELLINGS = [
 
 # BLOOM: ALiBi bias and scores in one baddbmm on [B*H, L, S]
 def baddbmm_alibi(q, k, v):
-    BH, L, S = q.size(0) * q.size(1), q.size(-2), k.size(-2)
+    BH, S = q.size(0) * q.size(1), k.size(-2)
     q3, k3, v3 = (x.reshape(BH, x.size(-2), x.size(-1)) for x in (q, k, v))
     slopes = torch.tensor([0.5, 0.25, 0.125]).repeat(q.size(0)).reshape(BH, 1, 1)
     alibi = slopes * torch.arange(S).reshape(1, 1, S).float()

@@ -271,7 +271,7 @@ def forward(q, k, v, key_weight=None, *, scale, coeffs, causal=False):
 
 def _forward(q, k, v, key_weight, scale, coeffs, causal):
     s = _Setup(q, k, v, key_weight, scale, coeffs, causal)
-    B, Hq, Hk, L, D, Dv = s.B, s.Hq, s.Hk, s.L, s.D, s.Dv
+    B, Hq, L, Dv = s.B, s.Hq, s.L, s.Dv
     S2 = _key_state(s)
     S1, S0, z2, z1, z0 = _small_states(s, k, s.X)
     num = apply(s.q3, S2, s.w2, s.chunk).view(B, Hq, L, Dv)
@@ -321,7 +321,7 @@ def backward(grad, q, k, v, out, key_weight=None, *, scale, coeffs, causal=False
     dS0 = s.prefix(s.c0 * gnv.sum(-2), reverse=True)
     dz2 = s.prefix((s.w2 ** 2) * (qv.transpose(-1, -2) @ (gzv * qv)), reverse=True)
     dz1 = s.prefix(s.c1s * (gzv * qv).sum(-2), reverse=True)
-    dz0 = s.prefix(s.c0 * gzv.sum((-2, -1)), reverse=True)
+    # (z0 = sum of key weights carries no gradient to q, k or v)
     lmul, ladd = (-1, s.nc - 1) if causal else (1, 0)
     X3 = s.X.reshape(B * Hk, S, Dv)
     dk = vjp(s.k3, X3, dS2, 1.0, s.chunk, lmul, ladd).view(B, Hk, S, D)
