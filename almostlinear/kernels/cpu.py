@@ -9,7 +9,8 @@ Three regimes, each O(n) memory and never holding more than one chunk of feature
 * global (non-causal, no window): state Saug = phi_k(K)^T [f*V | f] ([r, Dv+1], f = key factor),
   out = phi_q(Q) Saug[:, :Dv] / phi_q(Q) Saug[:, Dv].
 * causal (no window): chunks of ``chunk`` tokens; inside a chunk P(scale q.k) directly in d-space with
-  a tril mask, across chunks the running (ALiBi-decayed) state.
+  a tril mask, across chunks the running (ALiBi-decayed) state; degree 2 without ALiBi keeps the running
+  states in the square d-space layout (M, S1, S0), updated and consumed by plain matmuls, no features.
 * banded (window > 0): every query chunk against the key band it can see, P(s) directly in d-space:
   O(L * (chunk + 2 * window) * D), linear in n for a fixed window.
 
@@ -33,7 +34,9 @@ CHUNK = 128
 # Degree 2: consume a state that is reused across chunks in d-space (see _q_fwd) instead of building phi and
 # its VJP.  The causal recurrences change the state every chunk, where unpacking it did not pay off.
 DSPACE = True
-CAUSAL_DSPACE = False
+# Degree 2, causal, no ALiBi: keep the running states in the square layout (see _sq_accum) so that every
+# consumer is one d-space matmul and no feature map or feature VJP is built (measured ~1.2x faster at 32k).
+SQUARE_CAUSAL = True
 _TINY = 1e-30
 
 
@@ -98,6 +101,7 @@ class _Ctx:
         self.chunk = chunk
         self.fm = _fm(q, scale, coeffs)
         self.quad = DSPACE and isinstance(self.fm, Quad2Features)  # degree 2: consume states in d-space
+        self.square = SQUARE_CAUSAL and self.quad and causal and not window and alibi is None
         self.dt, self.dev = q.dtype, q.device
         self._bufs = {}
         if alibi is not None:
@@ -263,6 +267,53 @@ def _q_bwd(cx, qc, prep, T, gd):
     return dq.view(B, Hk, G, C, D)
 
 
+# ---- square states (degree 2, causal, Gs == 1): (M, S1, S0) with M [B, Hk, D, D*E] = sum_j x_j (x) x_j (x) Y_j
+# (the symmetric d-space matrix that _q_prep / _k_prep unpack from a packed state), S1 [B, Hk, D, E] =
+# sum_j x_j Y_j^T and S0 [B, Hk, E] = sum_j Y_j.  Key state: x = k, Y = [f v | f]; query dstate: x = q' = r2 q,
+# Y = Gd.  Updated by matmuls without feature maps; consumed in d-space.
+
+def _sq_accum(cx, st, x, Y):
+    """st += the chunk's (M, S1, S0); x [B, Hk, C, D], Y [B, Hk, C, E]; None -> a new state."""
+    B, Hk, C, D = x.shape
+    E = Y.shape[-1]
+    Z = torch.mul(x.unsqueeze(-1), Y.unsqueeze(-2), out=cx.buf("sqZ", (B, Hk, C, D, E))).view(B, Hk, C, D * E)
+    if st is None:
+        return _accum(None, x, Z), _accum(None, x, Y), Y.sum(-2)
+    M, S1, S0 = st
+    _accum(M, x, Z)
+    _accum(S1, x, Y)
+    S0 += Y.sum(-2)
+    return st
+
+
+def _sq_qprep(cx, st):
+    """_q_prep's (M, S1, S0) ([B, Hk, 1, D, D*E], [B, Hk, 1, D, E], [B, Hk, 1, E]) of a square key state."""
+    return tuple(t.unsqueeze(2) for t in st)
+
+
+def _causal_qprep(cx, state):
+    return _sq_qprep(cx, state) if cx.square else _q_prep(cx, state, dspace=False)
+
+
+def _sq_den(cx, qc, prep, T):
+    """The den column of phi_q(qc) state from T = q' M: [B, Hk, G, C]."""
+    B, Hk, G, C, D = qc.shape
+    _, S1, S0 = prep
+    qv = qc.reshape(B, Hk, 1, G * C, D)
+    Dv = cx.Dv
+    z = (qv * T[..., Dv]).sum(-1).mul_(cx.fm.r2)
+    z += (qv @ S1[..., Dv:]).squeeze(-1).mul_(cx.fm.c1s)
+    z += S0[..., Dv:] * cx.fm.c0
+    return z.view(B, Hk, G, C)
+
+
+def _sq_kprep(cx, dst):
+    """_k_prep's (N, S1, S0) of a square query dstate (x = q', so the linear part carries c1 s / r2 and the
+    constant one c0)."""
+    M, S1, S0 = dst
+    return M, S1 * (cx.fm.c1s / cx.fm.r2), S0 * cx.fm.c0
+
+
 def _k_prep(cx, dstate, dspace=True):
     if not (cx.quad and dspace):
         return dstate
@@ -355,7 +406,7 @@ def forward(q, k, v, key_weight=None, alibi_slopes=None, *, scale, coeffs, causa
             qc, kc = cx.q5[:, :, :, i0:i1], k[:, :, i0:i1]
             num, _, _ = _direct_fwd(cx, qc, kc, _aug(v[:, :, i0:i1], None), cx.block_mult(i0, i1, i0, i1, "causal"))
             if running is not None:
-                inter = _q_fwd(cx, qc, _q_prep(cx, running, dspace=False))[0]
+                inter = _q_fwd(cx, qc, _causal_qprep(cx, running))[0]
                 qf = cx.causal_query_factor(i0, i1)
                 num = num + (inter if qf is None else inter * qf)
             _finish(cx, num, den, out, i0, i1)
@@ -400,8 +451,10 @@ def _decay(cx, c):
 
 
 def _causal_update(cx, state, j0, j1):
-    phk = cx.phi(cx.k[:, :, j0:j1], "k")
     X = _aug(cx.v[:, :, j0:j1], cx.causal_key_factor(j0, j1, j1))
+    if cx.square:
+        return _sq_accum(cx, state, cx.k[:, :, j0:j1], X)
+    phk = cx.phi(cx.k[:, :, j0:j1], "k")
     if state is not None:
         gam = _decay(cx, j1 - j0)
         if gam is not None:
@@ -475,9 +528,13 @@ def backward(grad, q, k, v, out, key_weight=None, alibi_slopes=None, *, scale, c
             den_c = W.sum(-1)
             qf = cx.causal_query_factor(i0, i1)
             if state is not None:
-                prep = _q_prep(cx, state, dspace=False)
-                T = None
-                z = _q_den(cx, qc, state)
+                prep = _causal_qprep(cx, state)
+                if cx.square:
+                    T = _q_dspace(cx, qc, prep)
+                    z = _sq_den(cx, qc, prep, T)
+                else:
+                    T = None
+                    z = _q_den(cx, qc, state)
                 den_c = den_c + (z if qf is None else z * qf.squeeze(-1))
             gd = _grad_aug(cx, g5[:, :, :, i0:i1], o5[:, :, :, i0:i1], den_c)
             gds[:, :, :, i0:i1] = gd
@@ -494,7 +551,7 @@ def backward(grad, q, k, v, out, key_weight=None, alibi_slopes=None, *, scale, c
             i0 = ci * chunk
             i1 = min(L, i0 + chunk)
             if dstate is not None:
-                kprep = _k_prep(cx, dstate, dspace=CAUSAL_DSPACE)
+                kprep = _sq_kprep(cx, dstate) if cx.square else _k_prep(cx, dstate, dspace=False)
                 _key_side_grads(cx, dk, dv, kprep, i0, i1, cx.causal_key_factor(i0, i1, i1))
             if ci > 0:
                 qc = cx.q5[:, :, :, i0:i1]
@@ -504,7 +561,11 @@ def backward(grad, q, k, v, out, key_weight=None, alibi_slopes=None, *, scale, c
                     gam = _decay(cx, chunk)
                     if gam is not None:
                         dstate.mul_(gam)
-                dstate = _qstate_accum(cx, dstate, cx.phi(qc, "q"), gd if qf is None else gd * qf)
+                if cx.square:  # qf is None (no ALiBi)
+                    dstate = _sq_accum(cx, dstate, (qc * cx.fm.r2).reshape(B, Hk, G * (i1 - i0), cx.D),
+                                       gd.reshape(B, Hk, G * (i1 - i0), Dv + 1))
+                else:
+                    dstate = _qstate_accum(cx, dstate, cx.phi(qc, "q"), gd if qf is None else gd * qf)
     return dq.view_as(q), dk, dv
 
 

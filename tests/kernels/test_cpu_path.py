@@ -121,3 +121,12 @@ def test_gradcheck(kind):
                               window=window // 3)
 
     assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+@pytest.mark.parametrize("kind", ["causal", "causal+key_padding"])
+def test_causal_packed_states(kind, monkeypatch):
+    """The packed-state causal recurrences (ALiBi and degree > 2 use them) also without ALiBi at degree 2,
+    where the square states are the default."""
+    monkeypatch.setattr(cpu, "SQUARE_CAUSAL", False)
+    _check(kind)
+    _check(kind, Hq=4, Hk=1, L=19)
