@@ -95,6 +95,9 @@ def main():
     ap.add_argument("--sdpa-max-n", type=int, default=65536, help="skip SDPA above this n (it is quadratic)")
     ap.add_argument("--d", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--poly-repeats", type=int, default=0,
+                    help="runs per point of the op (0: --repeats); more runs make the minimum robust to a busy "
+                         "machine at little cost, the op being the fast side")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch default)")
     ap.add_argument("--timeout", type=int, default=900)
     ap.add_argument("--memory-only", action="store_true")
@@ -118,7 +121,7 @@ def main():
         pass
     header = (f"machine: {machine}; torch {torch.__version__}; threads {a.threads or torch.get_num_threads()}; "
               f"date {datetime.datetime.now().isoformat(timespec='minutes')}; d={a.d}, B=H=1, fwd+bwd, "
-              f"min of {a.repeats} runs after a warm-up")
+              f"min of {a.poly_repeats or a.repeats} (op) / {a.repeats} (SDPA) runs after a warm-up")
     print(header, flush=True)
     rows = []
     if not a.memory_only:
@@ -129,7 +132,8 @@ def main():
                 for impl in ("poly", "sdpa"):
                     if impl == "sdpa" and n > a.sdpa_max_n:
                         continue
-                    r = run_point(impl, n, causal, 1, 1, a.d, a.repeats, a.threads, a.timeout)
+                    repeats = a.poly_repeats or a.repeats if impl == "poly" else a.repeats
+                    r = run_point(impl, n, causal, 1, 1, a.d, repeats, a.threads, a.timeout)
                     row[impl] = r.get("time")
                     row[impl + "_rss_mb"] = r.get("maxrss_mb")
                     if "error" in r:
