@@ -14,7 +14,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -22,22 +21,16 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import almostlinear  # noqa: E402
-from examples.gpt import GPT, GPTConfig  # noqa: E402
+from examples.gpt import GPT, GPTConfig, timed_step  # noqa: E402
 
 
 def step_time(model, compiled, tokens, repeats: int, device: str) -> float:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     times = []
     for i in range(repeats + 1):  # the first call compiles
-        started = time.perf_counter()
-        loss = compiled(tokens, tokens)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        _, seconds = timed_step(compiled, optimizer, tokens, tokens, device)
         if i:
-            times.append(time.perf_counter() - started)
+            times.append(seconds)
     return statistics.median(times)
 
 

@@ -6,6 +6,7 @@ buffer, `masked_fill(-inf)`, softmax, dropout, `@ v`, and a residual add around 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -88,3 +89,15 @@ class GPT(nn.Module):
         if targets is None:
             return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+
+
+def timed_step(compiled, optimizer, x, y, device: str) -> tuple[torch.Tensor, float]:
+    """One optimizer step of ``compiled(x, y) -> loss``; returns the loss and its wall time (CUDA synchronised)."""
+    started = time.perf_counter()
+    loss = compiled(x, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+    return loss, time.perf_counter() - started

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import almostlinear  # noqa: E402
-from examples.gpt import GPT, GPTConfig  # noqa: E402
+from examples.gpt import GPT, GPTConfig, timed_step  # noqa: E402
 
 
 def stdlib_text(max_bytes: int = 4_000_000) -> torch.Tensor:
@@ -85,14 +84,7 @@ def train(name: str, config: GPTConfig, data: torch.Tensor, *, steps: int, batch
             bar = None
     for step, (x, y) in enumerate(iterator):
         x, y = x.to(device), y.to(device)
-        started = time.perf_counter()
-        loss = compiled(x, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - started
+        loss, elapsed = timed_step(compiled, optimizer, x, y, device)
         if step == 0:
             run.compile_seconds = elapsed
         run.step_seconds.append(elapsed)

@@ -64,16 +64,20 @@ def _state_kernel(X, XT, Y, ST, N, C, NC, w, smul, sadd, sxb, sxn, stb, syb, syn
 
 
 @triton.jit
+def _row_block(mb, N, C, lmul, ladd, BLOCK_M: tl.constexpr):
+    """Rows of block mb, their mask, and the index of the chunk state they read (c * lmul + ladd)."""
+    rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    return rows, rows < N, ((mb * BLOCK_M) // C) * lmul + ladd
+
+
+@triton.jit
 def _apply_kernel(X, XT, ST, OUT, N, C, NC, w, lmul, ladd, GRP, sxb, sxn, stb, ssb, ssc, sob, son,
                   D: tl.constexpr, E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr,
                   PREC: tl.constexpr):
     bh = tl.program_id(0)
     mb = tl.program_id(1)
     eb = tl.program_id(2)
-    rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-    m = rows < N
-    c = (mb * BLOCK_M) // C
-    idx = c * lmul + ladd
+    rows, m, idx = _row_block(mb, N, C, lmul, ladd, BLOCK_M)
     sbh = bh // GRP  # batch-major heads: q head b*Hq + h reads kv head b*Hk + h // G
     d = tl.arange(0, D)
     e = eb * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -93,10 +97,7 @@ def _vjp_kernel(X, XT, Y, ST, DX, N, C, NC, w, lmul, ladd, GRP, sxb, sxn, stb, s
                 PREC: tl.constexpr):
     bh = tl.program_id(0)
     mb = tl.program_id(1)
-    rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-    m = rows < N
-    c = (mb * BLOCK_M) // C
-    idx = c * lmul + ladd
+    rows, m, idx = _row_block(mb, N, C, lmul, ladd, BLOCK_M)
     sbh = bh // GRP
     d = tl.arange(0, D)
     dx = tl.zeros((BLOCK_M, D), dtype=tl.float32)
