@@ -35,7 +35,8 @@ CHUNK = 128
 # its VJP.  The causal recurrences change the state every chunk, where unpacking it did not pay off.
 DSPACE = True
 # Degree 2, causal, no ALiBi: keep the running states in the square layout (see _sq_accum) so that every
-# consumer is one d-space matmul and no feature map or feature VJP is built (measured ~1.2x faster at 32k).
+# consumer is one d-space matmul and no feature map or feature VJP is built (A/B at n = 16k, min of 6: 1.27 s vs
+# 1.42 s; per 128-token chunk the key side drops from 2.4 ms to 1.1 ms, updates cost 0.97 ms instead of 0.86).
 SQUARE_CAUSAL = True
 _TINY = 1e-30
 
