@@ -90,12 +90,13 @@ def _poly_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_we
                        alibi_slopes: Optional[torch.Tensor], scale: float, coefficients: Sequence[float],
                        causal: bool, window: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (out [B, Hq, L, Dv] in q's dtype, state): state is what the backward reuses instead of
-    recomputing (the non-causal global state of the torch path; empty elsewhere)."""
+    recomputing (the non-causal global state of the torch path or the Triton path's flat state; empty when
+    causal or windowed)."""
     coeffs = tuple(coefficients)
     q32, k32, v32, kw, al = _prep(q, k, v, key_weight, alibi_slopes)
     if _use_triton(q, v, len(coeffs) - 1, key_weight, alibi_slopes, window):
         from .triton import poly_attention as tr
-        out, state = tr.forward(q32, k32, v32, kw, scale=scale, coeffs=coeffs, causal=causal), None
+        out, state = tr.forward(q32, k32, v32, kw, scale=scale, coeffs=coeffs, causal=causal)
     else:
         out, _, state = cpu.forward(q32, k32, v32, kw, al, scale=scale, coeffs=coeffs, causal=causal,
                                     window=window)
@@ -107,7 +108,8 @@ def _(q, k, v, key_weight, alibi_slopes, scale, coefficients, causal, window):
     B, Hq, L, D = q.shape
     degree = len(coefficients) - 1
     if _use_triton(q, v, degree, key_weight, alibi_slopes, window):
-        shape = (0,)
+        from .triton import poly_attention as tr
+        shape = (0,) if causal else (tr.state_size(B, k.shape[1], D, v.shape[-1]),)
     else:
         shape = cpu.state_shape(B, Hq, k.shape[1], D, v.shape[-1], degree, alibi_slopes is not None, causal,
                                 window)
@@ -124,7 +126,8 @@ def _poly_attention_bwd_op(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     g32, q32, k32, v32, o32, kw, al = _prep(grad, q, k, v, out, key_weight, alibi_slopes)
     if _use_triton(q, v, len(coeffs) - 1, key_weight, alibi_slopes, window):
         from .triton import poly_attention as tr
-        dq, dk, dv = tr.backward(g32, q32, k32, v32, o32, kw, scale=scale, coeffs=coeffs, causal=causal)
+        dq, dk, dv = tr.backward(g32, q32, k32, v32, o32, kw, scale=scale, coeffs=coeffs, causal=causal,
+                                 saved_state=state if state.numel() else None)
     else:
         dq, dk, dv = cpu.backward(g32, q32, k32, v32, o32, kw, al, scale=scale, coeffs=coeffs, causal=causal,
                                   window=window, state=state if state.numel() else None)

@@ -25,8 +25,13 @@ for causal, kw, (Hq, Hk, L, S) in [(False, False, (2, 1, 40, 40)), (False, True,
     g = torch.randn_like(ref)
     rg = torch.autograd.grad(ref, (q, k, v), g)
     f = lambda t: t.detach().float().contiguous()
-    out = tr.forward(f(q), f(k), f(v), key_weight, scale=0.25, coeffs=(1.0, 1.0, 0.5), causal=causal)
-    gr = tr.backward(f(g), f(q), f(k), f(v), out, key_weight, scale=0.25, coeffs=(1.0, 1.0, 0.5), causal=causal)
+    out, st = tr.forward(f(q), f(k), f(v), key_weight, scale=0.25, coeffs=(1.0, 1.0, 0.5), causal=causal)
+    assert (st is None) == causal and (causal or st.numel() == tr.state_size(2, Hk, 16, 16))
+    gr = tr.backward(f(g), f(q), f(k), f(v), out, key_weight, scale=0.25, coeffs=(1.0, 1.0, 0.5), causal=causal,
+                     saved_state=st)
+    rebuilt = tr.backward(f(g), f(q), f(k), f(v), out, key_weight, scale=0.25, coeffs=(1.0, 1.0, 0.5),
+                          causal=causal)
+    assert all(torch.equal(a, b) for a, b in zip(gr, rebuilt))  # the kept state is the one it would rebuild
     errs = [rms_ratio(out, ref)] + [rms_ratio(a, b) for a, b in zip(gr, rg)]
     print(causal, kw, Hq, Hk, L, S, errs, flush=True)
     worst = max(worst, *errs)
@@ -40,8 +45,9 @@ for causal in (False, True):
     g = torch.randn_like(ref)
     rg = torch.autograd.grad(ref, (q, k, v), g)
     f = lambda t: t.detach().float().contiguous()
-    out = tr.forward(f(q), f(k), f(v), None, scale=0.25, coeffs=(1.0, 1.0, 0.5), causal=causal)
-    gr = tr.backward(f(g), f(q), f(k), f(v), out, None, scale=0.25, coeffs=(1.0, 1.0, 0.5), causal=causal)
+    out, st = tr.forward(f(q), f(k), f(v), None, scale=0.25, coeffs=(1.0, 1.0, 0.5), causal=causal)
+    gr = tr.backward(f(g), f(q), f(k), f(v), out, None, scale=0.25, coeffs=(1.0, 1.0, 0.5), causal=causal,
+                     saved_state=st)
     worst = max(worst, rms_ratio(out, ref), *[rms_ratio(a, b) for a, b in zip(gr, rg)])
 assert worst < 1e-5, worst
 print("OK")

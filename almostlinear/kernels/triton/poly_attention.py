@@ -264,10 +264,27 @@ def _key_state(s):
     return st.cumsum_(1)
 
 
+def state_size(B, Hk, D, Dv) -> int:
+    """Length of the flat non-causal state :func:`forward` returns: S2 [B*Hk, 1, D*D, Dv], S1 [B, Hk, 1, D, Dv],
+    S0 [B, Hk, 1, Dv], z2 [B, Hk, 1, D, D], z1 [B, Hk, 1, D], z0 [B, Hk, 1], concatenated."""
+    return B * Hk * (D * D * Dv + D * Dv + Dv + D * D + D + 1)
+
+
+def _state_shapes(B, Hk, D, Dv):
+    return [(B * Hk, 1, D * D, Dv), (B, Hk, 1, D, Dv), (B, Hk, 1, Dv), (B, Hk, 1, D, D), (B, Hk, 1, D), (B, Hk, 1)]
+
+
+def _unpack_state(flat, s):
+    shapes = _state_shapes(s.B, s.Hk, s.D, s.Dv)
+    parts = flat.split([math.prod(sh) for sh in shapes])
+    return [p.view(sh) for p, sh in zip(parts, shapes)]
+
+
 def forward(q, k, v, key_weight=None, *, scale, coeffs, causal=False):
-    """q [B, Hq, L, D], k [B, Hk, S, D], v [B, Hk, S, Dv] fp32 contiguous -> out [B, Hq, L, Dv] fp32."""
-    out, _ = _forward(q, k, v, key_weight, scale, coeffs, causal)
-    return out
+    """q [B, Hq, L, D], k [B, Hk, S, D], v [B, Hk, S, Dv] fp32 contiguous -> out [B, Hq, L, Dv] fp32 and, when
+    not causal, the flat state (see :func:`state_size`) that :func:`backward` can reuse (None when causal)."""
+    out, _, states = _forward(q, k, v, key_weight, scale, coeffs, causal)
+    return out, None if causal else torch.cat([t.reshape(-1) for t in states])
 
 
 def _forward(q, k, v, key_weight, scale, coeffs, causal):
@@ -287,16 +304,19 @@ def _forward(q, k, v, key_weight, scale, coeffs, causal):
     num = num + _q_unview(s, lin)
     den = _q_unview(s, den.unsqueeze(-1)).squeeze(-1)
     inv = torch.where(den > _TINY, 1.0 / den.clamp_min(_TINY), torch.zeros_like(den))
-    return num * inv.unsqueeze(-1), den
+    return num * inv.unsqueeze(-1), den, (S2, S1, S0, z2, z1, z0)
 
 
-def backward(grad, q, k, v, out, key_weight=None, *, scale, coeffs, causal=False):
-    """Analytic backward; returns dq, dk, dv (fp32)."""
+def backward(grad, q, k, v, out, key_weight=None, *, scale, coeffs, causal=False, saved_state=None):
+    """Analytic backward; returns dq, dk, dv (fp32).  saved_state: the forward's flat non-causal state (else
+    the states are recomputed)."""
     s = _Setup(q, k, v, key_weight, scale, coeffs, causal)
     B, Hq, Hk, L, S, D, Dv, G = s.B, s.Hq, s.Hk, s.L, s.S, s.D, s.Dv, s.G
-    # recompute states and den
-    S2 = _key_state(s)
-    S1, S0, z2, z1, z0 = _small_states(s, k, s.X)
+    if saved_state is not None and not causal:
+        S2, S1, S0, z2, z1, z0 = _unpack_state(saved_state, s)
+    else:  # recompute the states
+        S2 = _key_state(s)
+        S1, S0, z2, z1, z0 = _small_states(s, k, s.X)
     qv = _q_view(s, q)
     qz = qv @ z2
     den = (s.w2 ** 2) * (qz * qv).sum(-1) + s.c1s * (qv @ z1.unsqueeze(-1)).squeeze(-1) + s.c0 * z0.unsqueeze(-1)
