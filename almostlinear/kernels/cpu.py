@@ -296,11 +296,11 @@ def _causal_qprep(cx, state):
     return _sq_qprep(cx, state) if cx.square else _q_prep(cx, state, dspace=False)
 
 
-def _sq_den(cx, qc, prep, T):
-    """The den column of phi_q(qc) state from T = q' M: [B, Hk, G, C]."""
+def _dspace_den(cx, qc, prep, T):
+    """The den column of phi_q(qc) state from T = q' M (prep = (M, S1, S0), packed or square): [B, Hk, G, C]."""
     B, Hk, G, C, D = qc.shape
     _, S1, S0 = prep
-    qv = qc.reshape(B, Hk, 1, G * C, D)
+    qv = qc.reshape(B, Hk, cx.Gs, (G // cx.Gs) * C, D)
     Dv = cx.Dv
     z = (qv * T[..., Dv]).sum(-1).mul_(cx.fm.r2)
     z += (qv @ S1[..., Dv:]).squeeze(-1).mul_(cx.fm.c1s)
@@ -505,8 +505,12 @@ def backward(grad, q, k, v, out, key_weight=None, alibi_slopes=None, *, scale, c
         for i0 in range(0, L, chunk):
             i1 = min(L, i0 + chunk)
             qc = cx.q5[:, :, :, i0:i1]
-            T = _q_dspace(cx, qc, prep) if cx.quad else None
-            gd = _grad_aug(cx, g5[:, :, :, i0:i1], o5[:, :, :, i0:i1], _q_den(cx, qc, state))
+            if cx.quad:
+                T = _q_dspace(cx, qc, prep)
+                z = _dspace_den(cx, qc, prep, T)
+            else:
+                T, z = None, _q_den(cx, qc, state)
+            gd = _grad_aug(cx, g5[:, :, :, i0:i1], o5[:, :, :, i0:i1], z)
             dq[:, :, :, i0:i1] = _q_bwd(cx, qc, prep, T, gd)
             gds[:, :, :, i0:i1] = gd
         dstate = None
@@ -532,7 +536,7 @@ def backward(grad, q, k, v, out, key_weight=None, alibi_slopes=None, *, scale, c
                 prep = _causal_qprep(cx, state)
                 if cx.square:
                     T = _q_dspace(cx, qc, prep)
-                    z = _sq_den(cx, qc, prep, T)
+                    z = _dspace_den(cx, qc, prep, T)
                 else:
                     T = None
                     z = _q_den(cx, qc, state)
