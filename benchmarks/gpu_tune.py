@@ -13,31 +13,21 @@ import itertools
 import math
 import os
 import sys
-import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
 
 from almostlinear.kernels import poly_attention  # noqa: E402
 from almostlinear.kernels.triton import poly_attention as tr  # noqa: E402
+from gpu_profile import timed  # noqa: E402  (median wall time in ms, CUDA synchronised)
 
 
 def fwd_bwd(q, k, v, grad, causal):
     out = poly_attention(q, k, v, scale=1 / math.sqrt(q.shape[-1]), causal=causal)
     return (out, *torch.autograd.grad(out, (q, k, v), grad))
-
-
-def median_ms(fn, repeats=10):
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - started)
-    return sorted(times)[repeats // 2] * 1000
 
 
 def main():
@@ -61,7 +51,7 @@ def main():
                 got = fwd_bwd(q, k, v, grad, causal)
                 worst = max(worst, *(float((g.detach().float() - r).abs().max() / r.abs().max())
                                      for g, r in zip(got, reference[causal])))
-                times.append(median_ms(lambda c=causal: fwd_bwd(q, k, v, grad, c)))
+                times.append(timed(lambda c=causal: fwd_bwd(q, k, v, grad, c)))
             rows.append((sum(times), block, warps, stages, split, *times, worst))
             print(f"BLOCK={block:4d} warps={warps} stages={stages} SPLIT={split:5d}: non-causal {times[0]:7.2f} ms"
                   f"  causal {times[1]:7.2f} ms  max rel. diff vs defaults {worst:.1e}", flush=True)
