@@ -223,9 +223,8 @@ def _q_fwd(cx, qc, prep):
         return _qstate_mm(cx.phi(qc, "q"), prep, cx.Gs), None
     M, S1, S0 = prep
     qv = qc.reshape(B, Hk, cx.Gs, (G // cx.Gs) * C, D)
-    xs = qv * cx.fm.r2
     T = _q_dspace(cx, qc, prep)
-    num = (xs.unsqueeze(-2) @ T).squeeze(-2)
+    num = (qv.unsqueeze(-2) @ T).squeeze(-2).mul_(cx.fm.r2)  # q'^T M q' = r2 q^T T
     num = num.add_(qv @ S1, alpha=cx.fm.c1s).add_(S0.unsqueeze(-2), alpha=cx.fm.c0)
     return num.view(B, Hk, G, C, -1), T
 
@@ -306,6 +305,15 @@ def _dspace_den(cx, qc, prep, T):
     z += (qv @ S1[..., Dv:]).squeeze(-1).mul_(cx.fm.c1s)
     z += S0[..., Dv:] * cx.fm.c0
     return z.view(B, Hk, G, C)
+
+
+def _q_scratch_den(cx, qc, prep, state):
+    """(T, den column [B, Hk, G, C]) of a query chunk: T = q' M and the den read from it when ``prep`` is in
+    d-space (M, S1, S0), else (None, den from the state's den column)."""
+    if isinstance(prep, torch.Tensor):
+        return None, _q_den(cx, qc, state)
+    T = _q_dspace(cx, qc, prep)
+    return T, _dspace_den(cx, qc, prep, T)
 
 
 def _sq_kprep(cx, dst):
@@ -505,11 +513,7 @@ def backward(grad, q, k, v, out, key_weight=None, alibi_slopes=None, *, scale, c
         for i0 in range(0, L, chunk):
             i1 = min(L, i0 + chunk)
             qc = cx.q5[:, :, :, i0:i1]
-            if cx.quad:
-                T = _q_dspace(cx, qc, prep)
-                z = _dspace_den(cx, qc, prep, T)
-            else:
-                T, z = None, _q_den(cx, qc, state)
+            T, z = _q_scratch_den(cx, qc, prep, state)
             gd = _grad_aug(cx, g5[:, :, :, i0:i1], o5[:, :, :, i0:i1], z)
             dq[:, :, :, i0:i1] = _q_bwd(cx, qc, prep, T, gd)
             gds[:, :, :, i0:i1] = gd
@@ -534,12 +538,7 @@ def backward(grad, q, k, v, out, key_weight=None, alibi_slopes=None, *, scale, c
             qf = cx.causal_query_factor(i0, i1)
             if state is not None:
                 prep = _causal_qprep(cx, state)
-                if cx.square:
-                    T = _q_dspace(cx, qc, prep)
-                    z = _dspace_den(cx, qc, prep, T)
-                else:
-                    T = None
-                    z = _q_den(cx, qc, state)
+                T, z = _q_scratch_den(cx, qc, prep, state)
                 den_c = den_c + (z if qf is None else z * qf.squeeze(-1))
             gd = _grad_aug(cx, g5[:, :, :, i0:i1], o5[:, :, :, i0:i1], den_c)
             gds[:, :, :, i0:i1] = gd

@@ -264,14 +264,15 @@ def _key_state(s):
     return st.cumsum_(1)
 
 
-def state_size(B, Hk, D, Dv) -> int:
-    """Length of the flat non-causal state :func:`forward` returns: S2 [B*Hk, 1, D*D, Dv], S1 [B, Hk, 1, D, Dv],
-    S0 [B, Hk, 1, Dv], z2 [B, Hk, 1, D, D], z1 [B, Hk, 1, D], z0 [B, Hk, 1], concatenated."""
-    return B * Hk * (D * D * Dv + D * Dv + Dv + D * D + D + 1)
-
-
 def _state_shapes(B, Hk, D, Dv):
+    """S2 [B*Hk, 1, D*D, Dv], S1 [B, Hk, 1, D, Dv], S0 [B, Hk, 1, Dv], z2 [B, Hk, 1, D, D], z1 [B, Hk, 1, D],
+    z0 [B, Hk, 1]: the non-causal states, concatenated flat in this order by :func:`forward`."""
     return [(B * Hk, 1, D * D, Dv), (B, Hk, 1, D, Dv), (B, Hk, 1, Dv), (B, Hk, 1, D, D), (B, Hk, 1, D), (B, Hk, 1)]
+
+
+def state_size(B, Hk, D, Dv) -> int:
+    """Length of the flat non-causal state :func:`forward` returns."""
+    return sum(math.prod(sh) for sh in _state_shapes(B, Hk, D, Dv))
 
 
 def _unpack_state(flat, s):
