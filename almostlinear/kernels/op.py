@@ -215,6 +215,20 @@ def poly_attention(q, k, v, *, scale: float, degree: int = 2, coefficients=None,
                               int(window))[0]
 
 
+def allowed_keys(query_index: torch.Tensor, S: int, causal: bool, window: int) -> torch.Tensor:
+    """[m, S] bool: which keys the queries at `query_index` ([m, 1]) see (causal: j <= i; window w: causal
+    i - w < j <= i, otherwise |i - j| < w), the op's mask semantics."""
+    j = torch.arange(S, device=query_index.device).reshape(1, -1)
+    allowed = torch.ones(query_index.shape[0], S, dtype=torch.bool, device=query_index.device)
+    if causal:
+        allowed &= j <= query_index
+        if window:
+            allowed &= j > query_index - window
+    elif window:
+        allowed &= (query_index - j).abs() < window
+    return allowed
+
+
 def exact_attention(q, k, v, *, scale: float, causal: bool = False, key_weight=None, alibi_slopes=None,
                     window: int = 0) -> torch.Tensor:
     """Exact softmax attention (SDPA) with poly_attention's mask semantics; fully masked rows -> 0."""
@@ -225,13 +239,7 @@ def exact_attention(q, k, v, *, scale: float, causal: bool = False, key_weight=N
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
     i = torch.arange(L, device=q.device).unsqueeze(-1)
     j = torch.arange(S, device=q.device).unsqueeze(0)
-    valid = torch.ones(L, S, dtype=torch.bool, device=q.device)
-    if causal:
-        valid = valid & (j <= i)
-        if window:
-            valid = valid & (j > i - window)
-    elif window:
-        valid = valid & ((i - j).abs() < window)
+    valid = allowed_keys(i, S, causal, window)
     bdt = _compute_dtype(q)
     bias = torch.zeros(1, 1, L, S, dtype=bdt, device=q.device)
     if alibi_slopes is not None:

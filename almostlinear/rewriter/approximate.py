@@ -2,7 +2,8 @@
 
 The rewritten node calls `torch.ops.almostlinear.poly_attention(q, k, v, key_weight, alibi_slopes, scale,
 coefficients, causal, window)` with q [B, Hq, L, D] and the *unrepeated* k/v [B, Hk, S, D] for
-grouped-query attention, and takes output 0 (output 1 is the state the op's backward reuses). Key masks proved by the matcher become a per-key weight [B, S].
+grouped-query attention, and takes output 0 (output 1 is the state the op's backward reuses). Key masks
+proved by the matcher become a per-key weight [B, S].
 """
 from __future__ import annotations
 

@@ -21,9 +21,10 @@ import torch
 import torch.fx as fx
 
 from ..kernels import exact_attention, taylor_coefficients, validate_polynomial
+from ..kernels.op import allowed_keys
 from ..passes.graph_utils import concrete_int
 
-from .switchable import SWITCHABLE_OP, allowed_keys
+from .switchable import SWITCHABLE_OP
 
 POLY_OP = torch.ops.almostlinear.poly_attention.default
 

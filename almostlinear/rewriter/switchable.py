@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..kernels import exact_attention
+from ..kernels.op import allowed_keys, exact_attention
 
 
 def _exact(q, k, v, key_weight, alibi_slopes, scale, causal, window):
@@ -39,20 +39,6 @@ def switchable_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_
 @switchable_attention.register_fake
 def _(q, k, v, key_weight, alibi_slopes, switch, scale, coefficients, causal, window):
     return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1]), torch.empty_like(switch)
-
-
-def allowed_keys(query_index: torch.Tensor, S: int, causal: bool, window: int) -> torch.Tensor:
-    """[m, S] bool: which keys the queries at `query_index` ([m, 1]) see (causal: j <= i; window w: causal
-    i - w < j <= i, otherwise |i - j| < w), the op's mask semantics."""
-    j = torch.arange(S, device=query_index.device).reshape(1, -1)
-    allowed = torch.ones(query_index.shape[0], S, dtype=torch.bool, device=query_index.device)
-    if causal:
-        allowed &= j <= query_index
-        if window:
-            allowed &= j > query_index - window
-    elif window:
-        allowed &= (query_index - j).abs() < window
-    return allowed
 
 
 def _flash_cpu_backward(grad, q, k, v, scale: float, causal: bool):
