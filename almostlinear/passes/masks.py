@@ -50,6 +50,9 @@ class MaskSpec:
     causal: bool = False
     window: int = 0
     key_mask: list = field(default_factory=list)  # nodes of data-dependent per-key additive/bool terms
+    # Static keys removed for every query (a constant/buffer mask proved per-key): bool [S], True = kept.
+    # The polynomial rewrite turns it into a key weight; dropping it would let masked values through.
+    static_keys: torch.Tensor | None = None
     alibi_slopes: list[float] | None = None
     reason: str = ""  # why the mask is dense (or how it was proved)
     empty_rows_possible: bool = True  # False only when proved that every query keeps at least one key
@@ -228,9 +231,18 @@ def analyze(ops: Sequence[MaskOp], scores_shape: tuple | None, ctx: _Context) ->
     for op in ops:
         if op.kind == "scale":
             factor = _scalar(op.value, ctx)
+            if factor is not None and op.divide:
+                factor = 1.0 / factor
             for term in facts.key_terms:
-                if term.kind == "additive" and factor is not None:
-                    term.factor = term.factor / factor if op.divide else term.factor * factor
+                if term.kind == "additive" and factor is None:
+                    facts.dense_reason = "a per-key additive mask is scaled by a factor unknown at compile time"
+                elif term.kind == "additive":
+                    term.factor = term.factor * factor
+            if facts.bias is not None:  # (s + bias) * c: the softmax sees c * bias (ALiBi slopes scale too)
+                if factor is None:
+                    facts.dense_reason = "a static bias is scaled by a factor unknown at compile time"
+                else:
+                    facts.bias = facts.bias * factor
             continue
         if op.kind in ("fill", "keep") and not is_number(op.value):
             facts.dense_reason = "masked_fill/where with a tensor fill value"
@@ -270,9 +282,9 @@ def _combine(facts: _Facts, scores_shape: tuple | None) -> MaskSpec:
     if structure.kind == "dense":
         return structure
     if facts.key_terms:
-        if structure.kind == "none":
+        if structure.kind in ("none", "key_padding"):
             structure.kind = "key_padding"
-        elif structure.kind == "causal":
+        elif structure.kind in ("causal", "causal+key_padding"):
             structure.kind = "causal+key_padding"
         else:
             return MaskSpec(kind="dense", reason=f"{structure.kind} combined with a data-dependent key mask")
@@ -313,6 +325,7 @@ def classify_static(allowed: torch.Tensor | None, bias: torch.Tensor | None, sco
         slopes = _alibi_slopes(bias_full, allowed, L, S)
         if slopes is None:
             return MaskSpec(kind="dense", reason="additive bias is not ALiBi-shaped (m*(j-i) per head)")
+    static_keys = None
     if bool(pattern.all()):
         kind, causal, window = "none", False, 0
     elif L == S and bool((pattern == (j <= i)).all()):
@@ -321,17 +334,18 @@ def classify_static(allowed: torch.Tensor | None, bias: torch.Tensor | None, sco
         band = _band_width(pattern, i, j, L, S)
         if band is not None:
             kind, causal, window = band
-        elif bool((pattern == pattern[:1]).all()):
-            kind, causal, window = "key_padding", False, 0
+        elif bool((pattern == pattern[:1]).all()):  # the same keys removed for every query
+            kind, causal, window, static_keys = "key_padding", False, 0, pattern[0].clone()
         elif L == S and bool((pattern == ((j <= i) & pattern[-1:])).all()):
-            kind, causal, window = "causal+key_padding", True, 0
+            kind, causal, window, static_keys = "causal+key_padding", True, 0, pattern[-1].clone()
         else:
             return MaskSpec(kind="dense", reason="mask is not causal, banded or per-key")
     if slopes is not None:
         if kind not in ("none", "causal"):
             return MaskSpec(kind="dense", reason=f"ALiBi bias combined with a {kind} mask")
         return MaskSpec(kind="alibi", causal=causal, alibi_slopes=slopes, reason="bias m*(j-i) per head")
-    return MaskSpec(kind=kind, causal=causal, window=window, reason=f"proved from mask values ({kind})")
+    return MaskSpec(kind=kind, causal=causal, window=window, static_keys=static_keys,
+                    reason=f"proved from mask values ({kind})")
 
 
 def _band_width(pattern, i, j, L, S):

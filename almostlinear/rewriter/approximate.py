@@ -54,6 +54,20 @@ def min_seq_len_for(site: AttentionSite, options: Options) -> int:
     return max(256, int(base * (d or 64) / 64))
 
 
+def _alibi_per_query_head(site: AttentionSite) -> list[float] | None:
+    """The ALiBi slopes as one per query head: a bias shared by all heads ([L, S]) has one slope, a bias
+    with a batch dim has B * Hq (used only when every batch element has the same slopes)."""
+    slopes = list(site.mask.alibi_slopes)
+    heads = concrete_int(shape_of(site.q)[1])
+    if heads is None:
+        return None
+    if len(slopes) == 1:
+        return slopes * heads
+    if len(slopes) % heads == 0 and all(slopes[i] == slopes[i % heads] for i in range(len(slopes))):
+        return slopes[:heads]
+    return None
+
+
 def polynomial_support(site: AttentionSite, options: Options) -> tuple[bool, str]:
     """Whether the op can compute this site, and the reason (kept in the report either way)."""
     if site.mask.kind not in OP_MASK_KINDS:
@@ -63,6 +77,9 @@ def polynomial_support(site: AttentionSite, options: Options) -> tuple[bool, str
         return False, "the polynomial op takes [B, H, T, D] tensors; this site is not 4-D"
     if _dropout_active(site):
         return False, "dropout on the attention weights is not supported by the polynomial op"
+    if site.mask.alibi_slopes is not None and _alibi_per_query_head(site) is None:
+        return False, (f"the ALiBi bias has {len(site.mask.alibi_slopes)} slopes, not one per query head "
+                       f"({q_shape[1]}) or one for all")
     for term in site.mask.key_mask:
         shape = shape_of(term.node)
         if shape is None or any(concrete_int(d) != 1 for d in shape[1:-1]):
@@ -76,11 +93,28 @@ def polynomial_support(site: AttentionSite, options: Options) -> tuple[bool, str
     return True, f"polynomial (key length {length} >= min_seq_len {threshold})"
 
 
-def _key_weight(site: AttentionSite, q: fx.Node, build: _Builder) -> fx.Node | None:
-    """The per-key weight [B, S] (float32): product of the proved key terms."""
-    if not site.mask.key_mask:
-        return None
+def static_keys_name(site_id: int) -> str:
+    return f"_almostlinear_static_keys_{site_id}"
+
+
+def _static_key_weight(gm: fx.GraphModule, site: AttentionSite, build: _Builder, fake_mode) -> fx.Node:
+    """The static per-key mask (a buffer or constant mask that removes the same keys for every query) as a
+    [1, S] float32 weight, held by the graph module as a buffer."""
+    name = static_keys_name(site.id)
+    device = tensor_meta(site.q).device
+    gm.register_buffer(name, site.mask.static_keys.reshape(1, -1).to(device=device, dtype=torch.float32))
+    with gm.graph.inserting_before(build.anchor):
+        node = gm.graph.get_attr(name)
+    fake = fake_mode.from_tensor(getattr(gm, name)) if fake_mode is not None else getattr(gm, name)
+    node.meta["example_value"] = node.meta["val"] = fake
+    return node
+
+
+def _key_weight(gm: fx.GraphModule, site: AttentionSite, q: fx.Node, build: _Builder, fake_mode) -> fx.Node | None:
+    """The per-key weight [B, S] (float32): product of the proved key terms and of the static key mask."""
     weight = None
+    if site.mask.static_keys is not None and not bool(site.mask.static_keys.all()):
+        weight = _static_key_weight(gm, site, build, fake_mode)
     for term in site.mask.key_mask:
         leaf = term.node
         if term.kind == "allowed":
@@ -93,6 +127,8 @@ def _key_weight(site: AttentionSite, q: fx.Node, build: _Builder) -> fx.Node | N
         w = build.method("to", (w, torch.float32))
         w = build.method("flatten", (w, 0, -2))  # [B or 1, 1, 1, S] -> [B or 1, S]
         weight = w if weight is None else build.call(operator.mul, (weight, w))
+    if weight is None:
+        return None
     batch_ones = build.call(torch.ones_like, (build.call(operator.getitem, (q, (slice(None), 0, 0, slice(0, 1)))),),
                             {"dtype": torch.float32})
     return build.call(operator.mul, (weight, batch_ones))  # broadcast a [1, S] mask to [B, S]
@@ -133,8 +169,8 @@ def rewrite_polynomial(gm: fx.GraphModule, site: AttentionSite, fake_mode, optio
     alibi = None
     if mask.alibi_slopes is not None:
         device = tensor_meta(site.q).device
-        alibi = build.call(torch.tensor, (list(mask.alibi_slopes),), {"dtype": torch.float32, "device": device})
-    key_weight = _key_weight(site, q, build)
+        alibi = build.call(torch.tensor, (_alibi_per_query_head(site),), {"dtype": torch.float32, "device": device})
+    key_weight = _key_weight(gm, site, q, build, fake_mode)
     if options.recheck_every:
         op_node = _switchable_call(gm, site, build, fake_mode, (q, k, v, key_weight, alibi), float(scale),
                                    coefficients, bool(mask.causal), int(mask.window))
