@@ -39,8 +39,9 @@ class BudgetError(RuntimeError):
 
 
 def relative_error(coefficients: Sequence[float], bound: float, points: int = 2001) -> float:
-    """eps = max over s in [-B, B] of |P(s) - exp(s)| / exp(s) (inf where exp overflows float64)."""
-    if bound > 600:
+    """eps = max over s in [-B, B] of |P(s) - exp(s)| / exp(s) (inf where exp overflows float64, or B is not
+    a finite number)."""
+    if not math.isfinite(bound) or bound > 600:
         return math.inf
     s = torch.linspace(-bound, bound, points, dtype=torch.float64)
     p = torch.zeros_like(s)
@@ -50,9 +51,16 @@ def relative_error(coefficients: Sequence[float], bound: float, points: int = 20
 
 
 def fitted_coefficients(degree: int, bound: float) -> tuple[float, ...] | None:
-    """A positive polynomial fitted to exp on [-B, B] (least squares of the relative error), or None."""
+    """A positive polynomial fitted to exp on [-B, B] (least squares of the relative error), or None.
+
+    None too where no fit exists: B not a finite number > 0, or a basis that overflows float64 (B > ~700).
+    """
+    if not (math.isfinite(bound) and 0 < bound <= 600):
+        return None
     s = torch.linspace(-bound, bound, 801, dtype=torch.float64)
     basis = torch.stack([s**j * torch.exp(-s) for j in range(degree + 1)], dim=1)
+    if not bool(torch.isfinite(basis).all()):
+        return None
     coeffs = torch.linalg.lstsq(basis, torch.ones_like(s).unsqueeze(1)).solution.squeeze(1)
     try:
         return validate_polynomial(degree, [float(c) for c in coeffs])
@@ -89,9 +97,32 @@ def _poly(s: torch.Tensor, coefficients: Sequence[float]) -> torch.Tensor:
     return out
 
 
+def unusable_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why these q/k/v cannot calibrate or measure a site (None: they can).
+
+    An empty batch (B = 0, or no queries or no keys) has no logits to bound; NaN or +-inf make the logit
+    bound, the fit and every error meaningless (and crash the least-squares fit).
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.numel() == 0:
+            return f"empty batch ({name} has shape {tuple(x.shape)})"
+    bad = [name for name, x in (("q", q), ("k", k), ("v", v)) if not bool(torch.isfinite(x).all())]
+    if bad:
+        return f"calibration inputs contain NaN/inf (in {', '.join(bad)})"
+    return None
+
+
+def _finite_or_inf(value: float) -> float:
+    """NaN is no error estimate: count it as an unbounded error."""
+    return value if not math.isnan(value) else math.inf
+
+
 def sampled_output_error(q, k, v, scale: float, coefficients: Sequence[float], causal: bool, window: int,
                          index: torch.Tensor) -> float:
-    """||A_poly V - A_exp V|| / ||A_exp V|| for the sampled queries against all their keys (no n x n)."""
+    """||A_poly V - A_exp V|| / ||A_exp V|| for the sampled queries against all their keys (no n x n).
+
+    inf where it is not a number (logits that overflow float32 make both sides NaN).
+    """
     qs = q.index_select(-2, index).float()
     logits = scale * (qs @ k.float().transpose(-2, -1))  # [B, H, m, S]
     S = k.shape[-2]
@@ -101,15 +132,23 @@ def sampled_output_error(q, k, v, scale: float, coefficients: Sequence[float], c
     poly = weights / weights.sum(-1, keepdim=True).clamp_min(1e-30)
     vf = v.float()
     reference = exact @ vf
-    return float((poly @ vf - reference).norm() / reference.norm().clamp_min(1e-30))
+    return _finite_or_inf(float((poly @ vf - reference).norm() / reference.norm().clamp_min(1e-30)))
+
+
+class CalibrationInputError(ValueError):
+    """The example inputs of a site cannot calibrate it (empty, NaN/inf); the message says why."""
 
 
 def calibrate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, degree: int, budget: float,
               causal: bool = False, window: int = 0, sample: int = 128) -> Calibration:
     """Logit range and measured error on sampled queries, the polynomial's error bound, the degrees.
 
-    q [B, Hq, L, D], k/v [B, Hk, S, D] (GQA groups are repeated here, on the sample only).
+    q [B, Hq, L, D], k/v [B, Hk, S, D] (GQA groups are repeated here, on the sample only). Raises
+    CalibrationInputError on inputs it cannot use (see unusable_reason); planning checks first.
     """
+    reason = unusable_reason(q, k, v)
+    if reason is not None:
+        raise CalibrationInputError(reason)
     generator = torch.Generator(device="cpu").manual_seed(0)
     L = q.shape[-2]
     index = torch.randperm(L, generator=generator)[:sample].sort().values.to(q.device)
@@ -119,7 +158,7 @@ def calibrate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, d
     logits = scale * (q.index_select(-2, index).float() @ k.float().transpose(-2, -1))
     # Under torch.distributed every number that chooses the polynomial is agreed (MAX over ranks), so all
     # ranks fit on the same logit range and pick the same coefficients: no rank runs a different graph.
-    bound = agree([max(float(logits.abs().max()), 1e-6)])[0]
+    bound = agree([max(float(logits.abs().max()), 1e-6)])[0]  # finite inputs, but float32 may overflow: inf
     taylor = taylor_coefficients(degree)
     eps = relative_error(taylor, bound)
     coefficients, fitted = taylor, False
@@ -138,7 +177,7 @@ def calibrate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, d
         sampled_error=sampled,
         logit_bound=bound,
         eps=eps,
-        predicted_error=relative * float(v.abs().max()),
+        predicted_error=relative * float(v.abs().max()) if float(v.abs().max()) > 0 else 0.0,
         predicted_relative=relative,
         paper_degree=paper_degree(bound, budget),
         degree=degree,
@@ -180,10 +219,23 @@ def real_inputs(example_inputs: Sequence[Any]) -> list[Any] | None:
     return out
 
 
+def detached_clones(inputs: Sequence[Any]) -> list[Any]:
+    """Detached copies of the tensor inputs: a graph that mutates its inputs (BatchNorm's running stats and
+    num_batches_tracked, any in-place op on an input) then mutates the copies, never the caller's tensors."""
+    return [x.detach().clone() if isinstance(x, torch.Tensor) else x for x in inputs]
+
+
 def _grad_inputs(inputs: Sequence[Any]) -> tuple[list[Any], list[int]]:
-    """Clones of the inputs; the floating ones that require grad (or all floating ones) get grads."""
+    """Clones of the inputs; the floating ones that require grad get grads.
+
+    If none does (a frozen model, or compiled under no_grad-free inference): the parameters, else every
+    floating input. Not buffers where parameters exist: BatchNorm's running statistics are updated in place
+    and are not differentiable, so a clone of them that requires grad fails the forward.
+    """
     floating = [i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor) and x.is_floating_point()]
-    wanted = [i for i in floating if inputs[i].requires_grad] or floating
+    wanted = ([i for i in floating if inputs[i].requires_grad]
+              or [i for i in floating if isinstance(inputs[i], torch.nn.Parameter)]
+              or floating)
     clones = []
     for i, x in enumerate(inputs):
         if isinstance(x, torch.Tensor):
@@ -208,13 +260,29 @@ def site_op_args(node: fx.Node):
 
 
 class _SiteErrors(fx.Interpreter):
-    """Runs a rewritten graph and, at each polynomial node, measures it against exact attention."""
+    """Runs a rewritten graph and, at each polynomial node, measures it against exact attention.
+
+    Side-effect free when given detached_clones of the inputs: the module's own tensor attributes (buffers
+    the graph reads with get_attr rather than as inputs) are read as copies too, so an in-place op on one
+    changes the copy only. Parameters are read as they are (a forward does not mutate them).
+
+    local_errors: NaN where the site's error cannot be measured on these inputs (empty, NaN/inf in q/k/v,
+    or exact attention itself not finite), with the reason in `unmeasured`; inf where the approximation is
+    not finite but exact attention is.
+    """
 
     def __init__(self, gm: fx.GraphModule, watch: dict[fx.Node, int] | None = None):
         super().__init__(gm)
         self.local_errors: dict[fx.Node, float] = {}
+        self.unmeasured: dict[fx.Node, str] = {}
         self.watch = watch or {}
         self.captured: dict[fx.Node, torch.Tensor] = {}
+
+    def get_attr(self, target, args, kwargs) -> Any:
+        value = super().get_attr(target, args, kwargs)
+        if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
+            value = value.detach().clone()
+        return value
 
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
@@ -227,12 +295,23 @@ class _SiteErrors(fx.Interpreter):
             )
             out = result[0] if isinstance(result, (tuple, list)) else result
             if active is None or bool(active):
-                with torch.no_grad():
-                    exact = exact_attention(q.detach(), k.detach(), v.detach(), scale=scale, causal=causal,
-                                            key_weight=key_weight, alibi_slopes=alibi, window=window)
-                    diff = (out.detach().float() - exact.float()).norm()
-                    self.local_errors[n] = float(diff / exact.float().norm().clamp_min(1e-30))
+                self._measure(n, out, q, k, v, key_weight, alibi, scale, causal, window)
         return result
+
+    def _measure(self, n, out, q, k, v, key_weight, alibi, scale, causal, window) -> None:
+        reason = unusable_reason(q, k, v)
+        if reason is None:
+            with torch.no_grad():
+                exact = exact_attention(q.detach(), k.detach(), v.detach(), scale=scale, causal=causal,
+                                        key_weight=key_weight, alibi_slopes=alibi, window=window).float()
+                if not bool(torch.isfinite(exact).all()):
+                    reason = "exact attention is not finite on these inputs (NaN/inf)"
+                else:
+                    diff = (out.detach().float() - exact).norm()
+                    self.local_errors[n] = _finite_or_inf(float(diff / exact.norm().clamp_min(1e-30)))
+                    return
+        self.local_errors[n] = math.nan
+        self.unmeasured[n] = reason
 
 
 @dataclass
@@ -240,11 +319,17 @@ class Measurement:
     grads: list[torch.Tensor] = field(default_factory=list)
     local_errors: dict = field(default_factory=dict)
     captured: dict = field(default_factory=dict)
+    unmeasured: dict = field(default_factory=dict)  # node -> why its local error is NaN
+
+    def finite(self) -> bool:
+        """Whether every gradient is finite (else no gradient error can be measured against it)."""
+        return all(bool(torch.isfinite(g).all()) for g in self.grads)
 
 
 def run_with_grads(gm: fx.GraphModule, inputs: Sequence[Any], rng_state: torch.Tensor,
                    watch: dict[fx.Node, int] | None = None) -> Measurement:
-    """One forward+backward of `gm` on clones of `inputs` with fixed cotangents; no side effects."""
+    """One forward+backward of `gm` on clones of `inputs` with fixed cotangents; no side effects (inputs and
+    the module's buffers are cloned, so buffer updates such as BatchNorm's land on the clones)."""
     clones, wanted = _grad_inputs(inputs)
     with rng_preserved(), torch.enable_grad():
         torch.set_rng_state(rng_state)
@@ -257,7 +342,7 @@ def run_with_grads(gm: fx.GraphModule, inputs: Sequence[Any], rng_state: torch.T
         targets = [clones[i] for i in wanted]
         grads = torch.autograd.grad(flat, targets, cotangents, allow_unused=True) if flat else []
     grads = [torch.zeros_like(t) if g is None else g.detach() for g, t in zip(grads, targets)]
-    return Measurement(grads, interpreter.local_errors, interpreter.captured)
+    return Measurement(grads, interpreter.local_errors, interpreter.captured, interpreter.unmeasured)
 
 
 def agree(values: Sequence[float]) -> list[float]:
@@ -277,10 +362,14 @@ def agree(values: Sequence[float]) -> list[float]:
 
 
 def gradient_error(grads: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]) -> float:
+    """||g - g_ref|| / ||g_ref||; NaN when it cannot be measured (the reference is not finite), inf when
+    only `grads` is not finite."""
     if not reference:
         return 0.0
     num = torch.sqrt(sum(((g.double() - r.double()) ** 2).sum() for g, r in zip(grads, reference)))
     den = torch.sqrt(sum((r.double() ** 2).sum() for r in reference))
+    if not math.isfinite(float(den)):
+        return math.nan
     if float(den) == 0.0:
         return 0.0 if float(num) == 0.0 else math.inf
-    return float(num / den)
+    return _finite_or_inf(float(num / den))

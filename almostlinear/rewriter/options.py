@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import types
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -15,15 +18,19 @@ DEGREES = (2, 4, 6)
 class Options:
     """What the user may set, per model (per `Backend` / per `torch.compile(..., options=...)` call).
 
-    budget        largest relative end-to-end gradient error allowed (float > 0)
+    budget        largest relative end-to-end gradient error allowed (a finite number > 0)
     method        "auto" (approximate where measured to fit the budget and faster), "exact" (never
                   approximate), "polynomial" (approximate every supported site, for experiments)
     inner         compiler the rewritten graph is handed to: "inductor", "aot_eager" or "eager"
-    degree        polynomial degree for approximated sites (even: 2, 4 or 6), or None to choose
+    degree        polynomial degree for approximated sites (an int: 2, 4 or 6), or None to choose
     min_seq_len   key length below which approximation is not used (None: the measured crossover)
     sites         {module-path glob: "exact" | "polynomial" | "skip"} per-site overrides
     recheck_every re-measure the error every N calls of a training graph (0: never)
     strict        raise instead of falling back to exact when the budget cannot be met
+
+    Validated on construction (however constructed). Numbers are stored as Python numbers (a numpy
+    integer or float is accepted where its value is valid) and `sites` as a read-only copy, so that
+    changing the caller's dict afterwards changes nothing.
     """
 
     budget: float = 0.05
@@ -35,28 +42,41 @@ class Options:
     recheck_every: int = 0
     strict: bool = False
 
+    def __post_init__(self) -> None:
+        if isinstance(self.sites, Mapping):  # a snapshot: later changes to the caller's dict do not leak in
+            object.__setattr__(self, "sites", types.MappingProxyType(dict(self.sites)))
+        self.validate()
+        object.__setattr__(self, "budget", float(self.budget))
+        for name in ("degree", "min_seq_len", "recheck_every"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, int(value))
+
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | None = None, **more: Any) -> "Options":
+        if values is not None and not isinstance(values, Mapping):
+            raise ValueError(f"almostlinear options must be a dict of option -> value, got {values!r}")
         merged = dict(values or {})
         merged.update(more)
         valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(merged) - set(valid))
+        unknown = sorted(set(merged) - set(valid), key=repr)
         if unknown:
             raise ValueError(f"unknown almostlinear option(s) {unknown}; valid options are {valid}")
-        options = cls(**merged)
-        options.validate()
-        return options
+        return cls(**merged)
 
     def validate(self) -> None:
         _check(
-            isinstance(self.budget, (int, float)) and not isinstance(self.budget, bool) and self.budget > 0,
-            f"budget must be a number > 0 (a relative gradient error such as 0.05), got {self.budget!r}",
+            _is_real(self.budget) and math.isfinite(self.budget) and self.budget > 0,
+            f"budget must be a finite number > 0 (a relative gradient error such as 0.05; valid range: "
+            f"0 < budget < inf), got {self.budget!r}",
         )
-        _check(self.method in METHODS, f"method must be one of {list(METHODS)}, got {self.method!r}")
-        _check(self.inner in INNER_COMPILERS, f"inner must be one of {list(INNER_COMPILERS)}, got {self.inner!r}")
+        _check(_is_str(self.method) and self.method in METHODS,
+               f"method must be one of {list(METHODS)}, got {self.method!r}")
+        _check(_is_str(self.inner) and self.inner in INNER_COMPILERS,
+               f"inner must be one of {list(INNER_COMPILERS)}, got {self.inner!r}")
         _check(
-            self.degree is None or self.degree in DEGREES,
-            f"degree must be None (choose automatically) or one of {list(DEGREES)}, got {self.degree!r}",
+            self.degree is None or (_is_int(self.degree) and self.degree in DEGREES),
+            f"degree must be None (choose automatically) or one of the ints {list(DEGREES)}, got {self.degree!r}",
         )
         _check(
             self.min_seq_len is None or (_is_int(self.min_seq_len) and self.min_seq_len >= 0),
@@ -66,7 +86,7 @@ class Options:
         for pattern, choice in self.sites.items():
             _check(isinstance(pattern, str), f"sites keys must be module-path globs (str), got {pattern!r}")
             _check(
-                choice in SITE_CHOICES,
+                _is_str(choice) and choice in SITE_CHOICES,
                 f"sites[{pattern!r}] must be one of {list(SITE_CHOICES)}, got {choice!r}",
             )
         _check(
@@ -76,13 +96,24 @@ class Options:
         _check(isinstance(self.strict, bool), f"strict must be True or False, got {self.strict!r}")
 
     def as_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        """A plain dict of the options (`sites` as a new plain dict)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["sites"] = dict(self.sites)
         return d
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An integer (Python or numpy), not a bool, not a float even if whole (2.0)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    """A real number (Python or numpy int or float), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_str(value: Any) -> bool:
+    return isinstance(value, str)
 
 
 def _check(ok: bool, message: str) -> None:

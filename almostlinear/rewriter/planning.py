@@ -6,6 +6,11 @@
 3. Rewrite the rest, measure the end-to-end gradient error against the all-exact reference.
 4. While it exceeds the budget, the site with the largest measured error goes back to exact; measure again.
 Every step is recorded in report.history. Cost: one reference pass plus one pass per step (fwd+bwd).
+
+Inputs that cannot calibrate or measure (an empty batch, NaN/inf in a site's q/k/v, or exact gradients that
+are not finite) never fail the compile: under method="auto" the sites concerned stay exact, with the reason
+in their report row; under method="polynomial" they are approximated with Taylor coefficients (nothing to
+fit on), with the reason noted.
 """
 from __future__ import annotations
 
@@ -17,7 +22,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..passes.graph_utils import example_value, is_number
-from .budget import BudgetError, Calibration, agree, calibrate, gradient_error, real_inputs, run_with_grads
+from .budget import (BudgetError, Calibration, agree, calibrate, gradient_error, real_inputs, run_with_grads,
+                     unusable_reason)
 from .options import Options
 from .plan import Decision
 from .report import Report, log
@@ -75,8 +81,26 @@ def plan_within_budget(gm, example_inputs: Sequence[Any], options: Options, init
 
     calibrations: dict[int, Calibration] = {}
     dropped: dict[int, str] = {}
+    unusable, empty = _unusable_sites(reference.sites, candidates, ref)
+    unmeasurable = bool(agree([0.0 if ref.finite() else 1.0])[0])
+    if unmeasurable and options.method != "polynomial":
+        # NaN/inf reached the exact gradients (from any input, not necessarily a site's): no gradient error
+        # can be measured on these inputs, so nothing can be shown to fit the budget
+        for sid in candidates:
+            unusable.setdefault(sid, "the exact gradients contain NaN/inf on these inputs (the end-to-end "
+                                     "error cannot be measured)")
+    for sid, reason in unusable.items():
+        d = decisions[sid]
+        if sid in empty:
+            # Dynamo specializes sizes 0 and 1, so this graph serves empty batches only: nothing to speed up
+            decisions[sid] = Decision("exact", f"kept exact: {reason}, nothing to approximate")
+        elif options.method == "polynomial":
+            decisions[sid] = Decision("polynomial", f"{d.reason}; not calibrated ({reason}): Taylor coefficients",
+                                      d.degree or 2, None)
+        else:
+            decisions[sid] = Decision("exact", f"kept exact: {reason}")
     for site in reference.sites:
-        if site.id not in candidates:
+        if site.id not in candidates or site.id in unusable:
             continue
         k, v = _kv(site)
         q_val, k_val, v_val = ref.captured.get(site.q), ref.captured.get(k), ref.captured.get(v)
@@ -107,13 +131,15 @@ def plan_within_budget(gm, example_inputs: Sequence[Any], options: Options, init
         agreed = agree([gradient_error(measured.grads, ref.grads)]
                        + [measured.local_errors.get(current.poly_nodes[sid], math.inf) for sid in ids])
         error, local = agreed[0], dict(zip(ids, agreed[1:]))
+        if unmeasurable:
+            error = math.nan  # the exact gradients are not finite: no error to measure against them
         report.history.append({"call": 0, "step": step, "grad_error": error,
                                "approximated": sorted(current.poly_nodes), "site_errors": local})
         log.info("%s: step %d, end-to-end gradient error %.3g with sites %s approximated",
                  report.graph_name, step, error, sorted(current.poly_nodes))
         if error <= options.budget or not current.poly_nodes or options.method == "polynomial":
             break
-        worst = max(local, key=lambda sid: local[sid] if local[sid] is not None else -1.0)
+        worst = max(local, key=lambda sid: _order(local[sid]))
         why = (f"fused exact: budget {options.budget:g} exceeded ({error:.3g} end-to-end) and this site had the "
                f"largest measured error ({local[worst]:.3g})")
         decisions[worst] = Decision("exact", why)
@@ -124,10 +150,19 @@ def plan_within_budget(gm, example_inputs: Sequence[Any], options: Options, init
         if row.id in calibrations:
             _annotate(row, calibrations[row.id])
         if row.id in current.poly_nodes:
-            row.measured_error = local.get(row.id)
-    report.grad_error = error
+            value = local.get(row.id)
+            row.measured_error = None if value is None or math.isnan(value) else value
+    # all exact on inputs whose exact gradients are not finite: nothing was measured
+    report.grad_error = None if unmeasurable and not current.poly_nodes else error
     report.history[-1]["planning_seconds"] = time.perf_counter() - started
 
+    if options.method == "polynomial" and current.poly_nodes and math.isnan(error):
+        warnings.warn(
+            f"almostlinear: method='polynomial' approximates every supported site, but the end-to-end gradient "
+            f"error could not be measured on the example inputs (the exact gradients contain NaN/inf) "
+            f"({report.graph_name})",
+            stacklevel=2,
+        )
     if options.method == "polynomial" and error > options.budget:
         warnings.warn(
             f"almostlinear: method='polynomial' approximates every supported site, and the measured end-to-end "
@@ -141,6 +176,42 @@ def plan_within_budget(gm, example_inputs: Sequence[Any], options: Options, init
             f"{len(dropped)} site(s):\n" + "\n".join(lines)
         )
     return current
+
+
+def _unusable_sites(sites, candidates: list[int], ref) -> tuple[dict[int, str], set[int]]:
+    """{site id: why its captured q/k/v cannot calibrate it} and the ids whose batch is empty.
+
+    Agreed across ranks like every other number that decides (0 usable, 1 NaN/inf, 2 empty; the maximum
+    wins), so that every rank rewrites the same sites the same way.
+    """
+    local: dict[int, str] = {}
+    codes = {sid: 0.0 for sid in candidates}
+    for site in sites:
+        if site.id not in codes:
+            continue
+        k, v = _kv(site)
+        q_val, k_val, v_val = ref.captured.get(site.q), ref.captured.get(k), ref.captured.get(v)
+        if q_val is None or k_val is None or v_val is None:
+            continue
+        reason = unusable_reason(q_val, k_val, v_val)
+        if reason is not None:
+            local[site.id] = reason
+            codes[site.id] = 2.0 if any(x.numel() == 0 for x in (q_val, k_val, v_val)) else 1.0
+    unusable, empty = {}, set()
+    for sid, code in zip(candidates, agree([codes[sid] for sid in candidates])):
+        if code >= 2.0:
+            empty.add(sid)
+            unusable[sid] = local[sid] if codes[sid] >= 2.0 else "empty batch (on another rank)"
+        elif code >= 1.0:
+            unusable[sid] = local[sid] if codes[sid] >= 1.0 else "calibration inputs contain NaN/inf (on another rank)"
+    return unusable, empty
+
+
+def _order(error: float | None) -> float:
+    """A measured error as a sort key: not measured ranks lowest, NaN (not a number) as unbounded."""
+    if error is None:
+        return -1.0
+    return math.inf if math.isnan(error) else error
 
 
 def _path(result, sid: int) -> str:

@@ -9,6 +9,12 @@ story (a small error before a layer whose softmax became sharp is amplified), so
 error on the call's inputs is then measured too (one fwd+bwd with the current modes, one all-exact), and
 while it exceeds the budget the site with the largest local error is switched as well. The numbers are
 agreed across ranks first. The report's history keeps every check.
+
+A re-check leaves no trace but its decisions: every pass runs on copies of the inputs (the module's buffers
+among them, so BatchNorm statistics are updated once per training call, as without re-checks) with the RNG
+state restored. A site whose error cannot be measured on a call's inputs (NaN/inf in its q/k/v, or exact
+attention not finite) is kept and the check noted; the end-to-end check is skipped when the exact gradients
+are not finite.
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ import torch
 import torch.fx as fx
 
 from .approximate import switch_name
-from .budget import _SiteErrors, agree, gradient_error, rng_preserved, run_with_grads
+from .budget import _SiteErrors, agree, detached_clones, gradient_error, rng_preserved, run_with_grads
 from .report import Report, log
 
 
@@ -47,18 +53,29 @@ class Rechecker:
         return sorted(sid for sid, switch in self.switches.items() if int(switch) == 1)
 
     def recheck(self, inputs: Sequence[Any]) -> None:
-        detached = [x.detach() if isinstance(x, torch.Tensor) else x for x in inputs]
+        # On copies of the inputs: the graph may mutate them in place (BatchNorm's running stats and
+        # num_batches_tracked are inputs of the captured graph); a re-check must not update them a second time.
+        clones = detached_clones(inputs)
         with rng_preserved(), torch.no_grad():
             interpreter = _SiteErrors(self.work)
-            interpreter.run(*detached)
+            interpreter.run(*clones)
         ids = self.active()
         errors = agree([interpreter.local_errors.get(self.poly_nodes[sid], math.inf) for sid in ids])
-        for sid, error in zip(ids, errors):
+        # NaN: not measurable on this call's inputs (on any rank: agree() returns inf there, so count the
+        # ranks that could not measure as well)
+        unmeasured = agree([1.0 if self.poly_nodes[sid] in interpreter.unmeasured else 0.0 for sid in ids])
+        measured: dict[int, float] = {}
+        for sid, error, skip in zip(ids, errors, unmeasured):
+            if skip:
+                why = interpreter.unmeasured.get(self.poly_nodes[sid], "not measurable on another rank")
+                self._record(sid, math.nan, False, f"not measured: {why}")
+                continue
             over = error > self.budget
             if over:
                 self._switch(sid, f"measured error {error:.3g} > budget {self.budget:g}")
             self._record(sid, error, over, "local error")
-        self._check_end_to_end(inputs, dict(zip(ids, errors)))
+            measured[sid] = error
+        self._check_end_to_end(inputs, measured)
 
     def _switch(self, sid: int, why: str) -> None:
         self.switches[sid].fill_(0)
@@ -78,11 +95,18 @@ class Rechecker:
         rng = torch.get_rng_state()
         while self.active():
             active = self.active()
-            for sid in active:
-                self.switches[sid].fill_(0)
-            reference = run_with_grads(self.work, inputs, rng)
-            for sid in active:
-                self.switches[sid].fill_(1)
+            try:
+                for sid in active:
+                    self.switches[sid].fill_(0)
+                reference = run_with_grads(self.work, inputs, rng)
+            finally:  # the switches are live state of the compiled graph: restored whatever happens
+                for sid in active:
+                    self.switches[sid].fill_(1)
+            if agree([0.0 if reference.finite() else 1.0])[0]:
+                self.report.history.append({"call": self.calls, "grad_error": math.nan, "approximated": active,
+                                            "event": "re-check end-to-end gradient error skipped: the exact "
+                                                     "gradients contain NaN/inf on this call's inputs"})
+                return
             current = run_with_grads(self.work, inputs, rng)
             error = agree([gradient_error(current.grads, reference.grads)])[0]
             self.report.grad_error = error
