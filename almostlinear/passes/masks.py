@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import networkx as nx
+import sympy
 import torch
 import torch.fx as fx
 
-from .graph_utils import INPUT, PARAMETER, evaluate, input_dependencies, is_number, shape_of
+from .graph_utils import INPUT, PARAMETER, concrete_int, evaluate, input_dependencies, is_number, shape_of
 
 MASK_KINDS = ("none", "causal", "key_padding", "causal+key_padding", "alibi", "window", "causal+window", "dense")
 
@@ -226,7 +227,23 @@ def _additive_terms(node: Any, facts: _Facts, ctx: "_Context") -> None:
 
 
 def analyze(ops: Sequence[MaskOp], scores_shape: tuple | None, ctx: _Context) -> MaskSpec:
-    """Classify the combined mask of one site from its ordered mask operations."""
+    """Classify the combined mask of one site from its ordered mask operations.
+
+    With symbolic lengths (dynamic shapes) the static parts are evaluated at the example size and at probe
+    sizes (see `_holds_at_other_lengths`); a structure that holds at every size stays symbolic, anything
+    else specialises the lengths (a guard: Dynamo recompiles for another length, never runs a wrong mask).
+    """
+    spec, facts = _analyze_at(ops, scores_shape, ctx)
+    has_static = facts.allowed is not None or facts.bias is not None
+    lengths = [d for d in (scores_shape or ())[-2:] if isinstance(d, torch.SymInt)]
+    if lengths and has_static and not _holds_safely(spec, ops, scores_shape, ctx):
+        for d in lengths:
+            int(d)  # guard on the example length: this mask's structure was proved at this size only
+        spec.reason += " (specialised to this length: the structure is not the same at other lengths)"
+    return spec
+
+
+def _analyze_at(ops: Sequence[MaskOp], scores_shape: tuple | None, ctx: _Context) -> tuple[MaskSpec, _Facts]:
     facts = _Facts()
     for op in ops:
         if op.kind == "scale":
@@ -272,7 +289,121 @@ def analyze(ops: Sequence[MaskOp], scores_shape: tuple | None, ctx: _Context) ->
     spec.empty_rows_possible = bool(facts.key_terms) or facts.data_dependent or bool(facts.dense_reason) or (
         facts.allowed is not None and not bool(facts.allowed.any(dim=-1).all())
     )
-    return spec
+    return spec, facts
+
+
+def _holds_safely(spec: MaskSpec, ops: Sequence[MaskOp], scores_shape: tuple, ctx: _Context) -> bool:
+    try:
+        return _holds_at_other_lengths(spec, ops, scores_shape, ctx)
+    except Exception:  # noqa: BLE001 - a probe we cannot build: specialise (correct, one graph per length)
+        return False
+
+
+PROBE_CAP = 4096  # the largest length a mask is re-evaluated at (a [4096, 4096] mask: 16 M elements)
+
+
+def _holds_at_other_lengths(spec: MaskSpec, ops: Sequence[MaskOp], scores_shape: tuple, ctx: _Context) -> bool:
+    """Whether the static mask has this structure at other lengths: re-evaluated with the symbolic lengths
+    set to probe values (2, 3, about half, one less, one more, twice the example, and the largest length
+    up to PROBE_CAP where it can be built, so a sliced buffer is checked whole), each compared with what
+    the structure predicts at that size. A length where the mask cannot be built (a buffer sliced past its
+    end) is a length eager cannot run either. A static per-key mask is a pattern of this length only."""
+    if spec.kind == "dense" or spec.static_keys is not None:
+        return spec.kind == "dense"  # a dense mask is kept exact at every length: nothing to prove
+    symbols = {sym for d in scores_shape[-2:] if isinstance(d, torch.SymInt) for sym in d.node.expr.free_symbols}
+    hints = _symbol_hints(ctx, symbols)
+    if hints is None:
+        return False
+    h = max(hints.values())
+
+    def at(length: int):
+        probe = {sym: length for sym in hints}
+        shape = tuple(_substitute(d, probe) for d in scores_shape)
+        try:
+            _, facts = _analyze_at(ops, shape, _Context(ctx.gm, ctx.graph, ctx.kinds, _probe_inputs(ctx, probe)))
+        except Exception:  # noqa: BLE001 - not evaluable at this length: eager fails there too
+            return None
+        return None if facts.dense_reason else _predicted_by(spec, facts, *_rows_cols(shape))
+
+    results = [at(n) for n in sorted({2, 3, h // 2 + 1, max(2, h - 1), h + 1, 2 * h + 1})]
+    if at(PROBE_CAP) is None:  # the largest evaluable length in (h, cap): a buffer's full extent
+        lo, hi = h, PROBE_CAP
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if at(mid) is not None else (lo, mid)
+        results.append(at(lo))
+    else:
+        results.append(at(PROBE_CAP))
+    return all(r is not False for r in results) and any(r for r in results)
+
+
+def _predicted_by(spec: MaskSpec, facts: _Facts, L: int, S: int) -> bool:
+    """Whether the evaluated static mask is exactly what `spec` predicts at [L, S]."""
+    i = torch.arange(L).unsqueeze(1)
+    j = torch.arange(S).unsqueeze(0)
+    expected = torch.ones(L, S, dtype=torch.bool)
+    if spec.causal:
+        expected &= j <= i
+        if spec.window:
+            expected &= j > i - spec.window
+    elif spec.window:
+        expected &= (i - j).abs() < spec.window
+    allowed = torch.ones(L, S, dtype=torch.bool) if facts.allowed is None else facts.allowed
+    allowed = torch.broadcast_to(allowed, allowed.shape[:-2] + (L, S)).reshape(-1, L, S)
+    if not bool((allowed == expected).all()):
+        return False
+    if spec.alibi_slopes is None:
+        return facts.bias is None or not bool((facts.bias != 0).any())
+    if facts.bias is None:
+        return False
+    bias = torch.broadcast_to(facts.bias.float(), facts.bias.shape[:-2] + (L, S))
+    slopes = _alibi_slopes(bias, allowed.reshape(bias.shape[:-2] + (L, S)) if allowed.shape[0] > 1 else allowed[0],
+                           L, S) if L > 1 else spec.alibi_slopes
+    return slopes is not None and len(slopes) == len(spec.alibi_slopes) and all(
+        math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-7) for a, b in zip(slopes, spec.alibi_slopes))
+
+
+def _symbol_hints(ctx: _Context, symbols: set) -> dict | None:
+    """The example value of every symbol, read from the placeholders' fake shapes and the example inputs."""
+    hints = {}
+    for node, example in zip([n for n in ctx.gm.graph.nodes if n.op == "placeholder"], ctx.example_inputs):
+        fake = node.meta.get("example_value")
+        if isinstance(fake, torch.SymInt) and fake.node.expr in symbols and concrete_int(example) is not None:
+            hints[fake.node.expr] = concrete_int(example)
+        elif isinstance(fake, torch.Tensor) and isinstance(example, torch.Tensor):
+            for d, real in zip(fake.shape, example.shape):
+                if isinstance(d, torch.SymInt) and d.node.expr in symbols:
+                    hints[d.node.expr] = int(real)
+    return hints if set(hints) == set(symbols) else None
+
+
+def _substitute(d: Any, probe: dict) -> Any:
+    if not isinstance(d, torch.SymInt):
+        return d
+    expr = d.node.expr
+    value = sympy.sympify(expr.xreplace(probe))
+    if value.free_symbols:  # other symbols (e.g. the batch): their example values do not matter here
+        env = d.node.shape_env
+        known = getattr(env, "backed_var_to_val", None) or env.var_to_val
+        value = value.xreplace({s: known.get(s, 2) for s in value.free_symbols})
+    return int(value)
+
+
+def _probe_inputs(ctx: _Context, probe: dict) -> list | None:
+    """The example inputs with every dim of a probed symbol resized (zeros: only shapes matter here)."""
+    inputs = []
+    for node, example in zip([n for n in ctx.gm.graph.nodes if n.op == "placeholder"], ctx.example_inputs):
+        fake = node.meta.get("example_value")
+        if isinstance(fake, torch.SymInt) and isinstance(example, (int, torch.SymInt)):
+            inputs.append(_substitute(fake, probe))
+        elif isinstance(fake, torch.Tensor) and isinstance(example, torch.Tensor) and any(
+                isinstance(d, torch.SymInt) and d.node.expr.free_symbols & set(probe) for d in fake.shape):
+            shape = [_substitute(d, probe) if isinstance(d, torch.SymInt) and d.node.expr.free_symbols & set(probe)
+                     else int(real) for d, real in zip(fake.shape, example.shape)]
+            inputs.append(torch.zeros(shape, dtype=example.dtype, device=example.device))
+        else:
+            inputs.append(example)
+    return inputs
 
 
 def _combine(facts: _Facts, scores_shape: tuple | None) -> MaskSpec:
@@ -296,10 +427,8 @@ def _combine(facts: _Facts, scores_shape: tuple | None) -> MaskSpec:
 def _rows_cols(shape: tuple | None) -> tuple[int, int] | None:
     if shape is None or len(shape) < 2:
         return None
-    try:
-        return int(shape[-2]), int(shape[-1])
-    except (TypeError, ValueError):
-        return None
+    rows, cols = concrete_int(shape[-2]), concrete_int(shape[-1])  # the example size, without a guard
+    return None if rows is None or cols is None else (rows, cols)
 
 
 def classify_static(allowed: torch.Tensor | None, bias: torch.Tensor | None, scores_shape: tuple | None) -> MaskSpec:

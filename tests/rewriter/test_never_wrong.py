@@ -39,3 +39,64 @@ def test_static_per_key_mask_is_kept_on_the_polynomial_path(method):
     v2[:, :, -1] = 5.0  # the masked key's value must never reach the output
     expected, got = model(q, k, v2), compiled(q, k, v2)
     assert float((got - expected).norm() / expected.norm()) < 0.02
+
+
+class CausalBufferSlice(torch.nn.Module):
+    """nanoGPT: a registered tril buffer sliced to the length."""
+
+    def __init__(self, block: int = 512):
+        super().__init__()
+        self.register_buffer("bias", torch.tril(torch.ones(block, block, dtype=torch.bool)))
+
+    def forward(self, q, k, v):
+        T = q.shape[-2]
+        att = (q @ k.mT) * (1.0 / q.shape[-1] ** 0.5)
+        return att.masked_fill(~self.bias[:T, :T], float("-inf")).softmax(-1) @ v
+
+
+class CausalArange(torch.nn.Module):
+    def forward(self, q, k, v):
+        i = torch.arange(q.shape[-2], device=q.device)
+        att = (q @ k.mT) / 4.0
+        return att.masked_fill(i[None, :] > i[:, None], float("-inf")).softmax(-1) @ v
+
+
+class CausalUntil(torch.nn.Module):
+    """A mask that is causal only for the first 64 positions (full attention among later ones): its
+    structure depends on the length, so the site must be specialised, never treated as causal."""
+
+    def __init__(self):
+        super().__init__()
+        keep = torch.ones(512, 512, dtype=torch.bool)
+        keep[:64, :64] = torch.tril(keep[:64, :64])
+        self.register_buffer("keep", keep)
+
+    def forward(self, q, k, v):
+        T = q.shape[-2]
+        return ((q @ k.mT) / 4.0).masked_fill(~self.keep[:T, :T], float("-inf")).softmax(-1) @ v
+
+
+LENGTHS = [40, 56, 64, 80, 96, 120, 136, 160, 200, 232]
+
+
+@pytest.mark.parametrize("model_class", [CausalBufferSlice, CausalArange])
+def test_dynamic_lengths_keep_one_graph_and_stay_exact(model_class):
+    model = model_class()
+    backend = Bk(method="exact")
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    for T in LENGTHS:
+        q, k, v = (torch.randn(1, 2, T, 16) for _ in range(3))
+        torch.testing.assert_close(compiled(q, k, v), model(q, k, v), atol=1e-5, rtol=1e-5)
+    assert len(backend.reports) <= 2
+    assert backend.reports[-1].sites[0].mask_kind == "causal"
+
+
+def test_a_mask_whose_structure_changes_with_length_is_specialised():
+    model = CausalUntil()
+    backend = Bk(method="exact")
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    for T in (40, 64, 96):
+        q, k, v = (torch.randn(1, 2, T, 16) for _ in range(3))
+        torch.testing.assert_close(compiled(q, k, v), model(q, k, v), atol=1e-5, rtol=1e-5)
+    kinds = [r.sites[0].mask_kind for r in backend.reports]
+    assert len(backend.reports) == 3 and kinds[-1] == "dense", kinds
