@@ -16,6 +16,7 @@ from ..passes import rewrite as rewriter
 from ..passes.graph_utils import concrete_int, fake_mode_of, shape_of
 from ..passes.mha import decompose_mha
 from ..passes.normalize import normalize
+from ..passes.subgraphs import Region, code_with_bodies, copy_with_bodies, find_regions
 from .options import Options
 from .plan import Decision, decide
 from .report import Report, Site, emit, log
@@ -92,6 +93,7 @@ class Build:
     misses: list
     mha_calls: list
     poly_nodes: dict = field(default_factory=dict)  # site id -> the poly_attention node
+    regions: list = field(default_factory=list)  # higher-order op bodies with attention (checkpoints)
 
 
 def _apply(work: fx.GraphModule, site, row: Site, decision: Decision, fake_mode, options: Options, build: Build) -> None:
@@ -131,8 +133,17 @@ def build(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Options,
     mha_calls = decompose_mha(work)  # nn.MultiheadAttention arrives as one opaque call
     normalize(work)
     sites, misses = matcher.find_sites(work, example_inputs)
+    try:
+        regions = find_regions(work, example_inputs)  # checkpoint bodies: private copies, matched inside
+    except Exception as exc:  # noqa: BLE001 - the top-level graph is still rewritten; bodies stay as captured
+        log.warning("almostlinear: higher-order op bodies (checkpoints) not analysed: %s: %s", type(exc).__name__, exc)
+        work = _copy(gm)
+        mha_calls = decompose_mha(work)
+        normalize(work)
+        sites, misses = matcher.find_sites(work, example_inputs)
+        regions = []
     fake_mode = fake_mode_of(work)
-    result = Build(work, sites, [], {}, misses, mha_calls)
+    result = Build(work, list(sites), [], {}, misses, mha_calls, regions=regions)
     for site in sites:
         path = _module_path(site.anchor)
         row = _site_row(site, path)
@@ -140,8 +151,39 @@ def build(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Options,
         result.decisions[site.id] = decision
         _apply(work, site, row, decision, fake_mode, options, result)
         result.rows.append(row)
+    for region in regions:
+        if region.rewritable:
+            _apply_region(region, fake_mode, options, chosen or {}, result)
+    for region in reversed(regions):  # innermost bodies first
+        if region.rewritable:
+            rewriter.finalize(region.body)
     rewriter.finalize(work)
     return result
+
+
+def _apply_region(region: Region, fake_mode, options: Options, chosen: dict[int, Decision], result: Build) -> None:
+    """Rewrite the sites of one checkpoint body in the body itself (the higher-order op call stays, so the
+    region is still recomputed in the backward). Checkpointed sites are kept exact: the budget planning
+    measures the polynomial op's errors by running the top-level graph node by node, and a body runs as one
+    call there, so an approximation inside it could be neither calibrated nor measured nor re-checked."""
+    fake_mode = fake_mode_of(region.body) or fake_mode
+    for site in region.sites:
+        site.id = len(result.sites)  # ids are unique over the whole graph (decisions are keyed by them)
+        result.sites.append(site)
+        path = _module_path(site.anchor)
+        row = _site_row(site, path)
+        row.region = region.label_path
+        decision = chosen.get(site.id) or decide(site, path, options)
+        if decision.method == "polynomial":
+            decision = Decision("exact", f"fused exact: {region.note}: the budget planning cannot measure the "
+                                         f"polynomial op's error inside a checkpoint body (else: {decision.reason})")
+        result.decisions[site.id] = decision
+        _apply(region.body, site, row, decision, fake_mode, options, result)
+        if not row.reason.startswith(f"fused exact: {region.note}"):
+            row.reason = f"{region.note}: {row.reason}"
+        if region.values_note and site.mask.kind != "none":
+            row.reason += f" [mask values unknown: {region.values_note}]"
+        result.rows.append(row)
 
 
 def _near_misses(result: Build) -> list[Site]:
@@ -154,6 +196,30 @@ def _near_misses(result: Build) -> list[Site]:
         rows.append(Site(id=-1, module_path=_module_path(miss.node), source_line=_source_line(miss.node),
                          form="softmax", q_shape=_shape(miss.node), mask_kind="-", method="unchanged",
                          reason=miss.reason))
+    for region in result.regions:
+        rows.extend(_region_near_misses(region))
+    return rows
+
+
+def _region_near_misses(region: Region) -> list[Site]:
+    """Near misses inside a higher-order op body; in a body that is not rewritten, its sites too."""
+    rows = []
+
+    def row(node, form: str, reason: str) -> Site:
+        return Site(id=-1, module_path=_module_path(node), source_line=_source_line(node), form=form,
+                    q_shape=_shape(node), mask_kind="-", method="unchanged", reason=f"{region.note}: {reason}",
+                    region=region.label_path)
+
+    for node, reason in region.mha_calls:
+        if not getattr(node, "_erased", False):
+            rows.append(row(node, "mha", f"nn.MultiheadAttention not rewritten: {reason}"))
+    if not region.rewritable:
+        why = ("the body is called from several places" if region.hop == "tag_activation_checkpoint"
+               else f"only torch.utils.checkpoint bodies are rewritten, not those of `{region.hop}`")
+        for site in region.sites:
+            rows.append(row(site.anchor, site.form, f"attention ({site.form}) not rewritten: {why}"))
+    for miss in region.misses:
+        rows.append(row(miss.node, "softmax", miss.reason))
     return rows
 
 
@@ -166,7 +232,8 @@ def transform(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Option
 def _transform(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Options):
     started = time.perf_counter()
     name = f"graph_{next(_graph_counter)}"
-    report = Report(graph_name=name, options=options.as_dict(), budget=options.budget, graph_before=gm.code)
+    report = Report(graph_name=name, options=options.as_dict(), budget=options.budget,
+                    graph_before=code_with_bodies(gm))
     result = build(gm, example_inputs, options)
     if result.poly_nodes:
         from .planning import plan_within_budget
@@ -174,7 +241,7 @@ def _transform(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Optio
         result = plan_within_budget(gm, example_inputs, options, result, build, report)
     report.sites = result.rows
     report.near_misses = _near_misses(result)
-    report.graph_after = result.work.code
+    report.graph_after = code_with_bodies(result.work)
     report.planning_seconds = time.perf_counter() - started
     return report, result.work, result.poly_nodes
 
@@ -189,7 +256,7 @@ def hand_off(gm: fx.GraphModule, example_inputs: Sequence[Any], inner: str) -> C
         return aot_eager(gm, example_inputs)
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(_copy(gm), example_inputs)
+    return compile_fx(copy_with_bodies(gm), example_inputs)
 
 
 _warned_ddp_piece = False

@@ -40,6 +40,7 @@ class Site:
     eps: float | None = None  # relative error of the polynomial on [-B, B]
     paper_degree: int | None = None  # the Taylor degree the error bound would need for the budget
     coefficients: tuple | None = None
+    region: str = ""  # the higher-order op body the site is in, e.g. "checkpoint wrap_body_0, use_reentrant=False"
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -80,7 +81,7 @@ class Report:
             rows.append(
                 (
                     str(s.id),
-                    s.module_path or "(root)",
+                    (s.module_path or "(root)") + (f" [{s.region}]" if s.region else ""),
                     s.source_line or "-",
                     f"{_shape(s.q_shape)}/{_shape(s.k_shape)}/{_shape(s.v_shape)}",
                     s.mask_kind + (f"(w={s.window})" if s.window else ""),
