@@ -134,6 +134,32 @@ def _key_weight(gm: fx.GraphModule, site: AttentionSite, q: fx.Node, build: _Bui
     return build.call(operator.mul, (weight, batch_ones))  # broadcast a [1, S] mask to [B, S]
 
 
+def key_weight_value(site: AttentionSite, values: dict, q: torch.Tensor) -> torch.Tensor | None:
+    """The per-key weight [B, S] that `_key_weight` builds in the graph, computed from the values of the key
+    mask terms (`values`: node -> tensor, from a run of the graph) for calibration."""
+    weight = None
+    if site.mask.static_keys is not None and not bool(site.mask.static_keys.all()):
+        weight = site.mask.static_keys.reshape(1, -1).to(device=q.device, dtype=torch.float32)
+    for term in site.mask.key_mask:
+        leaf = values.get(term.node)
+        if leaf is None:
+            return None
+        if term.kind == "allowed":
+            w = leaf != 0
+        elif term.kind == "blocked":
+            w = leaf == 0
+        else:
+            w = torch.exp(leaf.to(torch.float32) * float(term.factor))
+        w = w.to(torch.float32).flatten(0, -2)
+        weight = w if weight is None else weight * w
+    return None if weight is None else weight * torch.ones(q.shape[0], 1, device=q.device)
+
+
+def alibi_value(site: AttentionSite, q: torch.Tensor) -> torch.Tensor | None:
+    slopes = _alibi_per_query_head(site) if site.mask.alibi_slopes is not None else None
+    return None if slopes is None else torch.tensor(slopes, dtype=torch.float32, device=q.device)
+
+
 def switch_name(site_id: int) -> str:
     return f"_almostlinear_switch_{site_id}"
 

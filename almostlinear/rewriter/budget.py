@@ -118,17 +118,33 @@ def _finite_or_inf(value: float) -> float:
 
 
 def sampled_output_error(q, k, v, scale: float, coefficients: Sequence[float], causal: bool, window: int,
-                         index: torch.Tensor) -> float:
-    """||A_poly V - A_exp V|| / ||A_exp V|| for the sampled queries against all their keys (no n x n).
+                         index: torch.Tensor, key_weight: torch.Tensor | None = None,
+                         alibi_slopes: torch.Tensor | None = None) -> float:
+    """||A_poly V - A_exp V|| / ||A_exp V|| for the sampled queries against all their keys (no n x n), with
+    the site's masks: causal/window, the per-key weight [B, S] and ALiBi slopes [Hq] (the op's semantics).
+    Rows with no allowed key are left out (both sides are undefined there).
 
     inf where it is not a number (logits that overflow float32 make both sides NaN).
     """
     qs = q.index_select(-2, index).float()
     logits = scale * (qs @ k.float().transpose(-2, -1))  # [B, H, m, S]
     S = k.shape[-2]
-    allowed = allowed_keys(index.reshape(-1, 1), S, causal, window)
-    exact = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
-    weights = _poly(logits, coefficients) * allowed
+    allowed = allowed_keys(index.reshape(-1, 1), S, causal, window).expand_as(logits)
+    bias = torch.zeros_like(logits)
+    if key_weight is not None:
+        kw = key_weight.float().reshape(key_weight.shape[0], 1, 1, S)
+        allowed = allowed & (kw > 0)
+        bias = bias + torch.log(kw.clamp_min(1e-38))
+    if alibi_slopes is not None:
+        j = torch.arange(S, device=q.device, dtype=torch.float32)
+        i = index.to(torch.float32).reshape(-1, 1)
+        bias = bias + alibi_slopes.float().reshape(1, -1, 1, 1) * (j - i)
+    rows = allowed.any(-1, keepdim=True)
+    allowed = allowed & rows
+    bias = bias.masked_fill(~allowed, float("-inf"))
+    exact = torch.softmax(torch.where(rows, logits + bias, 0.0), dim=-1) * rows
+    shift = torch.where(rows, bias.amax(-1, keepdim=True), 0.0)
+    weights = _poly(logits, coefficients) * torch.exp(bias - shift) * allowed
     poly = weights / weights.sum(-1, keepdim=True).clamp_min(1e-30)
     vf = v.float()
     reference = exact @ vf
@@ -140,10 +156,12 @@ class CalibrationInputError(ValueError):
 
 
 def calibrate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, degree: int, budget: float,
-              causal: bool = False, window: int = 0, sample: int = 128) -> Calibration:
+              causal: bool = False, window: int = 0, sample: int = 128, key_weight: torch.Tensor | None = None,
+              alibi_slopes: torch.Tensor | None = None) -> Calibration:
     """Logit range and measured error on sampled queries, the polynomial's error bound, the degrees.
 
-    q [B, Hq, L, D], k/v [B, Hk, S, D] (GQA groups are repeated here, on the sample only). Raises
+    q [B, Hq, L, D], k/v [B, Hk, S, D] (GQA groups are repeated here, on the sample only), key_weight
+    [B, S] and alibi_slopes [Hq] as the op takes them (the sampled error is that of the masked site). Raises
     CalibrationInputError on inputs it cannot use (see unusable_reason); planning checks first.
     """
     reason = unusable_reason(q, k, v)
@@ -163,10 +181,11 @@ def calibrate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, d
     eps = relative_error(taylor, bound)
     coefficients, fitted = taylor, False
     candidate = fitted_coefficients(degree, bound)
-    sampled = sampled_output_error(q, k, v, scale, taylor, causal, window, index)
+    sampled = sampled_output_error(q, k, v, scale, taylor, causal, window, index, key_weight, alibi_slopes)
     sampled_fit = math.inf
     if candidate is not None:
-        sampled_fit = sampled_output_error(q, k, v, scale, candidate, causal, window, index)
+        sampled_fit = sampled_output_error(q, k, v, scale, candidate, causal, window, index, key_weight,
+                                           alibi_slopes)
     sampled, sampled_fit = agree([sampled, sampled_fit])
     if candidate is not None and sampled_fit < 0.8 * sampled:
         candidate = tuple(agree(candidate))  # bit-identical on every rank even if lstsq differs in the last ulp

@@ -25,6 +25,7 @@ from ..passes.graph_utils import example_value, is_number
 from .budget import (BudgetError, Calibration, agree, calibrate, gradient_error, real_inputs, run_with_grads,
                      unusable_reason)
 from .options import Options
+from .approximate import alibi_value, key_weight_value
 from .plan import Decision
 from .report import Report, log
 
@@ -76,6 +77,7 @@ def plan_within_budget(gm, example_inputs: Sequence[Any], options: Options, init
         if site.id in candidates:
             k, v = _kv(site)
             watch.update({site.q: site.id, k: site.id, v: site.id})
+            watch.update({term.node: site.id for term in site.mask.key_mask})  # the key mask's values
     rng = torch.get_rng_state()
     ref = run_with_grads(reference.work, inputs, rng, watch)
 
@@ -108,7 +110,9 @@ def plan_within_budget(gm, example_inputs: Sequence[Any], options: Options, init
             continue
         degree = decisions[site.id].degree or 2
         calibrations[site.id] = calibrate(q_val, k_val, v_val, _site_scale(site), degree, options.budget,
-                                          causal=site.mask.causal, window=site.mask.window)
+                                          causal=site.mask.causal, window=site.mask.window,
+                                          key_weight=key_weight_value(site, ref.captured, q_val),
+                                          alibi_slopes=alibi_value(site, q_val))
     ids = sorted(calibrations)
     for sid, agreed in zip(ids, agree([calibrations[sid].sampled_error for sid in ids])):
         cal = calibrations[sid]

@@ -100,3 +100,30 @@ def test_a_mask_whose_structure_changes_with_length_is_specialised():
         torch.testing.assert_close(compiled(q, k, v), model(q, k, v), atol=1e-5, rtol=1e-5)
     kinds = [r.sites[0].mask_kind for r in backend.reports]
     assert len(backend.reports) == 3 and kinds[-1] == "dense", kinds
+
+
+def test_calibration_measures_the_masked_site():
+    """The sampled error is that of the site the op computes: key weights and ALiBi included."""
+    from almostlinear.kernels import taylor_coefficients
+    from almostlinear.rewriter.budget import sampled_output_error
+
+    torch.manual_seed(0)
+    B, H, L, D = 2, 2, 48, 8
+    q, k = (0.5 * torch.randn(B, H, L, D) for _ in range(2))
+    v = torch.randn(B, H, L, D)
+    v[1, :, -5:] = 100.0  # masked keys with large values: an unmasked estimate would be far off
+    kw = torch.ones(B, L)
+    kw[1, -5:] = 0.0
+    slopes = torch.tensor([-0.25, -0.5])
+    coeffs = taylor_coefficients(2)
+    index = torch.arange(0, L, 3)
+    i, j = torch.arange(L)[:, None].float(), torch.arange(L)[None, :].float()
+    s = 0.3 * q @ k.mT
+    bias = slopes.reshape(1, H, 1, 1) * (j - i) + torch.log(kw.clamp_min(1e-38)).reshape(B, 1, 1, L)
+    causal = j <= i
+    exact = torch.softmax((s + bias).masked_fill(~causal, float("-inf")), -1) @ v
+    w = (1 + s + s * s / 2) * torch.exp(bias) * causal
+    poly = (w / w.sum(-1, keepdim=True)) @ v
+    expected = float((poly - exact)[:, :, index].norm() / exact[:, :, index].norm())
+    got = sampled_output_error(q, k, v, 0.3, coeffs, True, 0, index, kw, slopes)
+    assert abs(got - expected) < 1e-4 * max(expected, 1e-3)
