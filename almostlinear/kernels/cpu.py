@@ -26,6 +26,9 @@ dSaug = phi_q^T Gd, dphi_k = X dSaug^T, dX = phi_k dSaug, then through phi's Jac
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 
 from .features import Quad2Features, fast_feature_map, fast_rank, poly_deriv_eval, poly_eval
@@ -39,6 +42,23 @@ DSPACE = True
 # 1.42 s; per 128-token chunk the key side drops from 2.4 ms to 1.1 ms, updates cost 0.97 ms instead of 0.86).
 SQUARE_CAUSAL = True
 _TINY = 1e-30
+
+
+def autocast_disabled(t: torch.Tensor):
+    """Context with autocast off for ``t``'s device type.  The kernels compute in their inputs' dtypes
+    (float32 / float64 features and accumulation); inside an autocast region their matmuls would be recast to
+    bfloat16 / float16 (failing on out= scratch buffers, silently losing precision elsewhere)."""
+    dev = t.device.type
+    return torch.autocast(dev, enabled=False) if torch.amp.is_autocast_available(dev) else contextlib.nullcontext()
+
+
+def _no_autocast(fn):
+    """Run ``fn`` (a kernel entry point; its first argument is a tensor on the kernel's device) with autocast off."""
+    @functools.wraps(fn)
+    def wrapper(t, *args, **kwargs):
+        with autocast_disabled(t):
+            return fn(t, *args, **kwargs)
+    return wrapper
 
 
 def _fm(q, scale, coeffs):
@@ -384,6 +404,7 @@ def _finish(cx, num, den_out, out, i0, i1):
     den_out[:, :, :, i0:i1] = den
 
 
+@_no_autocast
 def forward(q, k, v, key_weight=None, alibi_slopes=None, *, scale, coeffs, causal=False, window=0,
             chunk=None):
     """Returns out [B, Hq, L, Dv], den [B, Hq, L] (den = sum_j W_ij) and the global state Saug
@@ -425,7 +446,8 @@ def forward(q, k, v, key_weight=None, alibi_slopes=None, *, scale, coeffs, causa
 
 
 def state_shape(B, Hq, Hk, D, Dv, degree, alibi: bool, causal: bool, window: int) -> tuple:
-    """Shape of the state :func:`forward` returns; (0,) where it returns None."""
+    """Shape of the state :func:`forward` returns; (0,) where it returns None.  Arithmetic only (the op's fake
+    kernel calls it): no feature map or table is built."""
     if causal or window > 0:
         return (0,)
     Gs = Hq // Hk if alibi else 1
@@ -478,6 +500,7 @@ def _grad_aug(cx, grad_c, out_c, den_c):
     return torch.cat([grad_c * inv, -delta * inv], -1)
 
 
+@_no_autocast
 def backward(grad, q, k, v, out, key_weight=None, alibi_slopes=None, *, scale, coeffs, causal=False,
              window=0, chunk=None, state=None):
     """Analytic backward. grad, out: [B, Hq, L, Dv] (same dtype as q); state: the global state the

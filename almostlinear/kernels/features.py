@@ -176,8 +176,27 @@ class FeatureMap:
         return dx
 
 
-@functools.lru_cache(maxsize=64)
+def active_fake_mode():
+    """The FakeTensorMode in effect (tracing: dynamo, AOT autograd, fake kernels), or None."""
+    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE)
+
+
+def real_tensors():
+    """Context in which tensors are real even while a FakeTensorMode is active (tables meant to be cached)."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    return unset_fake_temporarily()
+
+
 def feature_map(d: int, degree: int, coeffs: tuple, scale: float, device: str, dtype=torch.float32) -> FeatureMap:
+    """The :class:`FeatureMap` for these arguments, cached.  Its tables live on ``device`` in ``dtype``; while a
+    FakeTensorMode is active they would be fake, so there it is built per call and never cached."""
+    if active_fake_mode() is not None:
+        return FeatureMap(d, degree, coeffs, scale, torch.device(device), dtype)
+    return _feature_map_cached(d, degree, coeffs, scale, device, dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _feature_map_cached(d: int, degree: int, coeffs: tuple, scale: float, device: str, dtype) -> FeatureMap:
     return FeatureMap(d, degree, coeffs, scale, torch.device(device), dtype)
 
 
@@ -194,6 +213,35 @@ def _blocks(lo: int, hi: int, leaf: int, diag: list, off: list) -> None:
     off.append((lo, mid, mid, hi))
 
 
+def _quad2_layout(d: int, leaf: int = 8) -> tuple[list, int]:
+    """(groups, rank) of :class:`Quad2Features`' blocked layout; plain integers, no tensors (the op's fake
+    kernel gets its state shape from here).  A group is (position, "diag", n, t) for n leaf squares of size
+    t, (position, "off", n, P) for n P x P rectangles, or the "dslice" (position, lo, hi) / "oslice"
+    (position, p0, p1, q0, q1) single blocks when d is not leaf * 2^k."""
+    diag, off = [], []
+    _blocks(0, d, leaf, diag, off)
+    off.sort(key=lambda b: (-(b[1] - b[0]), b[0]))
+    uniform = d % leaf == 0 and (d // leaf) & (d // leaf - 1) == 0
+    groups = []
+    pos = 1 + d
+    if uniform:
+        groups.append((pos, "diag", len(diag), diag[0][1] - diag[0][0]))
+        pos += d * (diag[0][1] - diag[0][0])
+        sizes = sorted({b[1] - b[0] for b in off}, reverse=True)
+        for P in sizes:
+            n = d // (2 * P)
+            groups.append((pos, "off", n, P))
+            pos += n * P * P
+    else:
+        for lo, hi in diag:
+            groups.append((pos, "dslice", lo, hi))
+            pos += (hi - lo) ** 2
+        for b in off:
+            groups.append((pos, "oslice") + b)
+            pos += (b[1] - b[0]) * (b[3] - b[2])
+    return groups, pos
+
+
 class Quad2Features:
     """Degree-2 features in a blocked symmetric layout, built with a few broadcast products.
 
@@ -207,40 +255,26 @@ class Quad2Features:
 
     def __init__(self, d: int, coeffs: Sequence[float], scale: float, leaf: int = 8):
         self.d, self.degree, self.coeffs, self.scale = d, 2, tuple(coeffs), float(scale)
-        diag, off = [], []
-        _blocks(0, d, leaf, diag, off)
-        off.sort(key=lambda b: (-(b[1] - b[0]), b[0]))
-        uniform = d % leaf == 0 and (d // leaf) & (d // leaf - 1) == 0
-        groups = []  # (n, P, Q, idxP, idxQ): n blocks P x Q; idx = slice spec or None for views
-        pos = 1 + d
-        if uniform:
-            groups.append((pos, "diag", len(diag), diag[0][1] - diag[0][0]))
-            pos += d * (diag[0][1] - diag[0][0])
-            sizes = sorted({b[1] - b[0] for b in off}, reverse=True)
-            for P in sizes:
-                n = d // (2 * P)
-                groups.append((pos, "off", n, P))
-                pos += n * P * P
-        else:
-            for lo, hi in diag:
-                groups.append((pos, "dslice", lo, hi))
-                pos += (hi - lo) ** 2
-            for b in off:
-                groups.append((pos, "oslice") + b)
-                pos += (b[1] - b[0]) * (b[3] - b[2])
-        self.groups, self.rank = groups, pos
+        self.groups, self.rank = _quad2_layout(d, leaf)
         self.c0, self.c1s = coeffs[0], coeffs[1] * self.scale
         self.r2 = math.sqrt(coeffs[2]) * self.scale  # x' = r2 x on the query side
         self._maps = {}
-        ordered, unordered = {}, {}
-        for g in groups:
+        # (a, b) -> positions of x_a x_b: i1 its own entry, i2 the mirrored one; half: leaf squares (both
+        # orders stored).  Built as lists and turned into tensors once (element-wise tensor writes cost
+        # ~5 us each, ~1 ms under a FakeTensorMode: d = 128 took a minute there).
+        i1, i2, half = [0] * (d * d), [0] * (d * d), [False] * (d * d)
+        covered = 0
+        for g in self.groups:
             p, kind = g[0], g[1]
             if kind in ("diag", "dslice"):
                 blocks = ([(b * g[3], g[3]) for b in range(g[2])] if kind == "diag" else [(g[2], g[3] - g[2])])
                 for bi, (lo, t) in enumerate(blocks):
+                    base = p + bi * t * t
+                    covered += t * t
                     for i in range(t):
                         for j in range(t):
-                            ordered[(lo + i, lo + j)] = p + bi * t * t + i * t + j
+                            ab = (lo + i) * d + lo + j
+                            i1[ab], i2[ab], half[ab] = base + i * t + j, base + j * t + i, True
             else:
                 if kind == "off":
                     P = g[3]
@@ -248,31 +282,45 @@ class Quad2Features:
                 else:
                     blocks = [(g[2], g[4], g[3] - g[2], g[5] - g[4])]
                 for bi, (p0, q0, P, Q) in enumerate(blocks):
+                    base = p + bi * P * Q
+                    covered += 2 * P * Q
                     for i in range(P):
                         for j in range(Q):
-                            unordered[(p0 + i, q0 + j)] = p + bi * P * Q + i * Q + j
-        i1 = torch.zeros(d, d, dtype=torch.long)
-        i2 = torch.zeros(d, d, dtype=torch.long)
-        half = torch.zeros(d, d, dtype=torch.bool)
-        for (a, b), pidx in ordered.items():
-            i1[a, b], i2[a, b], half[a, b] = pidx, ordered[(b, a)], True
-        for (a, b), pidx in unordered.items():
-            i1[a, b] = i1[b, a] = i2[a, b] = i2[b, a] = pidx
-        assert len(ordered) + 2 * len(unordered) == d * d
-        self._i1, self._i2, self._half = i1.flatten(), i2.flatten(), half.flatten()
+                            pidx = base + i * Q + j
+                            ab, ba = (p0 + i) * d + q0 + j, (q0 + j) * d + p0 + i
+                            i1[ab] = i1[ba] = i2[ab] = i2[ba] = pidx
+        assert covered == d * d
+        with real_tensors():  # device independent CPU tables: real even when built while tracing
+            self._i1 = torch.tensor(i1, dtype=torch.long)
+            self._i2 = torch.tensor(i2, dtype=torch.long)
+            self._half = torch.tensor(half, dtype=torch.bool)
 
     def unpack(self, state: torch.Tensor, off_factor: float) -> torch.Tensor:
         """Quadratic rows of a state [..., r, E] -> symmetric [..., d, d, E] with
         x^T M x = sum_f w_f monomial_f(x) state_f where w_f = 1 on leaf squares and ``off_factor`` (times 2,
         as both (a, b) and (b, a) appear in x^T M x) on rectangles."""
-        key = (state.device, state.dtype, off_factor)
-        if key not in self._maps:
-            w1 = torch.where(self._half, 0.5, off_factor).to(state.device, state.dtype)
-            w2 = torch.where(self._half, 0.5, 0.0).to(state.device, state.dtype)
-            self._maps[key] = (self._i1.to(state.device), self._i2.to(state.device), w1, w2)
-        i1, i2, w1, w2 = self._maps[key]
+        i1, i2, w1, w2 = self._tables(state.device, state.dtype, off_factor)
         m = state.index_select(-2, i1) * w1.unsqueeze(-1) + state.index_select(-2, i2) * w2.unsqueeze(-1)
         return m.unflatten(-2, (self.d, self.d))
+
+    def _tables(self, device, dtype, off_factor):
+        """(i1, i2, w1, w2) for :meth:`unpack` on ``device``/``dtype``: cached for real tensors; while a
+        FakeTensorMode is active made from fake copies of the CPU tables and not cached (a cached fake
+        table would break every later real call)."""
+        mode = active_fake_mode()
+        if mode is None:
+            key = (device, dtype, off_factor)
+            if key not in self._maps:
+                self._maps[key] = self._make_tables(self._i1, self._i2, self._half, device, dtype, off_factor)
+            return self._maps[key]
+        fake = [mode.from_tensor(t) for t in (self._i1, self._i2, self._half)]
+        return self._make_tables(*fake, device, dtype, off_factor)
+
+    @staticmethod
+    def _make_tables(i1, i2, half, device, dtype, off_factor):
+        w1 = torch.where(half, 0.5, off_factor).to(device, dtype)
+        w2 = torch.where(half, 0.5, 0.0).to(device, dtype)
+        return i1.to(device), i2.to(device), w1, w2
 
     def _views(self, g, x):
         """(p, size, xP [..., n, P], xQ [..., n, Q], diagonal?) for a group."""
@@ -336,15 +384,20 @@ class Quad2Features:
         return dx
 
 
-@functools.lru_cache(maxsize=64)
 def fast_rank(d: int, degree: int) -> int:
-    """Rank of the layout :func:`fast_feature_map` builds (2369 for d = 64, degree 2)."""
-    return Quad2Features(d, (1.0, 1.0, 1.0), 1.0).rank if degree == 2 else feature_rank(d, degree)
+    """Rank of the layout :func:`fast_feature_map` builds (2369 for d = 64, degree 2): arithmetic only, no
+    feature tables (fake kernels call it)."""
+    return _quad2_layout(d)[1] if degree == 2 else feature_rank(d, degree)
+
+
+def fast_feature_map(d: int, degree: int, coeffs: tuple, scale: float, device: str, dtype=torch.float32):
+    """The feature map the chunked torch path uses: blocked layout for degree 2 (device and dtype independent,
+    cached; its per-device tables are cached on real tensors only), packed otherwise (see :func:`feature_map`)."""
+    if degree == 2:
+        return _quad2_features(d, coeffs, scale)
+    return feature_map(d, degree, coeffs, scale, device, dtype)
 
 
 @functools.lru_cache(maxsize=64)
-def fast_feature_map(d: int, degree: int, coeffs: tuple, scale: float, device: str, dtype=torch.float32):
-    """The feature map the chunked torch path uses: blocked layout for degree 2, packed otherwise."""
-    if degree == 2:
-        return Quad2Features(d, coeffs, scale)
-    return feature_map(d, degree, coeffs, scale, device, dtype)
+def _quad2_features(d: int, coeffs: tuple, scale: float) -> Quad2Features:
+    return Quad2Features(d, coeffs, scale)

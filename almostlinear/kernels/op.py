@@ -10,6 +10,9 @@ exact softmax attention with the same mask semantics (SDPA, fully masked rows ->
 Dispatch: CUDA tensors with degree 2 and mask kinds none / causal / key_padding / causal+key_padding
 use the Triton kernels (almostlinear.kernels.triton); everything else (CPU, ALiBi, window, degree > 2,
 Triton unavailable) uses the chunked torch path (almostlinear.kernels.cpu), which runs on any device.
+
+Autocast: like matmul / SDPA, the op casts q, k, v to the autocast dtype and runs with autocast off (see
+:func:`register_autocast`); the fake kernels compute shapes only (no feature tables).
 """
 from __future__ import annotations
 
@@ -95,17 +98,20 @@ def _poly_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_we
     causal or windowed)."""
     coeffs = tuple(coefficients)
     q32, k32, v32, kw, al = _prep(q, k, v, key_weight, alibi_slopes)
-    if _use_triton(q, v, len(coeffs) - 1, key_weight, alibi_slopes, window):
-        from .triton import poly_attention as tr
-        out, state = tr.forward(q32, k32, v32, kw, scale=scale, coeffs=coeffs, causal=causal)
-    else:
-        out, _, state = cpu.forward(q32, k32, v32, kw, al, scale=scale, coeffs=coeffs, causal=causal,
-                                    window=window)
+    with cpu.autocast_disabled(q):  # called with autocast on (no rule for this device): still compute in fp32
+        if _use_triton(q, v, len(coeffs) - 1, key_weight, alibi_slopes, window):
+            from .triton import poly_attention as tr
+            out, state = tr.forward(q32, k32, v32, kw, scale=scale, coeffs=coeffs, causal=causal)
+        else:
+            out, _, state = cpu.forward(q32, k32, v32, kw, al, scale=scale, coeffs=coeffs, causal=causal,
+                                        window=window)
     return out.to(q.dtype), q32.new_empty(0) if state is None else state
 
 
 @_poly_attention_op.register_fake
 def _(q, k, v, key_weight, alibi_slopes, scale, coefficients, causal, window):
+    # shapes only: the state shape is arithmetic (building feature tables here, under the FakeTensorMode, made
+    # the first compile take minutes at d = 128)
     B, Hq, L, D = q.shape
     degree = len(coefficients) - 1
     if _use_triton(q, v, degree, key_weight, alibi_slopes, window):
@@ -125,13 +131,14 @@ def _poly_attention_bwd_op(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     """dq, dk, dv; ``state`` is the forward's second output (empty: recompute)."""
     coeffs = tuple(coefficients)
     g32, q32, k32, v32, o32, kw, al = _prep(grad, q, k, v, out, key_weight, alibi_slopes)
-    if _use_triton(q, v, len(coeffs) - 1, key_weight, alibi_slopes, window):
-        from .triton import poly_attention as tr
-        dq, dk, dv = tr.backward(g32, q32, k32, v32, o32, kw, scale=scale, coeffs=coeffs, causal=causal,
-                                 saved_state=state if state.numel() else None)
-    else:
-        dq, dk, dv = cpu.backward(g32, q32, k32, v32, o32, kw, al, scale=scale, coeffs=coeffs, causal=causal,
-                                  window=window, state=state if state.numel() else None)
+    with cpu.autocast_disabled(q):  # a backward run inside an autocast region must not recast the kernels
+        if _use_triton(q, v, len(coeffs) - 1, key_weight, alibi_slopes, window):
+            from .triton import poly_attention as tr
+            dq, dk, dv = tr.backward(g32, q32, k32, v32, o32, kw, scale=scale, coeffs=coeffs, causal=causal,
+                                     saved_state=state if state.numel() else None)
+        else:
+            dq, dk, dv = cpu.backward(g32, q32, k32, v32, o32, kw, al, scale=scale, coeffs=coeffs,
+                                      causal=causal, window=window, state=state if state.numel() else None)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
@@ -158,6 +165,43 @@ def _backward(ctx, grad, _grad_state):
 
 
 _poly_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+# Autocast.  The op stands in for matmul / softmax / SDPA, which autocast runs in its lower precision dtype: in an
+# autocast region floating q, k, v (float64 excepted) on that device are cast to the autocast dtype (bfloat16 or
+# float16, read at call time) and the op runs with autocast off, so the output has the dtype eager attention
+# would have and autograd's casts bring fp32 inputs fp32 gradients.  Without this rule the op ran on whatever
+# arrived, under autocast: fp32 out where eager gives bf16, and the kernels' fp32 matmuls recast to bf16 (an
+# out= scratch buffer then failed).  Key weights and ALiBi slopes stay as they are (the kernels use them in
+# fp32).  The backward ops need no rule: their inputs are the forward's, and they compute with autocast off.
+AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
+_autocast_lib = torch.library.Library("almostlinear", "IMPL")
+
+
+def _autocast_eligible(t, device_type: str) -> bool:
+    return (isinstance(t, torch.Tensor) and t.is_floating_point() and t.device.type == device_type
+            and t.dtype is not torch.float64)
+
+
+def register_autocast(op, n_cast: int = 3) -> None:
+    """Give an almostlinear attention op (OpOverload) the autocast rule above: its first ``n_cast`` arguments
+    (q, k, v) are cast."""
+    for device_type in AUTOCAST_DEVICES:
+        if not torch.amp.is_autocast_available(device_type):
+            continue
+        key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+        keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+        def kernel(_keyset, *args, device_type=device_type, keyset=keyset):
+            dtype = torch.get_autocast_dtype(device_type)
+            args = tuple(a.to(dtype) if i < n_cast and _autocast_eligible(a, device_type) else a
+                         for i, a in enumerate(args))
+            with torch._C._ExcludeDispatchKeyGuard(keyset):
+                return op(*args)
+
+        _autocast_lib.impl(op._schema.name.split("::")[-1], kernel, key, with_keyset=True)
+
+
+register_autocast(torch.ops.almostlinear.poly_attention.default)
 
 
 def _validate(q, k, v, *, scale, causal, key_weight, alibi_slopes, window):

@@ -15,7 +15,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..kernels.op import allowed_keys, exact_attention
+from ..kernels.cpu import autocast_disabled
+from ..kernels.op import allowed_keys, exact_attention, register_autocast
 
 
 def _exact(q, k, v, key_weight, alibi_slopes, scale, causal, window):
@@ -28,11 +29,12 @@ def switchable_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_
                          alibi_slopes: Optional[torch.Tensor], switch: torch.Tensor, scale: float,
                          coefficients: Sequence[float], causal: bool, window: int) -> tuple[torch.Tensor, torch.Tensor]:
     mode = switch.detach().clone()
-    if bool(mode):
-        out = torch.ops.almostlinear.poly_attention(q, k, v, key_weight, alibi_slopes, scale, list(coefficients),
-                                                    causal, window)[0]
-    else:
-        out = _exact(q, k, v, key_weight, alibi_slopes, scale, causal, window)
+    with autocast_disabled(q):  # both branches compute in the dtypes that arrive (see register_autocast below)
+        if bool(mode):
+            out = torch.ops.almostlinear.poly_attention(q, k, v, key_weight, alibi_slopes, scale,
+                                                        list(coefficients), causal, window)[0]
+        else:
+            out = _exact(q, k, v, key_weight, alibi_slopes, scale, causal, window)
     return out.contiguous(), mode
 
 
@@ -110,13 +112,14 @@ def switchable_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.
                                   coefficients: Sequence[float], causal: bool,
                                   window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     grad = grad.contiguous()
-    if bool(mode):
-        # the forward's state is not kept across the switch (its shape depends on the mode): recomputed
-        dq, dk, dv = torch.ops.almostlinear.poly_attention_backward(grad, q, k, v, out, q.new_empty(0), key_weight,
-                                                                   alibi_slopes, scale, list(coefficients), causal,
-                                                                   window)
-    else:
-        dq, dk, dv = exact_attention_backward(grad, q, k, v, key_weight, alibi_slopes, scale, causal, window)
+    with autocast_disabled(q):  # a backward run inside an autocast region keeps the forward's dtypes
+        if bool(mode):
+            # the forward's state is not kept across the switch (its shape depends on the mode): recomputed
+            dq, dk, dv = torch.ops.almostlinear.poly_attention_backward(grad, q, k, v, out, q.new_empty(0),
+                                                                       key_weight, alibi_slopes, scale,
+                                                                       list(coefficients), causal, window)
+        else:
+            dq, dk, dv = exact_attention_backward(grad, q, k, v, key_weight, alibi_slopes, scale, causal, window)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
@@ -140,5 +143,8 @@ def _backward(ctx, grad, _grad_mode):
 
 
 switchable_attention.register_autograd(_backward, setup_context=_setup_context)
+# under autocast: q, k, v cast to the autocast dtype and the op run with autocast off, like poly_attention
+# (the output dtype is then the same in either mode, and what eager attention gives)
+register_autocast(torch.ops.almostlinear.switchable_attention.default)
 
 SWITCHABLE_OP = torch.ops.almostlinear.switchable_attention.default

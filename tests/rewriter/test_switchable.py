@@ -54,3 +54,40 @@ def test_opcheck():
     switch = torch.tensor(1, dtype=torch.int8)
     torch.library.opcheck(torch.ops.almostlinear.switchable_attention.default,
                           (q, k, v, kw, None, switch, 0.3, COEFFS, True, 0))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", [1, 0])
+@pytest.mark.parametrize("causal,padding", [(False, False), (True, False), (True, True)])
+def test_low_precision_and_autocast(dtype, mode, causal, padding):
+    """Low precision inputs: out and grads in their dtypes, close to fp32.  fp32 inputs under autocast: the op
+    casts q, k, v to the autocast dtype (as SDPA would) in either mode, fp32 grads, equal to the cast inputs' result;
+    the backward may run inside the autocast region."""
+    q, k, v, kw = _inputs()
+    q, k = q.detach() * 0.4, k.detach() * 0.4
+    kw = kw if padding else None
+    switch = torch.tensor(mode, dtype=torch.int8)
+    cot = torch.randn(2, 4, 40, 8, generator=torch.Generator().manual_seed(3)).to(dtype)
+    lo = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    ref = [t.detach().float().requires_grad_() for t in lo]
+    out_lo, _ = switchable_attention(*lo, kw, None, switch, 0.3, COEFFS, causal, 0)
+    out_ref, _ = switchable_attention(*ref, kw, None, switch, 0.3, COEFFS, causal, 0)
+    grads_lo = torch.autograd.grad(out_lo, lo, cot)
+    grads_ref = torch.autograd.grad(out_ref, ref, cot.float())
+    tol = 0.03 if dtype == torch.bfloat16 else 0.005
+    assert out_lo.dtype == dtype
+    assert ((out_lo.float() - out_ref).norm() / out_ref.norm()) < tol
+    for g, g_ref in zip(grads_lo, grads_ref):
+        assert g.dtype == dtype and torch.isfinite(g).all()
+        assert ((g.float() - g_ref).norm() / g_ref.norm()) < tol
+
+    x = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    with torch.autocast("cpu", dtype=dtype):
+        out, used = switchable_attention(*x, kw, None, switch, 0.3, COEFFS, causal, 0)
+        grads = torch.autograd.grad(out, x, cot)
+    assert int(used) == mode and out.dtype == dtype
+    torch.testing.assert_close(out, switchable_attention(*[t.detach().to(dtype) for t in x], kw, None, switch, 0.3,
+                                                         COEFFS, causal, 0)[0], atol=0, rtol=0)
+    for g, g_lo in zip(grads, grads_lo):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, g_lo.float(), atol=0, rtol=0)
