@@ -68,6 +68,12 @@ def _alibi_per_query_head(site: AttentionSite) -> list[float] | None:
     return None
 
 
+def is_dynamic_length(site: AttentionSite) -> bool:
+    """The key length is a symbol (dynamic shapes): the crossover is applied at run time."""
+    k_shape = shape_of(_kv(site)[0])
+    return k_shape is not None and isinstance(k_shape[-2], torch.SymInt) and not k_shape[-2].node.is_constant()
+
+
 def polynomial_support(site: AttentionSite, options: Options) -> tuple[bool, str]:
     """Whether the op can compute this site, and the reason (kept in the report either way)."""
     if site.mask.kind not in OP_MASK_KINDS:
@@ -87,7 +93,10 @@ def polynomial_support(site: AttentionSite, options: Options) -> tuple[bool, str
     length = concrete_int(k_shape[-2])
     threshold = min_seq_len_for(site, options)
     if length is None:
-        return False, "symbolic key length: the crossover cannot be decided at compile time"
+        return False, "unbacked symbolic key length: the crossover cannot be decided"
+    if is_dynamic_length(site):
+        return True, (f"polynomial where the key length >= min_seq_len {threshold}, exact below (dynamic length: "
+                      f"chosen at run time)")
     if length < threshold:
         return False, f"key length {length} < min_seq_len {threshold}: exact attention is faster there"
     return True, f"polynomial (key length {length} >= min_seq_len {threshold})"
@@ -100,14 +109,9 @@ def static_keys_name(site_id: int) -> str:
 def _static_key_weight(gm: fx.GraphModule, site: AttentionSite, build: _Builder, fake_mode) -> fx.Node:
     """The static per-key mask (a buffer or constant mask that removes the same keys for every query) as a
     [1, S] float32 weight, held by the graph module as a buffer."""
-    name = static_keys_name(site.id)
     device = tensor_meta(site.q).device
-    gm.register_buffer(name, site.mask.static_keys.reshape(1, -1).to(device=device, dtype=torch.float32))
-    with gm.graph.inserting_before(build.anchor):
-        node = gm.graph.get_attr(name)
-    fake = fake_mode.from_tensor(getattr(gm, name)) if fake_mode is not None else getattr(gm, name)
-    node.meta["example_value"] = node.meta["val"] = fake
-    return node
+    weight = site.mask.static_keys.reshape(1, -1).to(device=device, dtype=torch.float32)
+    return _buffer(gm, static_keys_name(site.id), weight, build, fake_mode)
 
 
 def _key_weight(gm: fx.GraphModule, site: AttentionSite, q: fx.Node, build: _Builder, fake_mode) -> fx.Node | None:
@@ -164,18 +168,44 @@ def switch_name(site_id: int) -> str:
     return f"_almostlinear_switch_{site_id}"
 
 
-def _switchable_call(gm, site, build: _Builder, fake_mode, tensors, scale, coefficients, causal, window) -> fx.Node:
-    """The run-time switchable op, reading a 0-d int8 buffer of the graph module (1: polynomial, 0: exact)."""
-    from .switchable import SWITCHABLE_OP
+MIN_LEN_PREFIX = "_almostlinear_min_seq_len_"
 
-    name = switch_name(site.id)
-    device = tensor_meta(site.q).device
-    gm.register_buffer(name, torch.ones((), dtype=torch.int8, device=device))
+
+def min_len_name(site_id: int) -> str:
+    return f"{MIN_LEN_PREFIX}{site_id}"
+
+
+def _buffer(gm: fx.GraphModule, name: str, value: torch.Tensor, build: _Builder, fake_mode) -> fx.Node:
+    """A get_attr node for a new buffer of the graph module (with its fake value)."""
+    gm.register_buffer(name, value)
     with gm.graph.inserting_before(build.anchor):
-        switch = gm.graph.get_attr(name)
+        node = gm.graph.get_attr(name)
     fake = fake_mode.from_tensor(getattr(gm, name)) if fake_mode is not None else getattr(gm, name)
-    switch.meta["example_value"] = switch.meta["val"] = fake
-    return build.call(SWITCHABLE_OP, (*tensors, switch, scale, coefficients, causal, window))
+    node.meta["example_value"] = node.meta["val"] = fake
+    return node
+
+
+def _switch(gm, site, build: _Builder, fake_mode, options: Options, k: fx.Node) -> fx.Node | None:
+    """The 0-d int8 mode of the switchable op (1: polynomial, 0: exact), or None for the plain op.
+
+    recheck_every > 0: a buffer the re-checks flip. Dynamic key length: the length is compared in the graph
+    with a 0-d int64 buffer holding min_seq_len (planning sets it to 0 while it measures, so the
+    approximation is measured even on an example shorter than the crossover), so one graph serves every
+    length without a guard on it."""
+    device = tensor_meta(site.q).device
+    switch = None
+    if options.recheck_every:
+        switch = _buffer(gm, switch_name(site.id), torch.ones((), dtype=torch.int8, device=device), build, fake_mode)
+    if is_dynamic_length(site):
+        threshold = min_seq_len_for(site, options)
+        minimum = _buffer(gm, min_len_name(site.id), torch.tensor(threshold, dtype=torch.int64, device=device),
+                          build, fake_mode)
+        length = build.method("size", (k, -2))
+        long_enough = build.call(operator.ge, (build.call(torch.full, ((), length), {"dtype": torch.int64,
+                                                                                     "device": device}), minimum))
+        gate = build.method("to", (long_enough, torch.int8))
+        switch = gate if switch is None else build.call(operator.mul, (switch, gate))
+    return switch
 
 
 def rewrite_polynomial(gm: fx.GraphModule, site: AttentionSite, fake_mode, options: Options, decision) -> tuple:
@@ -197,9 +227,12 @@ def rewrite_polynomial(gm: fx.GraphModule, site: AttentionSite, fake_mode, optio
         device = tensor_meta(site.q).device
         alibi = build.call(torch.tensor, (_alibi_per_query_head(site),), {"dtype": torch.float32, "device": device})
     key_weight = _key_weight(gm, site, q, build, fake_mode)
-    if options.recheck_every:
-        op_node = _switchable_call(gm, site, build, fake_mode, (q, k, v, key_weight, alibi), float(scale),
-                                   coefficients, bool(mask.causal), int(mask.window))
+    switch = _switch(gm, site, build, fake_mode, options, k)
+    if switch is not None:
+        from .switchable import SWITCHABLE_OP
+
+        op_node = build.call(SWITCHABLE_OP, (q, k, v, key_weight, alibi, switch, float(scale), coefficients,
+                                             bool(mask.causal), int(mask.window)))
         out = build.call(operator.getitem, (op_node, 0))
     else:
         args = (q, k, v, key_weight, alibi, float(scale), coefficients, bool(mask.causal), int(mask.window))

@@ -315,6 +315,9 @@ class _SiteErrors(fx.Interpreter):
             out = result[0] if isinstance(result, (tuple, list)) else result
             if active is None or bool(active):
                 self._measure(n, out, q, k, v, key_weight, alibi, scale, causal, window)
+            else:  # the site ran exact on this call (switched, or its key length is below min_seq_len)
+                self.local_errors[n] = math.nan
+                self.unmeasured[n] = "the site ran exact on this call (key length below min_seq_len, or switched)"
         return result
 
     def _measure(self, n, out, q, k, v, key_weight, alibi, scale, causal, window) -> None:

@@ -14,10 +14,11 @@ fit on), with the reason noted.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -25,9 +26,24 @@ from ..passes.graph_utils import example_value, is_number
 from .budget import (BudgetError, Calibration, agree, calibrate, gradient_error, real_inputs, run_with_grads,
                      unusable_reason)
 from .options import Options
-from .approximate import alibi_value, key_weight_value
+from .approximate import MIN_LEN_PREFIX, alibi_value, key_weight_value
 from .plan import Decision
 from .report import Report, log
+
+
+@contextlib.contextmanager
+def length_gates_open(work) -> Iterator[None]:
+    """Sites of a dynamic length run the op only from min_seq_len on (a buffer per site, see approximate._switch);
+    while planning measures, every gate is open, so the approximation is measured even on an example that is
+    shorter than the crossover."""
+    gates = {name: buf.clone() for name, buf in work.named_buffers() if name.startswith(MIN_LEN_PREFIX)}
+    try:
+        for name in gates:
+            work.get_buffer(name).fill_(0)
+        yield
+    finally:
+        for name, value in gates.items():
+            work.get_buffer(name).copy_(value)
 
 
 def _site_scale(site) -> float:
@@ -130,7 +146,8 @@ def plan_within_budget(gm, example_inputs: Sequence[Any], options: Options, init
     step = 0
     while True:
         current = build(gm, example_inputs, options, decisions)
-        measured = run_with_grads(current.work, inputs, rng)
+        with length_gates_open(current.work):
+            measured = run_with_grads(current.work, inputs, rng)
         ids = sorted(current.poly_nodes)
         agreed = agree([gradient_error(measured.grads, ref.grads)]
                        + [measured.local_errors.get(current.poly_nodes[sid], math.inf) for sid in ids])

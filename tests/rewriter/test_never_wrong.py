@@ -127,3 +127,31 @@ def test_calibration_measures_the_masked_site():
     expected = float((poly - exact)[:, :, index].norm() / exact[:, :, index].norm())
     got = sampled_output_error(q, k, v, 0.3, coeffs, True, 0, index, kw, slopes)
     assert abs(got - expected) < 1e-4 * max(expected, 1e-3)
+
+
+class Plain(torch.nn.Module):
+    def forward(self, q, k, v):
+        return (q @ k.mT / 4.0).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("inner", ["eager", "aot_eager"])
+def test_dynamic_lengths_choose_the_op_at_run_time(inner):
+    """One graph for every length; the op runs from min_seq_len on and exact attention below it."""
+    model = Plain()
+    backend = almostlinear.Backend(method="polynomial", inner=inner, min_seq_len=100)
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    torch.manual_seed(0)
+    for T in LENGTHS:
+        q, k, v = (torch.randn(1, 2, T, 16, requires_grad=True) for _ in range(3))
+        out = compiled(q, k, v)
+        out.sum().backward()
+        exact = model(q, k, v)
+        error = float((out - exact).norm() / exact.norm())
+        if T < 100:
+            assert error < 1e-5, (T, error)
+        else:
+            assert 1e-4 < error < 0.5, (T, error)  # the approximation, not exact attention
+        assert all(torch.isfinite(x.grad).all() for x in (q, k, v))
+    assert len(backend.reports) <= 2
+    site = backend.reports[-1].sites[0]
+    assert site.method == "polynomial" and "run time" in site.reason, backend.reports[-1]
