@@ -57,10 +57,20 @@ class MaskSpec:
     alibi_slopes: list[float] | None = None
     reason: str = ""  # why the mask is dense (or how it was proved)
     empty_rows_possible: bool = True  # False only when proved that every query keeps at least one key
+    # What eager gives on a row whose every key is blocked (softmax of equal or -inf values), see
+    # EMPTY_ROW_RULES; the polynomial rewrite reproduces "nan", "uniform" and "argmax", else stays exact.
+    empty_row_rule: str = "unknown"
 
     @property
     def structured(self) -> bool:
         return self.kind != "dense"
+
+
+# Eager's value on a fully masked row: "nan" (every blocking value is -inf), "uniform" (every entry of such a row
+# holds the same finite value, e.g. HF's where(allowed, 0, finfo.min): the mean of all values), "argmax" (one
+# additive per-key term: the mean of the values at the keys with the largest mask value), "unknown" (several
+# finite blocking ops: depends on how they combine), "none" (proved impossible).
+EMPTY_ROW_RULES = ("none", "nan", "uniform", "argmax", "unknown")
 
 
 @dataclass
@@ -72,6 +82,14 @@ class _Facts:
     key_terms: list = field(default_factory=list)
     dense_reason: str = ""
     data_dependent: bool = False
+    op_index: int = -1  # the mask op being decomposed
+    fill: float | None = None  # its blocking value (None: an additive tensor's own values)
+    blocking_ops: set = field(default_factory=set)  # indices of ops that remove keys
+    fills: set = field(default_factory=set)  # blocking values seen (None: data values)
+
+    def blocks(self, fill: float | None = "current") -> None:
+        self.blocking_ops.add(self.op_index)
+        self.fills.add(self.fill if fill == "current" else fill)
 
 
 def _static_value(op_tensor: Any, ctx: "_Context") -> Any:
@@ -118,6 +136,9 @@ def _apply_static(facts: _Facts, op: MaskOp, ctx: _Context) -> None:
         value = torch.as_tensor(value).float()
         blocked = (value < BLOCKED_BELOW) | value.isnan()
         finite = torch.where(blocked, torch.zeros_like(value), value)
+        if bool(blocked.any()):
+            values = value[blocked].unique()
+            facts.blocks(float(values[0]) if values.numel() == 1 else None)
         facts.allowed = _and(facts.allowed, ~blocked)
         facts.bias = finite if facts.bias is None else facts.bias + finite
     elif op.kind in ("fill", "keep"):
@@ -125,6 +146,7 @@ def _apply_static(facts: _Facts, op: MaskOp, ctx: _Context) -> None:
         value = float(op.value)
         if value < BLOCKED_BELOW:
             facts.allowed = _and(facts.allowed, ~cond if op.kind == "fill" else cond)
+            facts.blocks(value)
         else:
             facts.dense_reason = f"masked_fill with a finite value {value} rewrites scores instead of removing keys"
 
@@ -170,9 +192,11 @@ def _bool_terms(node: Any, negate: bool, facts: _Facts, ctx: "_Context") -> None
     if not isinstance(node, fx.Node) or not _depends_on_data(node, ctx):
         cond = torch.as_tensor(_static_value(node, ctx)).bool()
         facts.allowed = _and(facts.allowed, ~cond if negate else cond)
+        facts.blocks()
         return
     if _broadcasts_over_queries(node):
         facts.key_terms.append(KeyTerm(node, "blocked" if negate else "allowed"))
+        facts.blocks()
         return
     target = node.target
     if _is_pass_through(node):
@@ -203,6 +227,7 @@ def _additive_terms(node: Any, facts: _Facts, ctx: "_Context") -> None:
         return
     if _broadcasts_over_queries(node):
         facts.key_terms.append(KeyTerm(node, "additive"))
+        facts.blocks(None)
         return
     if _is_pass_through(node):
         return _additive_terms(node.args[0], facts, ctx)
@@ -214,14 +239,17 @@ def _additive_terms(node: Any, facts: _Facts, ctx: "_Context") -> None:
         cond, a, b = node.args
         va, vb = _scalar(a, ctx), _scalar(b, ctx)
         if va == 0.0 and vb is not None and vb < BLOCKED_BELOW:  # where(allowed, 0, min): HF masks
+            facts.fill = vb
             return _bool_terms(cond, False, facts, ctx)
         if vb == 0.0 and va is not None and va < BLOCKED_BELOW:
+            facts.fill = va
             return _bool_terms(cond, True, facts, ctx)
     if node.target in (torch.masked_fill, "masked_fill"):
         base, cond, value = node.args[0], node.args[1], node.args[2]
         v = _scalar(value, ctx)
         if v is not None and v < BLOCKED_BELOW:
             _additive_terms(base, facts, ctx)
+            facts.fill = v
             return _bool_terms(cond, True, facts, ctx)
     raise _DenseMask("mask depends on data along the query dim")
 
@@ -245,7 +273,8 @@ def analyze(ops: Sequence[MaskOp], scores_shape: tuple | None, ctx: _Context) ->
 
 def _analyze_at(ops: Sequence[MaskOp], scores_shape: tuple | None, ctx: _Context) -> tuple[MaskSpec, _Facts]:
     facts = _Facts()
-    for op in ops:
+    for index, op in enumerate(ops):
+        facts.op_index, facts.fill = index, None if op.kind == "add" else _scalar(op.value, ctx)
         if op.kind == "scale":
             factor = _scalar(op.value, ctx)
             if factor is not None and op.divide:
@@ -289,7 +318,24 @@ def _analyze_at(ops: Sequence[MaskOp], scores_shape: tuple | None, ctx: _Context
     spec.empty_rows_possible = bool(facts.key_terms) or facts.data_dependent or bool(facts.dense_reason) or (
         facts.allowed is not None and not bool(facts.allowed.any(dim=-1).all())
     )
+    spec.empty_row_rule = _empty_row_rule(facts) if spec.empty_rows_possible else "none"
     return spec, facts
+
+
+def _empty_row_rule(facts: _Facts) -> str:
+    """What eager gives on a row whose every key is blocked (see EMPTY_ROW_RULES)."""
+    if facts.dense_reason:
+        return "unknown"
+    if facts.fills == {float("-inf")}:
+        return "nan"  # -inf stays -inf whichever way the ops combine
+    if len(facts.blocking_ops) != 1:
+        return "unknown"
+    if facts.fills == {None}:
+        additive = [t for t in facts.key_terms if t.kind == "additive"]
+        return "argmax" if len(additive) == 1 and len(facts.key_terms) == 1 and facts.allowed is None else "unknown"
+    if len(facts.fills) == 1 and math.isfinite(next(iter(facts.fills))):
+        return "uniform"  # one op blocks everything with one finite value: a fully blocked row is constant
+    return "unknown"
 
 
 def _holds_safely(spec: MaskSpec, ops: Sequence[MaskOp], scores_shape: tuple, ctx: _Context) -> bool:

@@ -82,10 +82,17 @@ def polynomial_support(site: AttentionSite, options: Options) -> tuple[bool, str
     if q_shape is None or len(q_shape) != 4:
         return False, "the polynomial op takes [B, H, T, D] tensors; this site is not 4-D"
     if _dropout_active(site):
+        if isinstance(site.dropout_p, fx.Node):  # dynamic=True: Dynamo passes float attributes as inputs
+            return False, ("dropout's probability is a run-time value here (Dynamo does not specialise floats: "
+                           "torch._dynamo.config.specialize_float is False), so it may change without a recompile "
+                           "and the op has no dropout; with specialize_float = True a p of 0.0 is a constant")
         return False, "dropout on the attention weights is not supported by the polynomial op"
     if site.mask.alibi_slopes is not None and _alibi_per_query_head(site) is None:
         return False, (f"the ALiBi bias has {len(site.mask.alibi_slopes)} slopes, not one per query head "
                        f"({q_shape[1]}) or one for all")
+    if site.mask.empty_rows_possible and site.mask.empty_row_rule not in ("nan", "uniform", "argmax", "none"):
+        return False, ("rows with every key masked may occur (the mask depends on data) and eager's value on them "
+                       "depends on how several finite masks combine: kept exact, which gives eager's value")
     for term in site.mask.key_mask:
         shape = shape_of(term.node)
         if shape is None or any(concrete_int(d) != 1 for d in shape[1:-1]):
@@ -136,6 +143,41 @@ def _key_weight(gm: fx.GraphModule, site: AttentionSite, q: fx.Node, build: _Bui
     batch_ones = build.call(torch.ones_like, (build.call(operator.getitem, (q, (slice(None), 0, 0, slice(0, 1)))),),
                             {"dtype": torch.float32})
     return build.call(operator.mul, (weight, batch_ones))  # broadcast a [1, S] mask to [B, S]
+
+
+def _eager_empty_rows(site: AttentionSite, out: fx.Node, key_weight: fx.Node, v: fx.Node, build: _Builder) -> fx.Node:
+    """Rows whose every key is masked: the op gives 0, eager gives softmax of equal (or -inf) values. Give them
+    eager's value (the mask's EMPTY_ROW_RULES): NaN, the mean of all values, or the mean of the values at the
+    keys with the largest mask value. O(B * S * Dv); the gradient reaches v (as in eager) and not q or k (the row
+    does not depend on them; an additive finfo.min mask makes eager report a rounding artefact there)."""
+    rule = site.mask.empty_row_rule
+    if site.mask.causal:  # row i is empty when keys 0..i all have weight 0
+        empty = build.call(operator.eq, (build.method("cumsum", (key_weight, -1)), 0))
+        empty = build.method("unsqueeze", (build.method("unsqueeze", (empty, 1)), -1))  # [B, 1, S, 1]
+    else:
+        empty = build.call(operator.eq, (build.method("sum", (key_weight, -1)), 0))
+        empty = build.method("reshape", (empty, (-1, 1, 1, 1)))  # [B, 1, 1, 1]
+    if rule == "nan":
+        return build.call(torch.where, (empty, float("nan"), out))
+    groups = concrete_int(shape_of(site.q)[1]) // concrete_int(shape_of(v)[1])
+    if rule == "uniform":
+        fallback = build.method("mean", (v, -2), {"keepdim": True})  # [B, Hk, 1, Dv]
+    else:  # "argmax": one additive key term
+        term = site.mask.key_mask[0]
+        m = build.call(operator.mul, (build.method("to", (term.node, torch.float32)), float(term.factor)))
+        m = build.method("flatten", (m, 0, -2))  # [B or 1, S]
+        top = build.method("amax", (m, -1), {"keepdim": True})
+        chosen = build.method("to", (build.call(operator.eq, (m, top)), tensor_meta(v).dtype))
+        summed = build.call(torch.einsum, ("bs,bhsd->bhd", chosen, v))
+        count = build.method("sum", (chosen, -1))
+        fallback = build.call(operator.truediv, (summed, build.method("reshape", (count, (-1, 1, 1)))))
+        fallback = build.method("unsqueeze", (fallback, -2))  # [B, Hk, 1, Dv]
+        no_key = build.method("reshape", (build.call(operator.eq, (top, float("-inf"))), (-1, 1, 1, 1)))
+        fallback = build.call(torch.where, (no_key, float("nan"), fallback))
+    if groups > 1:
+        fallback = build.method("repeat_interleave", (fallback, groups, 1))
+    fallback = build.method("to", (fallback, tensor_meta(out).dtype))
+    return build.call(torch.where, (empty, fallback, out))
 
 
 def key_weight_value(site: AttentionSite, values: dict, q: torch.Tensor) -> torch.Tensor | None:
@@ -238,6 +280,8 @@ def rewrite_polynomial(gm: fx.GraphModule, site: AttentionSite, fake_mode, optio
         args = (q, k, v, key_weight, alibi, float(scale), coefficients, bool(mask.causal), int(mask.window))
         op_node = build.call(POLY_OP, args)
         out = build.call(operator.getitem, (op_node, 0))
+    if mask.empty_rows_possible and key_weight is not None:
+        out = _eager_empty_rows(site, out, key_weight, v, build)
     site.op_node = op_node  # type: ignore[attr-defined]
     replace_output(gm, site, out, build)
     d = shape_of(site.q)[-1]

@@ -155,3 +155,80 @@ def test_dynamic_lengths_choose_the_op_at_run_time(inner):
     assert len(backend.reports) <= 2
     site = backend.reports[-1].sites[0]
     assert site.method == "polynomial" and "run time" in site.reason, backend.reports[-1]
+
+
+# ---- rows whose every key is masked (issue item 5): eager's value on every path ----------------------------
+MIN = torch.finfo(torch.float32).min
+T_ROWS = 32
+
+
+def _fill_inf(s, pad):
+    return s.masked_fill(~pad[:, None, None, :], float("-inf"))
+
+
+def _fill_min(s, pad):
+    return s.masked_fill(~pad[:, None, None, :], MIN)
+
+
+def _where_min(s, pad):  # HF: an additive mask where(allowed, 0, finfo.min)
+    return s + torch.where(pad[:, None, None, :], 0.0, MIN)
+
+
+def _bert_additive(s, pad):  # BERT: (1 - mask) * finfo.min as an additive per-key mask
+    return s + (1.0 - pad[:, None, None, :].float()) * MIN
+
+
+def _hf_causal(s, pad):  # HF causal LMs: causal and padding in one where(allowed, 0, finfo.min)
+    i = torch.arange(s.shape[-1])
+    allowed = (i[None, :] <= i[:, None])[None, None] & pad[:, None, None, :]
+    return s + torch.where(allowed, 0.0, MIN)
+
+
+ROW_MASKS = {"fill_inf": _fill_inf, "fill_min": _fill_min, "where_min": _where_min, "bert": _bert_additive,
+             "hf_causal": _hf_causal}
+
+
+class Masked(torch.nn.Module):
+    def __init__(self, mask_fn):
+        super().__init__()
+        self.mask_fn = mask_fn
+
+    def forward(self, q, k, v, pad):
+        return self.mask_fn(q @ k.mT / 8**0.5, pad).softmax(-1) @ v
+
+
+def _pad_with_empty_rows(causal: bool) -> torch.Tensor:
+    pad = torch.ones(2, T_ROWS, dtype=torch.bool)
+    if causal:
+        pad[1, :5] = False  # left padding: queries 0..4 of batch 1 see no key
+    else:
+        pad[1, :] = False  # batch 1 is all padding
+    return pad
+
+
+@pytest.mark.parametrize("name", sorted(ROW_MASKS))
+def test_fully_masked_rows_get_eagers_value_on_the_polynomial_path(name):
+    torch.manual_seed(0)
+    model = Masked(ROW_MASKS[name])
+    pad = _pad_with_empty_rows(name == "hf_causal")
+    q, k = (0.05 * torch.randn(2, 2, T_ROWS, 8) for _ in range(2))
+    v = torch.randn(2, 2, T_ROWS, 8)
+    backend = Bk(method="polynomial")
+    compiled = torch.compile(model, backend=backend)
+
+    def run(fn):
+        args = [x.clone().requires_grad_() for x in (q, k, v)]
+        out = fn(*args, pad)
+        keep = ~out.isnan()  # a loss over the rows that have a value (eager's NaN rows excluded)
+        (out.nan_to_num(0) * keep * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        return [out] + [a.grad for a in args]
+
+    expected, got = run(model), run(compiled)
+    site = backend.reports[-1].sites[0]
+    assert site.method == "polynomial", backend.reports[-1]
+    assert torch.equal(got[0].isnan(), expected[0].isnan())
+    torch.testing.assert_close(got[0].nan_to_num(0), expected[0].nan_to_num(0), atol=5e-3, rtol=5e-3)
+    # dv: the rows' mean reaches v. With -inf, eager's NaN rows make its whole dv NaN for that batch element
+    # (0 * NaN); ours stays finite there, and equal elsewhere.
+    rows = slice(0, 1) if name == "fill_inf" else slice(None)
+    torch.testing.assert_close(got[3][rows], expected[3][rows], atol=5e-3, rtol=5e-3)
