@@ -238,7 +238,118 @@ def evaluate(gm: fx.GraphModule, graph: nx.DiGraph, node: fx.Node, example_input
     return env[node]
 
 
+def fake_value(fake_mode, target, args, kwargs, method: bool = False) -> Any:
+    """The value a new call would have, computed on the example values under the graph's fake mode."""
+    from contextlib import nullcontext
+
+    fargs = fx.node.map_arg(args, example_value)
+    fkwargs = fx.node.map_arg(kwargs, example_value)
+    with fake_mode if fake_mode is not None else nullcontext():
+        if method:
+            self_obj, *rest = fargs
+            return getattr(self_obj, target)(*rest, **fkwargs)
+        return target(*fargs, **fkwargs)
+
+
+_META_KEYS = ("stack_trace", "nn_module_stack", "source_fn_stack", "seq_nr", "original_aten")
+
+
+def annotate(node: fx.Node, value: Any, source: fx.Node | None) -> fx.Node:
+    """Give a new node its fake value (`example_value` and `val`) and the source metadata of `source`."""
+    node.meta["example_value"] = value
+    node.meta["val"] = value
+    for key in _META_KEYS:
+        if source is not None and key in source.meta:
+            node.meta[key] = source.meta[key]
+    return node
+
+
 def single_user(node: fx.Node) -> fx.Node | None:
     users = list(node.users)
     return users[0] if len(users) == 1 else None
 
+
+
+# ---------------------------------------------------------------------------------------------------
+# Dead pure code: introspection copies nothing reads (a clone of the scores, a detached copy of the weights)
+# ---------------------------------------------------------------------------------------------------
+
+# Only these are removed when unused: functional tensor ops that read their inputs and return a new value.
+# Everything else stays (in-place ops, dropout and other random ops, collectives, grad-mode switches,
+# asserts, calls returning None, higher-order ops, modules): torch.fx's default `Node.is_impure` treats
+# every call_method (`c.mul_(2)`, `x.copy_(y)`) and most torch-level functions (`F.dropout`) as pure.
+PURE_METHODS = frozenset({
+    "clone", "detach", "to", "float", "half", "double", "bfloat16", "type", "type_as", "cpu", "cuda", "bool",
+    "long", "int", "contiguous", "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "transpose",
+    "permute", "t", "squeeze", "unsqueeze", "expand", "expand_as", "repeat", "size", "dim", "numel", "softmax",
+    "log_softmax", "exp", "log", "tanh", "sigmoid", "abs", "neg", "sqrt", "rsqrt", "pow", "mul", "div", "add",
+    "sub", "matmul", "bmm", "sum", "mean", "amax", "amin", "max", "min", "argmax", "argmin", "std", "var",
+    "norm", "masked_fill", "where", "eq", "ne", "gt", "ge", "lt", "le", "isnan", "isinf", "isfinite", "any",
+    "all", "clamp", "clip", "narrow", "select", "gather", "index_select", "split", "chunk", "unbind",
+    "new_zeros", "new_ones", "new_full", "new_tensor", "tril", "triu", "square", "logsumexp", "cumsum",
+    "clamp_min", "clamp_max", "log2", "topk", "sort",
+})
+_PURE_TORCH_NAMES = frozenset({
+    "matmul", "bmm", "baddbmm", "einsum", "softmax", "log_softmax", "transpose", "reshape", "flatten", "unflatten",
+    "squeeze", "unsqueeze", "permute", "where", "masked_fill", "mul", "div", "true_divide", "add", "sub", "exp",
+    "log", "tanh", "sigmoid", "abs", "neg", "sqrt", "rsqrt", "pow", "sum", "mean", "amax", "amin", "max", "min",
+    "argmax", "argmin", "std", "var", "norm", "clamp", "clip", "clone", "detach", "cat", "stack", "zeros_like",
+    "ones_like", "full_like", "empty_like", "isnan", "isinf", "isfinite", "any", "all", "eq", "ne", "gt", "ge",
+    "lt", "le", "logical_not", "logical_and", "logical_or", "tril", "triu", "square", "logsumexp", "cumsum",
+    "narrow", "select", "gather", "index_select", "split", "chunk", "unbind", "broadcast_to", "swapaxes",
+    "swapdims", "t", "relu", "gelu", "silu", "layer_norm", "linear",
+})
+_PURE_OPERATORS = frozenset({
+    "add", "sub", "mul", "truediv", "floordiv", "mod", "neg", "pos", "pow", "matmul", "getitem", "eq", "ne",
+    "lt", "le", "gt", "ge", "and_", "or_", "xor", "invert", "not_",
+})
+
+
+def is_pure(node: fx.Node) -> bool:
+    """True for a node that may be erased when nothing reads it: an allow-listed functional op (see
+    PURE_METHODS) without `out=`/`inplace=True`, or a `getattr` read. Placeholders, outputs, modules and any
+    op not on the lists are impure."""
+    if node.op == "get_attr":
+        return True
+    if node.op not in ("call_method", "call_function") or "out" in node.kwargs or node.kwargs.get("inplace"):
+        return False
+    if node.op == "call_method":
+        return node.target in PURE_METHODS
+    target = node.target
+    if node.is_impure():  # fx's own list (grad-mode switches, asserts, mutable schemas, seeded random ops)
+        return False
+    if target is getattr:
+        return True
+    module, name = getattr(target, "__module__", None) or "", getattr(target, "__name__", "")
+    if module in ("_operator", "operator"):
+        return name in _PURE_OPERATORS
+    if target in (torch.nn.functional.softmax, torch.nn.functional.log_softmax, torch.nn.functional.linear,
+                  torch.nn.functional.layer_norm, torch.nn.functional.gelu, torch.nn.functional.silu,
+                  torch._C._nn.linear):  # (not F.relu: its `inplace` may be positional; not SDPA: dropout_p)
+        return True
+    return name in _PURE_TORCH_NAMES and getattr(torch, name, None) is target
+
+
+_RANDOM_NAMES = ("dropout", "rand", "bernoulli", "normal", "multinomial", "poisson", "rrelu", "gumbel", "uniform",
+                 "exponential", "geometric", "cauchy", "log_normal", "seed")
+
+
+def may_erase_unused(node: fx.Node) -> bool:
+    """Looser than `is_pure`, for the inputs of a replaced attention chain: any call that fx does not deem
+    impure, except in-place ops and random ones (their RNG draws change later draws)."""
+    if node.op not in ("call_function", "call_method") or node.is_impure() or _is_inplace(node):
+        return False
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return not any(word in str(name).lower() for word in _RANDOM_NAMES)
+
+
+def eliminate_dead_pure_code(gm: fx.GraphModule) -> int:
+    """Erase pure nodes (`is_pure`) that nothing reads, repeatedly (a dead `s.clone().float()` goes whole).
+    Returns how many nodes were erased. Graph outputs (returned values, attributes Dynamo stores back on a
+    module) are read by the output node and are never dead."""
+    removed = 0
+    for node in reversed(list(gm.graph.nodes)):
+        if not node.users and is_pure(node):
+            gm.graph.erase_node(node)
+            removed += 1
+    return removed

@@ -13,6 +13,13 @@ rewrite computes exactly the same values as the node it replaces (a `div` is nev
     torch.masked_fill(x, mask, value)       # Tensor.masked_fill
     torch.where(cond, a, b)                 # Tensor.where
     x.to(dtype)                             # .float(), .half(), .bfloat16(), .double(), .type(dtype)
+    torch.tanh(x)                           # Tensor.tanh, F.tanh (soft-capped scores)
+
+Dead pure code is erased last (`graph_utils.eliminate_dead_pure_code`): a `clone()`, `.detach()` or
+`.float()` copy of the scores or weights kept for introspection that nothing reads would otherwise look like
+a second use of the attention's intermediates. Only allow-listed functional ops are erased; in-place ops,
+random ops (dropout) and anything with side effects stay, and values Dynamo returns or stores back on a
+module are graph outputs, never dead.
 """
 from __future__ import annotations
 
@@ -24,7 +31,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .graph_utils import arg, ndim_of, normalize_dim
+from .graph_utils import arg, eliminate_dead_pure_code, ndim_of, normalize_dim
 
 MATMUL = torch.matmul
 SOFTMAX = torch.softmax
@@ -32,6 +39,7 @@ TRANSPOSE = torch.transpose
 DROPOUT = F.dropout
 MASKED_FILL = torch.masked_fill
 WHERE = torch.where
+TANH = torch.tanh
 
 Rewrite = tuple[Any, tuple, dict]  # (call_function target, args, kwargs) or ("method", name, args, kwargs)
 
@@ -160,6 +168,12 @@ def _rewrite_cast(node: fx.Node):
     return None
 
 
+def _rewrite_tanh(node: fx.Node):
+    if len(node.args) != 1 or node.kwargs:
+        return None
+    return (TANH, (node.args[0],), {})
+
+
 RULES: tuple[Rule, ...] = (
     Rule("matmul", _either((operator.matmul, torch.bmm), ("matmul", "bmm")), _rewrite_matmul),
     Rule("softmax", _either((F.softmax, torch.softmax), ("softmax",)), _rewrite_softmax),
@@ -171,6 +185,7 @@ RULES: tuple[Rule, ...] = (
     Rule("masked_fill", _method("masked_fill"), _rewrite_masked_fill),
     Rule("where", _method("where"), _rewrite_where),
     Rule("cast", _method(*_CASTS, "type"), _rewrite_cast),
+    Rule("tanh", _either((torch.tanh, F.tanh), ("tanh",)), _rewrite_tanh),
 )
 
 
@@ -182,7 +197,8 @@ def _already_canonical(node: fx.Node, replacement: tuple) -> bool:
 
 
 def normalize(gm: fx.GraphModule) -> int:
-    """Rewrite every node that has a canonical spelling; returns how many nodes changed."""
+    """Rewrite every node that has a canonical spelling, then erase dead pure code; returns how many nodes
+    changed or were erased."""
     changed = 0
     graph = gm.graph
     for node in list(graph.nodes):
@@ -206,6 +222,7 @@ def normalize(gm: fx.GraphModule) -> int:
             graph.erase_node(node)
             changed += 1
             break
+    changed += eliminate_dead_pure_code(gm)
     if changed:
         graph.lint()
         gm.recompile()

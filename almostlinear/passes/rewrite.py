@@ -7,40 +7,18 @@ and reports point at the user's source. The passes know the approximate ops only
 from __future__ import annotations
 
 import operator
-from contextlib import nullcontext
 from typing import Any
 
 import torch
 import torch.fx as fx
 
-from .graph_utils import example_value, is_number, tensor_meta
+from .graph_utils import annotate, is_number, may_erase_unused, tensor_meta
+from .graph_utils import fake_value as _fake_value
 from .match import SDPA, AttentionSite
-
-_META_KEYS = ("stack_trace", "nn_module_stack", "source_fn_stack", "seq_nr", "original_aten")
 
 
 class RewriteError(Exception):
     """The site cannot be rewritten as asked; the message is the reason kept in the report."""
-
-
-def _fake_value(fake_mode, target, args, kwargs, method: bool = False) -> Any:
-    fargs = fx.node.map_arg(args, example_value)
-    fkwargs = fx.node.map_arg(kwargs, example_value)
-    with fake_mode if fake_mode is not None else nullcontext():
-        if method:
-            self_obj, *rest = fargs
-            return getattr(self_obj, target)(*rest, **fkwargs)
-        return target(*fargs, **fkwargs)
-
-
-def annotate(node: fx.Node, value: Any, source: fx.Node) -> fx.Node:
-    """Give a new node its fake value (`example_value` and `val`) and the source metadata of `source`."""
-    node.meta["example_value"] = value
-    node.meta["val"] = value
-    for key in _META_KEYS:
-        if key in source.meta:
-            node.meta[key] = source.meta[key]
-    return node
 
 
 class _Builder:
@@ -127,7 +105,7 @@ def _erase_dead(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
         pending.discard(node)
         if node.users or node.op in ("placeholder", "output", "get_attr"):
             continue
-        if node not in chain and node.is_impure():
+        if node not in chain and not may_erase_unused(node):  # (in-place and random ops stay)
             continue
         inputs = node.all_input_nodes
         gm.graph.erase_node(node)
@@ -138,6 +116,8 @@ def rewrite_exact(gm: fx.GraphModule, site: AttentionSite, fake_mode) -> str:
     """Rewrite one site to a fused SDPA call (is_causal=True for causal masks). Returns a description."""
     if site.form == "sdpa":
         return _tighten_sdpa(gm, site)
+    if site.score_transform:  # SDPA would compute softmax(s) without it: never drop a transform
+        raise RewriteError(f"the scores pass through a transform SDPA cannot apply: {site.score_transform}")
     build = _Builder(gm, site.output, site.anchor, fake_mode)
     dropout_p = _dropout_p(site)
     q, scale = _scaled_query(site, build)
@@ -152,7 +132,10 @@ def rewrite_exact(gm: fx.GraphModule, site: AttentionSite, fake_mode) -> str:
 
 
 def replace_output(gm: fx.GraphModule, site: AttentionSite, out: fx.Node, build: _Builder) -> None:
-    """Route the site's users to `out` (cast back to the original output dtype) and erase the old chain."""
+    """Route the site's users to `out` (merged back to the output's layout when the site was split to a finer
+    one, cast back to the original output dtype) and erase the old chain."""
+    for step in site.output_layout:
+        out = build.method(step[0], (out, *step[1:]))
     want = _dtype(site.output)
     if want is not None and _dtype(out) != want:
         out = build.method("to", (out, want))
@@ -199,5 +182,9 @@ def _tighten_sdpa(gm: fx.GraphModule, site: AttentionSite) -> str:
 
 
 def finalize(gm: fx.GraphModule) -> None:
+    """Erase the matcher's layout conversions nothing reads (sites kept as written), then lint and recompile."""
+    for node in reversed(list(gm.graph.nodes)):
+        if node.meta.get("almostlinear_inserted") and not node.users:
+            gm.graph.erase_node(node)
     gm.graph.lint()
     gm.recompile()

@@ -28,6 +28,9 @@ def site_override(module_path: str, options: Options) -> tuple[str, str] | None:
 
 
 def decide(site: AttentionSite, module_path: str, options: Options) -> Decision:
+    if site.score_transform:  # before any option: neither SDPA nor the op computes softmax(f(s))
+        return Decision("unchanged", f"kept as written: {site.score_transform}; neither the fused SDPA call "
+                                     f"nor the polynomial op applies it")
     override = site_override(module_path, options)
     if override is not None and override[1] == "skip":
         return Decision("unchanged", f"left as written: sites option {override[0]!r} = 'skip'")
