@@ -84,12 +84,13 @@ class _Facts:
     data_dependent: bool = False
     op_index: int = -1  # the mask op being decomposed
     fill: float | None = None  # its blocking value (None: an additive tensor's own values)
-    blocking_ops: set = field(default_factory=set)  # indices of ops that remove keys
-    fills: set = field(default_factory=set)  # blocking values seen (None: data values)
+    replacing: bool = False  # the op being decomposed replaces scores (masked_fill / where) rather than adds
+    blocking_ops: dict = field(default_factory=dict)  # index of an op that removes keys -> replaces scores?
+    fills: dict = field(default_factory=dict)  # op index -> its blocking value as the softmax sees it (None: data)
 
     def blocks(self, fill: float | None = "current") -> None:
-        self.blocking_ops.add(self.op_index)
-        self.fills.add(self.fill if fill == "current" else fill)
+        self.blocking_ops[self.op_index] = self.replacing
+        self.fills[self.op_index] = self.fill if fill == "current" else fill
 
 
 def _static_value(op_tensor: Any, ctx: "_Context") -> Any:
@@ -275,6 +276,7 @@ def _analyze_at(ops: Sequence[MaskOp], scores_shape: tuple | None, ctx: _Context
     facts = _Facts()
     for index, op in enumerate(ops):
         facts.op_index, facts.fill = index, None if op.kind == "add" else _scalar(op.value, ctx)
+        facts.replacing = op.kind in ("fill", "keep")
         if op.kind == "scale":
             factor = _scalar(op.value, ctx)
             if factor is not None and op.divide:
@@ -284,6 +286,7 @@ def _analyze_at(ops: Sequence[MaskOp], scores_shape: tuple | None, ctx: _Context
                     facts.dense_reason = "a per-key additive mask is scaled by a factor unknown at compile time"
                 elif term.kind == "additive":
                     term.factor = term.factor * factor
+            facts.fills = {i: None if f is None or factor is None else f * factor for i, f in facts.fills.items()}
             if facts.bias is not None:  # (s + bias) * c: the softmax sees c * bias (ALiBi slopes scale too)
                 if factor is None:
                     facts.dense_reason = "a static bias is scaled by a factor unknown at compile time"
@@ -324,17 +327,20 @@ def _analyze_at(ops: Sequence[MaskOp], scores_shape: tuple | None, ctx: _Context
 
 def _empty_row_rule(facts: _Facts) -> str:
     """What eager gives on a row whose every key is blocked (see EMPTY_ROW_RULES)."""
+    fills = set(facts.fills.values())
     if facts.dense_reason:
         return "unknown"
-    if facts.fills == {float("-inf")}:
+    if fills == {float("-inf")}:
         return "nan"  # -inf stays -inf whichever way the ops combine
-    if len(facts.blocking_ops) != 1:
-        return "unknown"
-    if facts.fills == {None}:
+    if fills == {None}:
         additive = [t for t in facts.key_terms if t.kind == "additive"]
-        return "argmax" if len(additive) == 1 and len(facts.key_terms) == 1 and facts.allowed is None else "unknown"
-    if len(facts.fills) == 1 and math.isfinite(next(iter(facts.fills))):
-        return "uniform"  # one op blocks everything with one finite value: a fully blocked row is constant
+        single = len(facts.blocking_ops) == 1 and len(additive) == 1 and len(facts.key_terms) == 1
+        return "argmax" if single and facts.allowed is None else "unknown"
+    one_value = len(fills) == 1 and None not in fills and math.isfinite(next(iter(fills)))
+    if one_value and (len(facts.blocking_ops) == 1 or all(facts.blocking_ops.values())):
+        # one op blocks with one value, or every blocking op replaces the score by the same value: a fully
+        # blocked row is constant, so eager gives the mean of all values
+        return "uniform"
     return "unknown"
 
 

@@ -83,7 +83,8 @@ def masked_programs(draw):
     source = draw(st.sampled_from(SOURCES))
     spelling = draw(st.sampled_from(SPELLINGS))
     keys = draw(st.lists(st.booleans(), min_size=L, max_size=L))
-    keys[0] = True  # every query keeps a key (fully masked rows are tested on their own)
+    keys[0] = keys[-1] = True  # every query keeps a key (fully masked rows are tested on their own), and a
+    # causal+per-key pattern still differs by query (else it is a per-key mask, and classified so)
     window = draw(st.integers(2, L - 2))
     slope = draw(st.sampled_from([-0.5, -0.125, 0.25]))
     lines, buffer = _static_allowed(structure, source, keys, window)
@@ -141,7 +142,9 @@ def _run(fn, inputs):
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+    """Relative error; a gradient that is 0 in eager (one kept key: the weights are constant) is compared
+    against a floor far below the gradients' usual size (~10)."""
+    return float((a - b).norm() / b.norm().clamp_min(0.1))
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
@@ -163,6 +166,8 @@ def test_every_accepted_mask_is_applied_as_eager_applies_it(program, seed):
             for a, b in zip(got, reference):
                 torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5, msg=f"{source}\n{report}")
         else:
-            assert site.method == "polynomial", f"{source}\n{report}"
+            if site.method != "polynomial":  # only where eager's value on fully masked rows is unknown
+                assert "rows with every key masked" in site.reason and "pad" in source, f"{source}\n{report}"
+                continue
             errors = [_relative(a, b) for a, b in zip(got, reference)]
             assert max(errors) < 5e-3, f"errors (out, dq, dk, dv) {errors}\n{source}\n{report}"
