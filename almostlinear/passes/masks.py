@@ -175,6 +175,17 @@ def _is_pass_through(node: fx.Node) -> bool:
     )
 
 
+def _broadcast_source(node: fx.Node) -> fx.Node | None:
+    """The tensor an expand/broadcast/contiguous/clone was applied to (same values and dtype), if that one
+    also broadcasts over queries: HF expands a [B, 1, 1, S] padding mask over heads; the op takes it per key."""
+    same_values = (node.op == "call_method" and node.target in ("expand", "expand_as", "contiguous", "clone")) or (
+        node.op == "call_function" and node.target in (torch.Tensor.expand, torch.broadcast_to))
+    source = node.args[0] if same_values and node.args else None
+    if isinstance(source, fx.Node) and _broadcasts_over_queries(source):
+        return source
+    return None
+
+
 def _scalar(value: Any, ctx: "_Context") -> float | None:
     if is_number(value):
         return float(value)
@@ -196,6 +207,8 @@ def _bool_terms(node: Any, negate: bool, facts: _Facts, ctx: "_Context") -> None
         facts.blocks()
         return
     if _broadcasts_over_queries(node):
+        while _broadcast_source(node) is not None:
+            node = _broadcast_source(node)
         facts.key_terms.append(KeyTerm(node, "blocked" if negate else "allowed"))
         facts.blocks()
         return
@@ -227,6 +240,8 @@ def _additive_terms(node: Any, facts: _Facts, ctx: "_Context") -> None:
         _apply_static(facts, MaskOp("add", None, tensor=node), ctx)
         return
     if _broadcasts_over_queries(node):
+        while _broadcast_source(node) is not None:
+            node = _broadcast_source(node)
         facts.key_terms.append(KeyTerm(node, "additive"))
         facts.blocks(None)
         return

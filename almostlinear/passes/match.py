@@ -769,6 +769,8 @@ def _match_sdpa(node: fx.Node, site: AttentionSite) -> None:
     q_shape, k_shape = shape_of(site.q), shape_of(site.k)
     if scale is None and q_shape is not None:
         head_dim = q_shape[-1]
+        if isinstance(head_dim, torch.SymInt):  # dynamic=True: the head dim is a model constant, so specialise
+            head_dim = int(head_dim)  # it (a guard) rather than lose the scale
         scale = 1.0 / float(head_dim) ** 0.5 if isinstance(head_dim, int) else None
     site.scale = scale if is_number(scale) or scale is None else scale
     if site.enable_gqa and q_shape and k_shape and len(q_shape) >= 3:
@@ -873,7 +875,8 @@ def _sdpa_mask(site: AttentionSite, ctx) -> MaskSpec:
     spec = mask_analysis.analyze(ops, scores_shape, ctx)
     if site.is_causal_flag:
         if spec.kind == "none":
-            return MaskSpec(kind="causal", causal=True, reason="is_causal=True")
+            return MaskSpec(kind="causal", causal=True, reason="is_causal=True", empty_rows_possible=False,
+                            empty_row_rule="none")
         if spec.kind in ("causal", "key_padding", "causal+key_padding"):
             spec.kind = "causal+key_padding" if "key_padding" in spec.kind else "causal"
             spec.causal = True

@@ -14,6 +14,7 @@ import torch.fx as fx
 
 from .graph_utils import annotate, is_number, may_erase_unused, tensor_meta
 from .graph_utils import fake_value as _fake_value
+from .masks import BLOCKED_BELOW
 from .match import SDPA, AttentionSite
 
 
@@ -123,10 +124,13 @@ def rewrite_exact(gm: fx.GraphModule, site: AttentionSite, fake_mode) -> str:
     q, scale = _scaled_query(site, build)
     causal = site.mask.kind == "causal"
     mask = None if causal else additive_mask(site, build)
+    nan_rows = None
+    if mask is not None and site.mask.empty_rows_possible:
+        q, mask, nan_rows = _eager_empty_rows(q, mask, build)
     kwargs = {"attn_mask": mask, "dropout_p": dropout_p, "is_causal": causal, "scale": scale}
     out = build.call(SDPA, (q, site.k, site.v), kwargs)
-    if mask is not None and site.mask.empty_rows_possible:
-        out = _propagate_empty_rows(out, mask, build)
+    if nan_rows is not None:
+        out = build.call(operator.add, (out, build.method("to", (nan_rows, _dtype(out)))))
     replace_output(gm, site, out, build)
     return "sdpa(is_causal=True)" if causal else ("sdpa(attn_mask)" if mask is not None else "sdpa")
 
@@ -145,16 +149,23 @@ def replace_output(gm: fx.GraphModule, site: AttentionSite, out: fx.Node, build:
     site.output = out
 
 
-def _propagate_empty_rows(out: fx.Node, mask: fx.Node, build: _Builder) -> fx.Node:
-    """Eager softmax over a row that is all -inf gives NaN; SDPA on CPU gives 0. Keep eager's NaN.
+def _eager_empty_rows(q: fx.Node, mask: fx.Node, build: _Builder) -> tuple[fx.Node, fx.Node, fx.Node]:
+    """Rows whose every key is masked (mask < BLOCKED_BELOW everywhere): eager's softmax sees equal values there
+    (s + finfo.min rounds to finfo.min) and gives the mean of the values at the keys with the row's largest
+    mask value, or NaN when that is -inf. SDPA gets those rows wrong (CPU: 0 for -inf, and for finfo.min a
+    backward that sums instead of averaging), so such a row is given a mask of 0 at those keys (-inf
+    elsewhere) and a query of 0: SDPA then computes the mean itself, and the gradient reaches v, not q or k
+    (the row's value does not depend on them). Returns (q, mask, NaN-or-0 per row to add to the output).
 
-    Added only when the mask is not proved to leave every query a key (data-dependent masks); it reads
-    the mask once (mask-sized, not scores-sized).
-    """
-    empty = build.call(torch.all, (build.call(torch.isneginf, (mask,)),), {"dim": -1, "keepdim": True})
-    nan_rows = build.call(torch.where, (empty, float("nan"), 0.0))
-    nan_rows = build.method("to", (nan_rows, _dtype(out)))
-    return build.call(operator.add, (out, nan_rows))
+    Added only when the mask is not proved to leave every query a key (data-dependent masks); mask-sized
+    work, never scores-sized."""
+    top = build.method("amax", (mask, -1), {"keepdim": True})
+    empty = build.call(operator.lt, (top, BLOCKED_BELOW))
+    at_top = build.call(torch.where, (build.call(operator.eq, (mask, top)), 0.0, float("-inf")))
+    mask = build.call(torch.where, (empty, build.method("to", (at_top, _dtype(mask))), mask))
+    q = build.method("masked_fill", (q, empty, 0.0))
+    nan_rows = build.call(torch.where, (build.call(torch.isneginf, (top,)), float("nan"), 0.0))
+    return q, mask, nan_rows
 
 
 def _tighten_sdpa(gm: fx.GraphModule, site: AttentionSite) -> str:

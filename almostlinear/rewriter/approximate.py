@@ -76,6 +76,8 @@ def is_dynamic_length(site: AttentionSite) -> bool:
 
 def polynomial_support(site: AttentionSite, options: Options) -> tuple[bool, str]:
     """Whether the op can compute this site, and the reason (kept in the report either way)."""
+    if site.score_transform:  # the op computes P(s) of the plain scores: never drop a transform
+        return False, f"the scores pass through a transform the op cannot apply: {site.score_transform}"
     if site.mask.kind not in OP_MASK_KINDS:
         return False, f"mask kind {site.mask.kind!r} has no linear-time structure ({site.mask.reason})"
     q_shape, k_shape = shape_of(site.q), shape_of(_kv(site)[0])

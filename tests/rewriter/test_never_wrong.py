@@ -232,3 +232,49 @@ def test_fully_masked_rows_get_eagers_value_on_the_polynomial_path(name):
     # (0 * NaN); ours stays finite there, and equal elsewhere.
     rows = slice(0, 1) if name == "fill_inf" else slice(None)
     torch.testing.assert_close(got[3][rows], expected[3][rows], atol=5e-3, rtol=5e-3)
+
+
+@pytest.mark.parametrize("name", sorted(ROW_MASKS))
+def test_fully_masked_rows_get_eagers_value_on_the_exact_path(name):
+    """Values as eager on every row (NaN for -inf, the mean for finfo.min) and dv as eager. dq/dk as eager where
+    the mask replaces the scores (masked_fill); an additive finfo.min row's value does not depend on q or k
+    (rounding), and the rewrite gives that zero gradient where eager differentiates the rounded-away scores."""
+    torch.manual_seed(0)
+    model = Masked(ROW_MASKS[name])
+    pad = _pad_with_empty_rows(name == "hf_causal")
+    q, k, v = (torch.randn(2, 2, T_ROWS, 8) for _ in range(3))
+    compiled = torch.compile(model, backend=Bk(method="exact"))
+
+    def run(fn):
+        args = [x.clone().requires_grad_() for x in (q, k, v)]
+        out = fn(*args, pad)
+        keep = ~out.isnan()
+        (out.nan_to_num(0) * keep * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        return [out] + [a.grad for a in args]
+
+    expected, got = run(model), run(compiled)
+    assert torch.equal(got[0].isnan(), expected[0].isnan())
+    torch.testing.assert_close(got[0].nan_to_num(0), expected[0].nan_to_num(0), atol=1e-5, rtol=1e-5)
+    rows = slice(0, 1) if name == "fill_inf" else slice(None)  # eager's dv is NaN next to a NaN row
+    torch.testing.assert_close(got[3][rows], expected[3][rows], atol=1e-5, rtol=1e-5)
+    if name == "fill_min":
+        for a, b in zip(got[1:3], expected[1:3]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+class CausalSdpa(torch.nn.Module):
+    def forward(self, q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+@pytest.mark.parametrize("model_class", [CausalSdpa, CausalBufferSlice, CausalArange])
+def test_dynamic_true_over_ten_lengths_uses_the_op_in_at_most_two_graphs(model_class):
+    model = model_class()
+    backend = Bk(method="polynomial")
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    for T in LENGTHS:
+        q, k, v = (0.1 * torch.randn(1, 2, T, 16) for _ in range(3))
+        exact = model(q, k, v)
+        assert float((compiled(q, k, v) - exact).norm() / exact.norm()) < 0.01
+    assert len(backend.reports) <= 2
+    assert all(s.method == "polynomial" for r in backend.reports for s in r.sites), backend.reports[-1]
