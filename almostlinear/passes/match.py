@@ -34,6 +34,7 @@ from . import masks as mask_analysis
 from .graph_utils import (
     annotate,
     arg,
+    concrete_int,
     example_value,
     fake_mode_of,
     fake_value,
@@ -79,6 +80,7 @@ class AttentionSite:
     gqa_groups: int = 1
     softmax_dtype: Any = None
     residual: fx.Node | None = None
+    kv_broadcast: tuple | None = None  # (k, v) [B, 1, S, D] of a broadcasting multi-query site
     score_transform: str = ""  # a transform of the scores the fused ops cannot apply (soft-cap): kept as written
     pre_transform_ops: list[MaskOp] = field(default_factory=list)  # ops before that transform (graph order)
     transform_at: int | None = None  # (while walking up) how many mask ops were recorded after the transform
@@ -753,10 +755,33 @@ def _match_eager(softmax: fx.Node, site: AttentionSite, gm: fx.GraphModule | Non
     _match_values(softmax, site)
     _match_scores(softmax, site)
     if gm is not None:
+        _broadcast_kv_heads(site, gm, ctx)
         _unify_layout(site, gm, ctx)
     _check_shapes(site)
     _total_scale(site)
     _gqa(site)
+    if site.kv_broadcast is not None:
+        site.kv_unrepeated, site.gqa_groups = site.kv_broadcast, concrete_int(shape_of(site.q)[1])
+
+
+def _broadcast_kv_heads(site: AttentionSite, gm: fx.GraphModule, ctx) -> None:
+    """Multi-query attention written as a broadcasting matmul (Falcon: q [B, H, L, D] @ k [B, 1, D, S]): the
+    site reads k and v expanded over the heads (a view), and the polynomial op the unexpanded ones (GQA)."""
+    q, k, v = (shape_of(n) for n in (site.q, site.k, site.v))
+    if q is None or k is None or v is None or not (len(q) == len(k) == len(v) == 4):
+        return
+    heads = concrete_int(q[1])
+    if heads is None or heads == 1 or concrete_int(k[1]) != 1 or concrete_int(v[1]) != 1:
+        return
+    if concrete_int(q[0]) != concrete_int(k[0]) or concrete_int(k[0]) != concrete_int(v[0]):
+        return
+    inserter = _Inserter(gm, ctx, site, fake_mode_of(gm))
+    size = inserter.size(q[1])
+    if size is None:
+        return
+    site.kv_broadcast = (site.k, site.v)
+    site.k = inserter.method("expand", (site.k, -1, size, -1, -1))
+    site.v = inserter.method("expand", (site.v, -1, size, -1, -1))
 
 
 def _match_sdpa(node: fx.Node, site: AttentionSite) -> None:

@@ -168,6 +168,26 @@ def _rewrite_cast(node: fx.Node):
     return None
 
 
+_INPLACE = {operator.itruediv: operator.truediv, operator.imul: operator.mul, operator.iadd: operator.add,
+            operator.isub: operator.sub, "div_": operator.truediv, "mul_": operator.mul, "add_": operator.add,
+            "sub_": operator.sub}
+
+
+def _is_private_inplace(node: fx.Node) -> bool:
+    """`x /= c` (Falcon: `attention_scores /= math.sqrt(head_dim)`) on a value computed in the graph that nothing
+    else reads: nobody can observe the mutation, so it is the out-of-place op."""
+    if node.op not in ("call_function", "call_method") or node.target not in _INPLACE:
+        return False
+    if len(node.args) != 2 or node.kwargs:
+        return False
+    x = node.args[0]
+    return isinstance(x, fx.Node) and x.op in ("call_function", "call_method") and list(x.users) == [node]
+
+
+def _rewrite_inplace(node: fx.Node):
+    return (_INPLACE[node.target], tuple(node.args), {})
+
+
 def _rewrite_tanh(node: fx.Node):
     if len(node.args) != 1 or node.kwargs:
         return None
@@ -186,6 +206,7 @@ RULES: tuple[Rule, ...] = (
     Rule("where", _method("where"), _rewrite_where),
     Rule("cast", _method(*_CASTS, "type"), _rewrite_cast),
     Rule("tanh", _either((torch.tanh, F.tanh), ("tanh",)), _rewrite_tanh),
+    Rule("inplace", _is_private_inplace, _rewrite_inplace),
 )
 
 
