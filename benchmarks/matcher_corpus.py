@@ -74,7 +74,7 @@ MODELS = {
     "gemma2": _hf("Gemma2Config", "Gemma2ForCausalLM", num_key_value_heads=2, head_dim=16,
                   attn_logit_softcapping=50.0, sliding_window=16),
     "phi": _hf("PhiConfig", "PhiForCausalLM"),
-    "stablelm": _hf("StableLmConfig", "StableLmForCausalLM"),
+    "stablelm": _hf("StableLmConfig", "StableLmForCausalLM", num_key_value_heads=4),
     "falcon": _hf("FalconConfig", "FalconForCausalLM", new_decoder_architecture=False, multi_query=True),
     "bloom": _hf("BloomConfig", "BloomForCausalLM", n_layer=2, n_head=4),
     "gptj": _hf("GPTJConfig", "GPTJForCausalLM", n_embd=64, n_head=4, n_layer=2, rotary_dim=8, n_positions=128),

@@ -181,7 +181,20 @@ def _is_private_inplace(node: fx.Node) -> bool:
     if len(node.args) != 2 or node.kwargs:
         return False
     x = node.args[0]
-    return isinstance(x, fx.Node) and x.op in ("call_function", "call_method") and list(x.users) == [node]
+    return isinstance(x, fx.Node) and _fresh(x) and list(x.users) == [node]
+
+
+# Ops whose result is a new tensor, never a view of an input (an in-place op on a view would write through to
+# the tensor it views: `w[..., 0].mul_(2)` changes w).
+_FRESH_FUNCTIONS = (operator.matmul, torch.matmul, torch.bmm, torch.baddbmm, torch.einsum, operator.add,
+                    operator.sub, operator.mul, operator.truediv, torch.add, torch.mul, torch.div, torch.softmax,
+                    F.softmax, torch.exp, torch.tanh, torch.where, torch.masked_fill, torch.clone)
+_FRESH_METHODS = ("matmul", "bmm", "baddbmm", "softmax", "clone", "exp", "tanh", "masked_fill", "add", "mul", "div")
+
+
+def _fresh(x: fx.Node) -> bool:
+    return (x.op == "call_function" and x.target in _FRESH_FUNCTIONS) or (
+        x.op == "call_method" and x.target in _FRESH_METHODS)
 
 
 def _rewrite_inplace(node: fx.Node):

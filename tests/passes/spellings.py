@@ -207,11 +207,12 @@ def returns_scores(q, k, v):  # `output_attentions=True`-style: the scores are a
     return torch.softmax(s, dim=-1) @ v, s.detach()
 
 
-def mutates_dead_clone(q, k, v):  # an in-place op on a copy: never removed, so the copy is a live use
+def mutates_dead_clone(q, k, v):  # an in-place op on a private copy nothing reads: dead (out-of-place, then erased)
     w = torch.softmax(q @ k.transpose(-2, -1) * 0.5, dim=-1)
     c = w.clone()
     c.mul_(2.0)
     return w @ v
+
 
 
 def dropout_on_dead_copy(q, k, v):  # a random op draws from the RNG even when unused: kept
@@ -220,10 +221,16 @@ def dropout_on_dead_copy(q, k, v):  # a random op draws from the RNG even when u
     return w @ v
 
 
+def mutates_scores_view(q, k, v):  # an in-place op on a view of the scores writes through: a live use
+    s = q @ k.transpose(-2, -1) * 0.5
+    s[..., 0].mul_(2.0)
+    return torch.softmax(s, dim=-1) @ v
+
+
 LIVE_USES = [  # name, fn, extra, a word the near-miss reason must contain
     ("stores_weights", StoresWeights(), lambda: (), "graph output"),
     ("returns_scores", returns_scores, lambda: (), "graph output"),
-    ("mutates_dead_clone", mutates_dead_clone, lambda: (), "in-place"),
+    ("mutates_scores_view", mutates_scores_view, lambda: (), "getitem"),
     ("dropout_on_dead_copy", dropout_on_dead_copy, lambda: (), "dropout"),
 ]
 

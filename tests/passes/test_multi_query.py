@@ -42,3 +42,12 @@ def test_falcon_multi_query_in_place_scale_is_found_and_equals_eager(method):
     tolerance = 1e-5 if method == "exact" else 5e-3
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, atol=tolerance, rtol=tolerance)
+
+
+def test_an_in_place_op_on_a_private_dead_copy_is_dead():
+    """`c = w.clone(); c.mul_(2)` with c never read: nothing observes the mutation, so the site is found."""
+    from tests.passes.spellings import mutates_dead_clone, qkv
+    from tests.oracle import assert_exact_oracle
+
+    report = assert_exact_oracle(mutates_dead_clone, qkv(), inner="eager")
+    assert len(report.sites) == 1 and report.sites[0].rewritten, report

@@ -140,8 +140,8 @@ LOOKALIKES = {
     "scores_escape": "    s = q @ k.transpose(-2, -1)\n    return s.softmax(-1) @ v, s",
     "tanh_capping": "    s = torch.tanh(q @ k.transpose(-2, -1) / 8.0) * 8.0\n    return s.softmax(-1) @ v",
     "weights_stored": "    w = (q @ k.transpose(-2, -1)).softmax(-1)\n    STORE['w'] = w.detach()\n    return w @ v",
-    "inplace_on_copy": "    w = (q @ k.transpose(-2, -1)).softmax(-1)\n"
-                       "    c = w.clone()\n    c.mul_(2.0)\n    return w @ v",
+    "inplace_on_view": "    s = q @ k.transpose(-2, -1) * 0.5\n"
+                       "    s[..., 0].mul_(2.0)\n    return s.softmax(-1) @ v",
     "dropout_on_copy": "    w = (q @ k.transpose(-2, -1)).softmax(-1)\n"
                        "    _ = F.dropout(w, 0.5, True)\n    return w @ v",
     "scores_batch_head_swapped": "    return (q @ k.transpose(-2, -1)).transpose(0, 1).softmax(-1) @ v",  # B == H
