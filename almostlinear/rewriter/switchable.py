@@ -24,23 +24,45 @@ def _exact(q, k, v, key_weight, alibi_slopes, scale, causal, window):
                            window=window)
 
 
+def _flash_cpu(q, k, key_weight, alibi_slopes, causal: bool, window: int) -> bool:
+    """Plain or causal attention on the CPU: aten's fused flash kernel, whose logsumexp the backward reuses."""
+    return q.device.type == "cpu" and key_weight is None and alibi_slopes is None and not window and (
+        not causal or q.shape[2] == k.shape[2])
+
+
+def _repeat_kv(q, k, v):
+    groups = q.shape[1] // k.shape[1]
+    return (k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)) if groups > 1 else (k, v)
+
+
 @torch.library.custom_op("almostlinear::switchable_attention", mutates_args=())
 def switchable_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_weight: Optional[torch.Tensor],
                          alibi_slopes: Optional[torch.Tensor], switch: torch.Tensor, scale: float,
-                         coefficients: Sequence[float], causal: bool, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+                         coefficients: Sequence[float], causal: bool,
+                         window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, mode, logsumexp): the logsumexp [B, Hq, L] of the exact branch on the CPU flash kernel, so that
+    its backward does not recompute the forward (a dynamic-length site runs this branch below min_seq_len;
+    recomputing made it ~30% slower than fused SDPA); zeros otherwise."""
     mode = switch.detach().clone()
+    lse = q.new_zeros(q.shape[0], q.shape[1], q.shape[2], dtype=torch.float32)
     with autocast_disabled(q):  # both branches compute in the dtypes that arrive (see register_autocast below)
         if bool(mode):
             out = torch.ops.almostlinear.poly_attention(q, k, v, key_weight, alibi_slopes, scale,
                                                         list(coefficients), causal, window)[0]
+        elif _flash_cpu(q, k, key_weight, alibi_slopes, causal, window):
+            kk, vv = _repeat_kv(q, k, v)
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, kk, vv, 0.0, causal,
+                                                                                  scale=scale)
+            lse = lse.float()
         else:
             out = _exact(q, k, v, key_weight, alibi_slopes, scale, causal, window)
-    return out.contiguous(), mode
+    return out.contiguous(), mode, lse.contiguous()
 
 
 @switchable_attention.register_fake
 def _(q, k, v, key_weight, alibi_slopes, switch, scale, coefficients, causal, window):
-    return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1]), torch.empty_like(switch)
+    return (q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1]), torch.empty_like(switch),
+            q.new_empty(q.shape[0], q.shape[1], q.shape[2], dtype=torch.float32))
 
 
 def _flash_cpu_backward(grad, q, k, v, scale: float, causal: bool):
@@ -108,8 +130,8 @@ def exact_attention_backward(grad, q, k, v, key_weight, alibi_slopes, scale: flo
 @torch.library.custom_op("almostlinear::switchable_attention_backward", mutates_args=())
 def switchable_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                   out: torch.Tensor, key_weight: Optional[torch.Tensor],
-                                  alibi_slopes: Optional[torch.Tensor], mode: torch.Tensor, scale: float,
-                                  coefficients: Sequence[float], causal: bool,
+                                  alibi_slopes: Optional[torch.Tensor], mode: torch.Tensor, lse: torch.Tensor,
+                                  scale: float, coefficients: Sequence[float], causal: bool,
                                   window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     grad = grad.contiguous()
     with autocast_disabled(q):  # a backward run inside an autocast region keeps the forward's dtypes
@@ -118,26 +140,35 @@ def switchable_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.
             dq, dk, dv = torch.ops.almostlinear.poly_attention_backward(grad, q, k, v, out, q.new_empty(0),
                                                                        key_weight, alibi_slopes, scale,
                                                                        list(coefficients), causal, window)
+        elif _flash_cpu(q, k, key_weight, alibi_slopes, causal, window):  # the forward's logsumexp: no recompute
+            kk, vv = _repeat_kv(q, k, v)
+            dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                grad.to(q.dtype), q, kk, vv, out, lse, 0.0, causal, scale=scale)
+            if kk is not k:
+                B, Hk, S, _ = k.shape
+                dk = dk.reshape(B, Hk, -1, S, k.shape[-1]).sum(2)
+                dv = dv.reshape(B, Hk, -1, S, v.shape[-1]).sum(2)
         else:
             dq, dk, dv = exact_attention_backward(grad, q, k, v, key_weight, alibi_slopes, scale, causal, window)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @switchable_attention_backward.register_fake
-def _(grad, q, k, v, out, key_weight, alibi_slopes, mode, scale, coefficients, causal, window):
+def _(grad, q, k, v, out, key_weight, alibi_slopes, mode, lse, scale, coefficients, causal, window):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, key_weight, alibi_slopes, switch, scale, coefficients, causal, window = inputs
-    ctx.save_for_backward(q, k, v, output[0], key_weight, alibi_slopes, output[1])
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.save_for_backward(q, k, v, output[0], key_weight, alibi_slopes, output[1], output[2])
     ctx.args = (scale, list(coefficients), causal, window)
 
 
-def _backward(ctx, grad, _grad_mode):
-    q, k, v, out, key_weight, alibi_slopes, mode = ctx.saved_tensors
+def _backward(ctx, grad, _grad_mode, _grad_lse):
+    q, k, v, out, key_weight, alibi_slopes, mode, lse = ctx.saved_tensors
     scale, coefficients, causal, window = ctx.args
-    dq, dk, dv = switchable_attention_backward(grad, q, k, v, out, key_weight, alibi_slopes, mode, scale,
+    dq, dk, dv = switchable_attention_backward(grad, q, k, v, out, key_weight, alibi_slopes, mode, lse, scale,
                                                coefficients, causal, window)
     return dq, dk, dv, None, None, None, None, None, None, None
 

@@ -52,8 +52,8 @@ def test_fake_kernels_build_no_feature_tables(no_feature_tables, d, degree, caus
         out, state = OP(q, k, v, None, None, 0.1, coeffs, causal, 0)
         dq, dk, dv = BWD(out, q, k, v, out, state, None, None, 0.1, coeffs, causal, 0)
         switch = torch.ones((), dtype=torch.int8)
-        sout, used = SWITCHABLE(q, k, v, None, None, switch, 0.1, coeffs, causal, 0)
-        sgrads = SWITCHABLE_BWD(sout, q, k, v, sout, None, None, used, 0.1, coeffs, causal, 0)
+        sout, used, lse = SWITCHABLE(q, k, v, None, None, switch, 0.1, coeffs, causal, 0)
+        sgrads = SWITCHABLE_BWD(sout, q, k, v, sout, None, None, used, lse, 0.1, coeffs, causal, 0)
     assert isinstance(out, FakeTensor) and out.shape == q.shape and out.dtype == q.dtype
     assert tuple(state.shape) == ((0,) if causal else (1, 2, fast_rank(d, degree), d + 1))
     assert state.dtype == torch.float32

@@ -25,7 +25,7 @@ def test_each_mode_matches_its_naive_reference(mode, causal, window, padding):
     q, k, v, kw = _inputs()
     kw = kw if padding else None
     switch = torch.tensor(mode, dtype=torch.int8)
-    out, used = switchable_attention(q, k, v, kw, None, switch, 0.3, COEFFS, causal, window)
+    out, used, _ = switchable_attention(q, k, v, kw, None, switch, 0.3, COEFFS, causal, window)
     cot = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
     grads = torch.autograd.grad(out, (q, k, v), cot)
     reference = naive_poly_attention if mode else naive_exact_attention
@@ -41,7 +41,7 @@ def test_each_mode_matches_its_naive_reference(mode, causal, window, padding):
 def test_backward_uses_the_mode_of_its_forward_even_if_the_switch_flips():
     q, k, v, kw = _inputs()
     switch = torch.tensor(1, dtype=torch.int8)
-    out, _ = switchable_attention(q, k, v, None, None, switch, 0.3, COEFFS, True, 0)
+    out, _, _ = switchable_attention(q, k, v, None, None, switch, 0.3, COEFFS, True, 0)
     switch.fill_(0)  # flipped between forward and backward
     grads = torch.autograd.grad(out.sum(), (q, k, v))
     ref = naive_poly_attention(q, k, v, scale=0.3, causal=True, coefficients=COEFFS)
@@ -70,8 +70,8 @@ def test_low_precision_and_autocast(dtype, mode, causal, padding):
     cot = torch.randn(2, 4, 40, 8, generator=torch.Generator().manual_seed(3)).to(dtype)
     lo = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
     ref = [t.detach().float().requires_grad_() for t in lo]
-    out_lo, _ = switchable_attention(*lo, kw, None, switch, 0.3, COEFFS, causal, 0)
-    out_ref, _ = switchable_attention(*ref, kw, None, switch, 0.3, COEFFS, causal, 0)
+    out_lo, _, _ = switchable_attention(*lo, kw, None, switch, 0.3, COEFFS, causal, 0)
+    out_ref, _, _ = switchable_attention(*ref, kw, None, switch, 0.3, COEFFS, causal, 0)
     grads_lo = torch.autograd.grad(out_lo, lo, cot)
     grads_ref = torch.autograd.grad(out_ref, ref, cot.float())
     tol = 0.03 if dtype == torch.bfloat16 else 0.005
@@ -83,7 +83,7 @@ def test_low_precision_and_autocast(dtype, mode, causal, padding):
 
     x = [t.detach().float().requires_grad_() for t in (q, k, v)]
     with torch.autocast("cpu", dtype=dtype):
-        out, used = switchable_attention(*x, kw, None, switch, 0.3, COEFFS, causal, 0)
+        out, used, _ = switchable_attention(*x, kw, None, switch, 0.3, COEFFS, causal, 0)
         grads = torch.autograd.grad(out, x, cot)
     assert int(used) == mode and out.dtype == dtype
     torch.testing.assert_close(out, switchable_attention(*[t.detach().to(dtype) for t in x], kw, None, switch, 0.3,
