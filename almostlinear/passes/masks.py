@@ -12,6 +12,7 @@ The combined `MaskSpec.kind` is one of MASK_KINDS. Only the structured kinds can
 """
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from dataclasses import dataclass, field
@@ -383,6 +384,7 @@ def _holds_at_other_lengths(spec: MaskSpec, ops: Sequence[MaskOp], scores_shape:
         return False
     h = max(hints.values())
 
+    @functools.lru_cache(maxsize=None)  # the binary search and the cap probe revisit lengths
     def at(length: int):
         probe = {sym: length for sym in hints}
         shape = tuple(_substitute(d, probe) for d in scores_shape)
@@ -393,14 +395,14 @@ def _holds_at_other_lengths(spec: MaskSpec, ops: Sequence[MaskOp], scores_shape:
         return None if facts.dense_reason else _predicted_by(spec, facts, *_rows_cols(shape))
 
     results = [at(n) for n in sorted({2, 3, h // 2 + 1, max(2, h - 1), h + 1, 2 * h + 1})]
+    largest = PROBE_CAP
     if at(PROBE_CAP) is None:  # the largest evaluable length in (h, cap): a buffer's full extent
         lo, hi = h, PROBE_CAP
         while hi - lo > 1:
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if at(mid) is not None else (lo, mid)
-        results.append(at(lo))
-    else:
-        results.append(at(PROBE_CAP))
+        largest = lo
+    results.append(at(largest))
     return all(r is not False for r in results) and any(r for r in results)
 
 

@@ -123,22 +123,26 @@ def _static_key_weight(gm: fx.GraphModule, site: AttentionSite, build: _Builder,
     return _buffer(gm, static_keys_name(site.id), weight, build, fake_mode)
 
 
+def term_key_weight(leaf: torch.Tensor, kind: str, factor: float) -> torch.Tensor:
+    """The float32 weight [B or 1, S] of one proved key term ([B or 1, 1, 1, S]): "allowed" keeps keys where the
+    mask is non-zero, "blocked" where it is zero, "additive" weighs by exp(factor * mask) (finfo.min and -inf
+    give 0). Called in the rewritten graph and, on captured values, by calibration."""
+    if kind == "allowed":
+        w = leaf != 0
+    elif kind == "blocked":
+        w = leaf == 0
+    else:
+        w = torch.exp(leaf.to(torch.float32) * factor)
+    return w.to(torch.float32).flatten(0, -2)
+
+
 def _key_weight(gm: fx.GraphModule, site: AttentionSite, q: fx.Node, build: _Builder, fake_mode) -> fx.Node | None:
     """The per-key weight [B, S] (float32): product of the proved key terms and of the static key mask."""
     weight = None
     if site.mask.static_keys is not None and not bool(site.mask.static_keys.all()):
         weight = _static_key_weight(gm, site, build, fake_mode)
     for term in site.mask.key_mask:
-        leaf = term.node
-        if term.kind == "allowed":
-            w = build.call(operator.ne, (leaf, 0))
-        elif term.kind == "blocked":
-            w = build.call(operator.eq, (leaf, 0))
-        else:  # additive: exp(factor * mask); finfo.min and -inf give weight 0
-            scaled = build.call(operator.mul, (build.method("to", (leaf, torch.float32)), float(term.factor)))
-            w = build.call(torch.exp, (scaled,))
-        w = build.method("to", (w, torch.float32))
-        w = build.method("flatten", (w, 0, -2))  # [B or 1, 1, 1, S] -> [B or 1, S]
+        w = build.call(term_key_weight, (term.node, term.kind, float(term.factor)))
         weight = w if weight is None else build.call(operator.mul, (weight, w))
     if weight is None:
         return None
@@ -192,13 +196,7 @@ def key_weight_value(site: AttentionSite, values: dict, q: torch.Tensor) -> torc
         leaf = values.get(term.node)
         if leaf is None:
             return None
-        if term.kind == "allowed":
-            w = leaf != 0
-        elif term.kind == "blocked":
-            w = leaf == 0
-        else:
-            w = torch.exp(leaf.to(torch.float32) * float(term.factor))
-        w = w.to(torch.float32).flatten(0, -2)
+        w = term_key_weight(leaf, term.kind, float(term.factor))
         weight = w if weight is None else weight * w
     return None if weight is None else weight * torch.ones(q.shape[0], 1, device=q.device)
 
