@@ -271,7 +271,7 @@ def rewrite_polynomial(gm: fx.GraphModule, site: AttentionSite, fake_mode, optio
     key_weight = _key_weight(gm, site, q, build, fake_mode)
     switch = _switch(gm, site, build, fake_mode, options, k)
     if switch is not None:
-        from .switchable import SWITCHABLE_OP
+        from ..kernels.switchable import SWITCHABLE_OP
 
         op_node = build.call(SWITCHABLE_OP, (q, k, v, key_weight, alibi, switch, float(scale), coefficients,
                                              bool(mask.causal), int(mask.window)))

@@ -24,7 +24,7 @@ from ..kernels import exact_attention, taylor_coefficients, validate_polynomial
 from ..kernels.op import allowed_keys
 from ..passes.graph_utils import concrete_int
 
-from .switchable import SWITCHABLE_OP
+from ..kernels.switchable import SWITCHABLE_OP
 
 POLY_OP = torch.ops.almostlinear.poly_attention.default
 

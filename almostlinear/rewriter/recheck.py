@@ -1,6 +1,6 @@
 """Re-checks in training: every N-th call re-measures the approximated sites on that call's inputs.
 
-The compiled graph reads one 0-d switch buffer per approximated site (see switchable.py). Every
+The compiled graph reads one 0-d switch buffer per approximated site (see kernels/switchable.py). Every
 `recheck_every`-th call made with grad enabled (a training call), after the call itself, one forward pass
 of the rewritten graph runs with exact attention computed beside each still-approximated site; a site
 whose relative output error now exceeds the budget is switched to exact for the following calls (no

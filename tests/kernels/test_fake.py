@@ -9,7 +9,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from almostlinear.kernels import cpu, features, naive_poly_attention
 from almostlinear.kernels.features import FeatureMap, Quad2Features, fast_feature_map, fast_rank, feature_map
-from almostlinear.rewriter import switchable  # noqa: F401  (registers the switchable op)
+from almostlinear.kernels import switchable  # noqa: F401  (registers the switchable op)
 
 from kernel_helpers import make_inputs
 

@@ -15,8 +15,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..kernels.cpu import autocast_disabled
-from ..kernels.op import allowed_keys, exact_attention, register_autocast
+from .cpu import autocast_disabled
+from .op import allowed_keys, exact_attention, register_autocast
 
 
 def _exact(q, k, v, key_weight, alibi_slopes, scale, causal, window):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from almostlinear.kernels import naive_exact_attention, naive_poly_attention
-from almostlinear.rewriter.switchable import switchable_attention
+from almostlinear.kernels.switchable import switchable_attention
 
 COEFFS = [1.0, 1.0, 0.5]
 
