@@ -81,6 +81,8 @@ class AttentionSite:
     softmax_dtype: Any = None
     residual: fx.Node | None = None
     kv_broadcast: tuple | None = None  # (k, v) [B, 1, S, D] of a broadcasting multi-query site
+    kv_unrepeated: tuple | None = None  # (k, v) [B, Hk, S, D] before a GQA repeat / MQA broadcast, if any
+    constant_scale: float = 1.0  # the constant part of the factor on q.k (symbolic factors: scale_factors)
     score_transform: str = ""  # a transform of the scores the fused ops cannot apply (soft-cap): kept as written
     pre_transform_ops: list[MaskOp] = field(default_factory=list)  # ops before that transform (graph order)
     transform_at: int | None = None  # (while walking up) how many mask ops were recorded after the transform
@@ -97,6 +99,11 @@ class AttentionSite:
         if isinstance(self.scale, (int, float)):
             return float(self.scale) * self.prescale
         return None
+
+    @property
+    def op_kv(self) -> tuple[fx.Node, fx.Node]:
+        """The k and v the polynomial op reads: unrepeated over GQA groups where the matcher found them."""
+        return self.kv_unrepeated or (self.k, self.v)
 
 
 @dataclass
@@ -724,7 +731,7 @@ def _gqa(site: AttentionSite) -> None:
     k, v = repeated_kv(site.k), repeated_kv(site.v)
     if k is not None and v is not None and k[1] == v[1]:
         site.gqa_groups = k[1]
-        site.kv_unrepeated = (k[0], v[0])  # type: ignore[attr-defined]
+        site.kv_unrepeated = (k[0], v[0])
 
 
 def _total_scale(site: AttentionSite) -> None:
@@ -738,7 +745,7 @@ def _total_scale(site: AttentionSite) -> None:
             symbolic.append((op.value, op.divide))
     site.scale_factors = symbolic
     site.scale = constant if not symbolic else None
-    site._constant_scale = constant  # type: ignore[attr-defined]
+    site.constant_scale = constant
     _, fq = _peel_constant_scale(site.q)
     _, fk = _peel_constant_scale(site.k)
     site.prescale = fq * fk
@@ -797,7 +804,8 @@ def _match_sdpa(node: fx.Node, site: AttentionSite) -> None:
         if isinstance(head_dim, torch.SymInt):  # dynamic=True: the head dim is a model constant, so specialise
             head_dim = int(head_dim)  # it (a guard) rather than lose the scale
         scale = 1.0 / float(head_dim) ** 0.5 if isinstance(head_dim, int) else None
-    site.scale = scale if is_number(scale) or scale is None else scale
+    site.scale = scale
+    site.constant_scale = float(scale) if is_number(scale) else 1.0
     if site.enable_gqa and q_shape and k_shape and len(q_shape) >= 3:
         try:
             site.gqa_groups = int(q_shape[-3]) // int(k_shape[-3])

@@ -51,7 +51,7 @@ def _dtype(node: Any) -> torch.dtype | None:
 
 def _scaled_query(site: AttentionSite, build: _Builder) -> tuple[fx.Node, float]:
     """q and the float scale for SDPA. Symbolic or 0-d tensor factors are applied to q in the graph."""
-    constant = getattr(site, "_constant_scale", site.scale if is_number(site.scale) else 1.0)
+    constant = site.constant_scale
     q = site.q
     for factor, divide in site.scale_factors:
         q = build.call(operator.truediv if divide else operator.mul, (q, factor))

@@ -24,10 +24,6 @@ POLY_OP = torch.ops.almostlinear.poly_attention.default
 CUDA_FP32_MIN_SEQ_LEN = 12288
 
 
-def _kv(site: AttentionSite) -> tuple[fx.Node, fx.Node]:
-    return getattr(site, "kv_unrepeated", None) or (site.k, site.v)
-
-
 def _dropout_active(site: AttentionSite) -> bool:
     p = site.dropout_p
     if site.form == "eager" and site.dropout_training is False:
@@ -70,7 +66,7 @@ def _alibi_per_query_head(site: AttentionSite) -> list[float] | None:
 
 def is_dynamic_length(site: AttentionSite) -> bool:
     """The key length is a symbol (dynamic shapes): the crossover is applied at run time."""
-    k_shape = shape_of(_kv(site)[0])
+    k_shape = shape_of(site.op_kv[0])
     return k_shape is not None and isinstance(k_shape[-2], torch.SymInt) and not k_shape[-2].node.is_constant()
 
 
@@ -80,7 +76,7 @@ def polynomial_support(site: AttentionSite, options: Options) -> tuple[bool, str
         return False, f"the scores pass through a transform the op cannot apply: {site.score_transform}"
     if site.mask.kind not in OP_MASK_KINDS:
         return False, f"mask kind {site.mask.kind!r} has no linear-time structure ({site.mask.reason})"
-    q_shape, k_shape = shape_of(site.q), shape_of(_kv(site)[0])
+    q_shape, k_shape = shape_of(site.q), shape_of(site.op_kv[0])
     if q_shape is None or len(q_shape) != 4:
         return False, "the polynomial op takes [B, H, T, D] tensors; this site is not 4-D"
     if _dropout_active(site):
@@ -262,7 +258,7 @@ def rewrite_polynomial(gm: fx.GraphModule, site: AttentionSite, fake_mode, optio
         q = site.q
     else:
         q, scale = _scaled_query(site, build)
-    k, v = _kv(site)
+    k, v = site.op_kv
     mask = site.mask
     alibi = None
     if mask.alibi_slopes is not None:

@@ -50,7 +50,7 @@ def _site_scale(site) -> float:
     """The factor on q.k of the captured q (pre-scaled q already holds its own factor)."""
     if site.form == "sdpa":
         return float(site.scale) if is_number(site.scale) else 1.0
-    scale = float(getattr(site, "_constant_scale", 1.0))
+    scale = site.constant_scale
     for factor, divide in site.scale_factors:
         value = example_value(factor)
         hint = getattr(getattr(value, "node", None), "hint", None)
@@ -60,10 +60,6 @@ def _site_scale(site) -> float:
             continue
         scale = scale / float(hint) if divide else scale * float(hint)
     return scale
-
-
-def _kv(site):
-    return getattr(site, "kv_unrepeated", None) or (site.k, site.v)
 
 
 def _annotate(row, calibration: Calibration) -> None:
@@ -91,7 +87,7 @@ def plan_within_budget(gm, example_inputs: Sequence[Any], options: Options, init
     watch = {}
     for site in reference.sites:
         if site.id in candidates:
-            k, v = _kv(site)
+            k, v = site.op_kv
             watch.update({site.q: site.id, k: site.id, v: site.id})
             watch.update({term.node: site.id for term in site.mask.key_mask})  # the key mask's values
     rng = torch.get_rng_state()
@@ -120,7 +116,7 @@ def plan_within_budget(gm, example_inputs: Sequence[Any], options: Options, init
     for site in reference.sites:
         if site.id not in candidates or site.id in unusable:
             continue
-        k, v = _kv(site)
+        k, v = site.op_kv
         q_val, k_val, v_val = ref.captured.get(site.q), ref.captured.get(k), ref.captured.get(v)
         if q_val is None or k_val is None or v_val is None or q_val.dim() != 4:
             continue
@@ -210,7 +206,7 @@ def _unusable_sites(sites, candidates: list[int], ref) -> tuple[dict[int, str], 
     for site in sites:
         if site.id not in codes:
             continue
-        k, v = _kv(site)
+        k, v = site.op_kv
         q_val, k_val, v_val = ref.captured.get(site.q), ref.captured.get(k), ref.captured.get(v)
         if q_val is None or k_val is None or v_val is None:
             continue
