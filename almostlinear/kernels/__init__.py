@@ -2,21 +2,27 @@
 
 Public API::
 
-    MASK_KINDS                       structured mask kinds the op covers
     taylor_coefficients(degree)      (1, 1, 1/2, ...) Taylor coefficients of exp
+    validate_polynomial(degree, coefficients)                  the coefficients, checked P(s) > 0
+    evaluate_polynomial(s, coefficients)                       P(s) = c_0 + c_1 s + ... (Horner)
+    mask_kind(causal, key_weight, alibi_slopes, window)       the kinds.MaskKind of an argument combination
+    allowed_keys(query_index, S, causal, window)              [m, S] bool: the keys each query sees
     poly_attention(q, k, v, *, scale, degree=2, coefficients=None, causal=False, key_weight=None,
                    alibi_slopes=None, window=0, min_seq_len=0)             -> [B, Hq, L, Dv]
     naive_poly_attention(...)        the reference (materialises [L, S])
     exact_attention(...)             exact softmax with the same mask semantics (SDPA)
     DEFAULT_MIN_SEQ_LEN[_CAUSAL], default_min_seq_len(device, causal=False)   measured crossovers
 
-Op: torch.ops.almostlinear.poly_attention (+ poly_attention_backward). See op.py for dispatch.
+Op: torch.ops.almostlinear.poly_attention (+ poly_attention_backward). See op.py for dispatch; the kernels
+are cpu/ (chunked torch path, any device) and triton/ (CUDA, degree 2); switchable.py holds the op that
+switches a site between polynomial and exact attention at run time.
 """
-from .features import feature_rank, taylor_coefficients, validate_polynomial
+from .features import evaluate_polynomial, feature_rank, taylor_coefficients, validate_polynomial
+from .key_mask import allowed_keys
 from .naive import naive_exact_attention, naive_poly_attention
-from .op import (DEFAULT_MIN_SEQ_LEN, DEFAULT_MIN_SEQ_LEN_CAUSAL, MASK_KINDS, default_min_seq_len,
-                 exact_attention, mask_kind, poly_attention)
+from .op import (DEFAULT_MIN_SEQ_LEN, DEFAULT_MIN_SEQ_LEN_CAUSAL, default_min_seq_len, exact_attention, mask_kind,
+                 poly_attention)
 
-__all__ = ["MASK_KINDS", "taylor_coefficients", "validate_polynomial", "feature_rank", "poly_attention",
+__all__ = ["taylor_coefficients", "validate_polynomial", "evaluate_polynomial", "feature_rank", "poly_attention",
            "naive_poly_attention", "naive_exact_attention", "exact_attention", "DEFAULT_MIN_SEQ_LEN",
-           "DEFAULT_MIN_SEQ_LEN_CAUSAL", "default_min_seq_len", "mask_kind"]
+           "DEFAULT_MIN_SEQ_LEN_CAUSAL", "default_min_seq_len", "mask_kind", "allowed_keys"]

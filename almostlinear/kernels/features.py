@@ -19,8 +19,8 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["taylor_coefficients", "validate_polynomial", "feature_rank", "FeatureMap", "poly_eval",
-           "poly_deriv_eval"]
+__all__ = ["taylor_coefficients", "validate_polynomial", "feature_rank", "FeatureMap", "evaluate_polynomial",
+           "evaluate_polynomial_derivative"]
 
 _TOL = 1e-12
 
@@ -75,18 +75,17 @@ def feature_rank(d: int, degree: int) -> int:
     return math.comb(d + degree, degree)
 
 
-def poly_eval(s: torch.Tensor, coeffs: Sequence[float]) -> torch.Tensor:
-    """P(s) by Horner."""
-    out = torch.full_like(s, coeffs[-1])
-    for c in reversed(coeffs[:-1]):
+def evaluate_polynomial(s: torch.Tensor, coefficients: Sequence[float]) -> torch.Tensor:
+    """P(s) = c_0 + c_1 s + c_2 s^2 + ... elementwise, by Horner (coefficients in increasing degree)."""
+    out = torch.full_like(s, coefficients[-1])
+    for c in reversed(coefficients[:-1]):
         out = out * s + c
     return out
 
 
-def poly_deriv_eval(s: torch.Tensor, coeffs: Sequence[float]) -> torch.Tensor:
-    """P'(s) by Horner."""
-    dc = [k * coeffs[k] for k in range(1, len(coeffs))]
-    return poly_eval(s, dc)
+def evaluate_polynomial_derivative(s: torch.Tensor, coefficients: Sequence[float]) -> torch.Tensor:
+    """P'(s) elementwise, by Horner (coefficients of P in increasing degree)."""
+    return evaluate_polynomial(s, [k * coefficients[k] for k in range(1, len(coefficients))])
 
 
 class FeatureMap:

@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import torch
 
-from .features import poly_eval, validate_polynomial
+from .features import evaluate_polynomial, validate_polynomial
 
 __all__ = ["naive_poly_attention", "naive_exact_attention", "structure_log_bias"]
 
 
 def structure_log_bias(L: int, S: int, *, causal: bool, window: int, alibi_slopes, device,
                        dtype=torch.float32) -> torch.Tensor:
-    """Log-weights from the structure: [Hq or 1, L, S], -inf where invalid; ALiBi m_h*(j - i) added."""
+    """Log-weights from the structure: [Hq or 1, L, S], -inf where invalid; ALiBi m_h*(j - i) added.
+
+    The valid set is written out here on purpose, not taken from key_mask.allowed_keys that the kernels and the
+    exact fallback share: the oracle stays independent of the code the tests check against it."""
     i = torch.arange(L, device=device).unsqueeze(-1)
     j = torch.arange(S, device=device).unsqueeze(0)
     valid = torch.ones(L, S, dtype=torch.bool, device=device)
@@ -73,7 +76,7 @@ def naive_poly_attention(q, k, v, *, scale: float, degree: int = 2, coefficients
                          key_weight=None, alibi_slopes=None, window: int = 0) -> torch.Tensor:
     """Reference polynomial attention (materialises [B, Hq, L, S]; differentiable by autograd)."""
     coeffs = validate_polynomial(degree, coefficients)
-    return _naive(q, k, v, lambda s: poly_eval(s, coeffs), scale=scale, causal=causal,
+    return _naive(q, k, v, lambda s: evaluate_polynomial(s, coeffs), scale=scale, causal=causal,
                   key_weight=key_weight, alibi_slopes=alibi_slopes, window=window)
 
 

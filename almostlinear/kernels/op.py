@@ -24,13 +24,13 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..kinds import MaskKind
 from . import cpu
 from .features import validate_polynomial
+from .key_mask import allowed_keys
 
-__all__ = ["MASK_KINDS", "poly_attention", "DEFAULT_MIN_SEQ_LEN", "DEFAULT_MIN_SEQ_LEN_CAUSAL",
-           "default_min_seq_len", "mask_kind", "exact_attention"]
-
-MASK_KINDS = ("none", "causal", "key_padding", "causal+key_padding", "alibi", "window", "causal+window")
+__all__ = ["poly_attention", "DEFAULT_MIN_SEQ_LEN", "DEFAULT_MIN_SEQ_LEN_CAUSAL",
+           "default_min_seq_len", "mask_kind", "exact_attention", "allowed_keys"]
 
 # Key length below which exact attention is faster (fwd+bwd, d=64, B=H=1), measured with
 # benchmarks/attention.py (CPU: AMD EPYC 2 cores, torch 2.13, 1 thread: non-causal 0.96-1.5x at 4k over three
@@ -51,15 +51,15 @@ def default_min_seq_len(device, causal: bool = False) -> int:
     return table.get(kind, table["cpu"])
 
 
-def mask_kind(causal: bool, key_weight=None, alibi_slopes=None, window: int = 0) -> str:
-    """The MASK_KINDS name of an argument combination (ALiBi/window with padding map to the base name)."""
+def mask_kind(causal: bool, key_weight=None, alibi_slopes=None, window: int = 0) -> MaskKind:
+    """The mask kind of an argument combination (ALiBi/window with padding map to the base kind)."""
     if alibi_slopes is not None:
-        return "alibi"
+        return MaskKind.ALIBI
     if window:
-        return "causal+window" if causal else "window"
+        return MaskKind.CAUSAL_WINDOW if causal else MaskKind.WINDOW
     if key_weight is not None:
-        return "causal+key_padding" if causal else "key_padding"
-    return "causal" if causal else "none"
+        return MaskKind.CAUSAL_KEY_PADDING if causal else MaskKind.KEY_PADDING
+    return MaskKind.CAUSAL if causal else MaskKind.NONE
 
 
 @functools.lru_cache(maxsize=1)
@@ -257,20 +257,6 @@ def poly_attention(q, k, v, *, scale: float, degree: int = 2, coefficients=None,
                                alibi_slopes=alibi_slopes, window=window)
     return _poly_attention_op(q, k, v, key_weight, alibi_slopes, float(scale), list(coeffs), bool(causal),
                               int(window))[0]
-
-
-def allowed_keys(query_index: torch.Tensor, S: int, causal: bool, window: int) -> torch.Tensor:
-    """[m, S] bool: which keys the queries at `query_index` ([m, 1]) see (causal: j <= i; window w: causal
-    i - w < j <= i, otherwise |i - j| < w), the op's mask semantics."""
-    j = torch.arange(S, device=query_index.device).reshape(1, -1)
-    allowed = torch.ones(query_index.shape[0], S, dtype=torch.bool, device=query_index.device)
-    if causal:
-        allowed &= j <= query_index
-        if window:
-            allowed &= j > query_index - window
-    elif window:
-        allowed &= (query_index - j).abs() < window
-    return allowed
 
 
 def exact_attention(q, k, v, *, scale: float, causal: bool = False, key_weight=None, alibi_slopes=None,

@@ -16,7 +16,8 @@ from typing import Optional, Sequence
 import torch
 
 from .cpu import autocast_disabled
-from .op import allowed_keys, exact_attention, register_autocast
+from .key_mask import allowed_keys
+from .op import exact_attention, register_autocast
 
 
 def _exact(q, k, v, key_weight, alibi_slopes, scale, causal, window):

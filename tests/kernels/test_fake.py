@@ -10,6 +10,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from almostlinear.kernels import cpu, features, naive_poly_attention
 from almostlinear.kernels.features import FeatureMap, Quad2Features, fast_feature_map, fast_rank, feature_map
 from almostlinear.kernels import switchable  # noqa: F401  (registers the switchable op)
+from almostlinear.kernels.cpu import context as cpu_context
 
 from kernel_helpers import make_inputs
 
@@ -29,8 +30,8 @@ def no_feature_tables(monkeypatch):
     monkeypatch.setattr(FeatureMap, "__init__", boom)
     for name in ("fast_feature_map", "feature_map", "_feature_map_cached", "_quad2_features"):
         monkeypatch.setattr(features, name, boom, raising=False)
-    monkeypatch.setattr(cpu, "fast_feature_map", boom)
-    monkeypatch.setattr(cpu, "_fm", boom)
+    monkeypatch.setattr(cpu_context, "fast_feature_map", boom)
+    monkeypatch.setattr(cpu_context, "feature_map_for", boom)
 
 
 def _fake_inputs(mode, d, dv=None, L=256, hq=2, hk=2, alibi=False):

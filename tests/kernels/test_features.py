@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from almostlinear.kernels import feature_rank, taylor_coefficients, validate_polynomial
-from almostlinear.kernels.features import FeatureMap, Quad2Features, poly_deriv_eval, poly_eval
+from almostlinear.kernels.features import (FeatureMap, Quad2Features, evaluate_polynomial,
+                                           evaluate_polynomial_derivative)
 
 
 def test_taylor():
@@ -48,7 +49,7 @@ def test_factorisation_and_vjp(fm):
     x = torch.randn(3, 5, d, dtype=torch.float64, generator=g)
     y = torch.randn(3, 7, d, dtype=torch.float64, generator=g)
     P = fm.phi(x, "q") @ fm.phi(y, "k").transpose(-1, -2)
-    ref = poly_eval(fm.scale * x @ y.transpose(-1, -2), fm.coeffs)
+    ref = evaluate_polynomial(fm.scale * x @ y.transpose(-1, -2), fm.coeffs)
     assert torch.allclose(P, ref, rtol=1e-10, atol=1e-10)
     for side in "qk":
         gphi = torch.randn(3, 5, fm.rank, dtype=torch.float64, generator=g)
@@ -62,5 +63,5 @@ def test_factorisation_and_vjp(fm):
 def test_poly_derivative():
     s = torch.linspace(-3, 3, 11, dtype=torch.float64)
     c = (1.0, 1.0, 0.5)
-    assert torch.allclose(poly_deriv_eval(s, c), 1 + s)
-    assert math.isclose(poly_eval(torch.tensor(2.0), c).item(), 5.0)
+    assert torch.allclose(evaluate_polynomial_derivative(s, c), 1 + s)
+    assert math.isclose(evaluate_polynomial(torch.tensor(2.0), c).item(), 5.0)

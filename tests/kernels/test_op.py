@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from almostlinear.kernels import (DEFAULT_MIN_SEQ_LEN, MASK_KINDS, default_min_seq_len, mask_kind,
-                                  naive_exact_attention, naive_poly_attention, poly_attention)
+from almostlinear.kernels import (DEFAULT_MIN_SEQ_LEN, default_min_seq_len, mask_kind, naive_exact_attention,
+                                  naive_poly_attention, poly_attention)
+from almostlinear.kinds import APPROXIMABLE_MASK_KINDS, MaskKind
 
 from kernel_helpers import make_inputs, rms_ratio
 
@@ -11,11 +12,14 @@ OP = torch.ops.almostlinear.poly_attention.default
 
 
 def test_public_constants():
-    assert MASK_KINDS == ("none", "causal", "key_padding", "causal+key_padding", "alibi", "window", "causal+window")
+    assert APPROXIMABLE_MASK_KINDS == ("none", "causal", "key_padding", "causal+key_padding", "alibi", "window",
+                                       "causal+window")
     assert default_min_seq_len("cpu") == DEFAULT_MIN_SEQ_LEN["cpu"]
     assert default_min_seq_len(torch.device("cuda")) == DEFAULT_MIN_SEQ_LEN["cuda"]
     assert default_min_seq_len("cpu", causal=True) >= default_min_seq_len("cpu")
-    assert mask_kind(True, torch.ones(1, 2)) == "causal+key_padding"
+    assert mask_kind(True, torch.ones(1, 2)) is MaskKind.CAUSAL_KEY_PADDING
+    assert {mask_kind(c, w, a, n) for c in (False, True) for w in (None, torch.ones(1, 2))
+            for a in (None, torch.ones(1)) for n in (0, 3)} == set(APPROXIMABLE_MASK_KINDS)
 
 
 @pytest.mark.parametrize("args", [

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from almostlinear.kernels import cpu, naive_exact_attention, poly_attention, taylor_coefficients
-from almostlinear.kernels.features import poly_eval
+from almostlinear.kernels.features import evaluate_polynomial
 
 from kernel_helpers import make_inputs
 
@@ -37,7 +37,7 @@ def test_error_bound_vs_exact(kind, B, Hk, G, L, D, std, degree, seed, chunk):
                             causal=a["causal"], window=a["window"], chunk=chunk)
     ref = naive_exact_attention(q, k, v, scale=scale, **a)
     s = scale * q @ k.repeat_interleave(G, 1).transpose(-1, -2)
-    eps = (poly_eval(s, coeffs) * torch.exp(-s) - 1).abs().max().item()  # over all pairs (superset of valid)
+    eps = (evaluate_polynomial(s, coeffs) * torch.exp(-s) - 1).abs().max().item()  # over all pairs (superset of valid)
     if eps < 1:
         bound = 2 * eps / (1 - eps) * v.abs().max().item()
         assert (out - ref).abs().max().item() <= bound * (1 + 1e-9) + 1e-12

@@ -243,7 +243,7 @@ def _q_unview(s, t):
 
 def _intra(s, q, k, v):
     """Causal intra-chunk blocks: s_blk, W (with tril and key weights) [B, Hk, NC, G*C, C]."""
-    from ..features import poly_eval
+    from ..features import evaluate_polynomial
     qv = _q_view(s, q)
     kc, vc = s.chunks(k, s.S), s.chunks(v, s.S)
     sc = (qv @ kc.transpose(-1, -2)) * s.scale
@@ -252,7 +252,7 @@ def _intra(s, q, k, v):
     M = tril
     if s.f is not None:
         M = M * s.chunks(s.f, s.S).transpose(-1, -2)
-    return qv, kc, vc, sc, poly_eval(sc, s.coeffs) * M, M
+    return qv, kc, vc, sc, evaluate_polynomial(sc, s.coeffs) * M, M
 
 
 def _key_state(s):
@@ -354,9 +354,9 @@ def backward(grad, q, k, v, out, key_weight=None, *, scale, coeffs, causal=False
     dXs = kc @ dS1 + dS0.unsqueeze(-2)
     dvs = 0.0
     if causal:
-        from ..features import poly_deriv_eval
+        from ..features import evaluate_polynomial_derivative
         dW = gnv @ vc.transpose(-1, -2) + gzv
-        ds = dW * M * poly_deriv_eval(sc, s.coeffs) * s.scale
+        ds = dW * M * evaluate_polynomial_derivative(sc, s.coeffs) * s.scale
         dqs = dqs + ds @ kc2
         dks = dks + ds.transpose(-1, -2) @ qv
         dvs = W.transpose(-1, -2) @ gnv

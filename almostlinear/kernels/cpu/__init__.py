@@ -1,0 +1,113 @@
+"""Fast pure-torch path (any device; the default on CPU): chunked forward and analytic backward.
+
+Shapes: q [B, Hq, L, D], k [B, Hk, S, D], v [B, Hk, S, Dv], key_weight [B, S] | None,
+alibi_slopes [Hq] | None.  All inputs float32 (or float64) and contiguous; outputs in the same dtype.
+GQA: queries are viewed as [B, Hk, G, L, D] (G = Hq // Hk); K/V are never repeated.
+
+Three regimes, each O(n) memory and never holding more than one chunk of features, one module each:
+
+* global (non-causal, no window; global_regime.py): state Saug = phi_k(K)^T [f*V | f] ([r, Dv+1],
+  f = key factor), out = phi_q(Q) Saug[:, :Dv] / phi_q(Q) Saug[:, Dv].
+* causal (no window; causal.py): chunks of ``chunk`` tokens; inside a chunk P(scale q.k) directly in d-space
+  with a tril mask, across chunks the running (ALiBi-decayed) state; degree 2 without ALiBi keeps the running
+  states in the square d-space layout (M, S1, S0), updated and consumed by plain matmuls, no features.
+* banded (window > 0; banded.py): every query chunk against the key band it can see, P(s) directly in
+  d-space: O(L * (chunk + 2 * window) * D), linear in n for a fixed window.
+
+Shared: context.py (per-call setup, weight factors, chunking), direct.py (P(s) on a block of scores),
+states.py (reading states on the query and key sides, packed or in d-space).
+
+Weights: W_ij = P(s_ij) * key_weight_j * exp(m_h (j - i)) * valid_ij.  The ALiBi factor is split into a
+key part and a query part that cancels in the normalisation, so exponents never exceed 0
+(no overflow at j = 65536): global uses exp(m (j - j*)) with j* the argmax of m j; causal uses
+exp(a (j - i) + (m - a) j) with a = max(m, 0) (a decayed state); banded subtracts the row maximum.
+A row whose weights are all zero (all keys masked) gives 0.
+
+The backward is analytic (see docs/architecture.md, "The op's math"): Gd = [G / den | -Delta / den],
+dphi_q = Gd Saug^T, dSaug = phi_q^T Gd, dphi_k = X dSaug^T, dX = phi_k dSaug, then through phi's Jacobian
+(FeatureMap.vjp); causal uses reverse prefix sums over chunks; intra-chunk terms via P'(s).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+
+from ..features import fast_rank
+from .banded import banded_backward, banded_forward
+from .causal import causal_backward, causal_forward
+from .context import CallContext
+from .global_regime import global_backward, global_forward
+
+__all__ = ["CHUNK", "forward", "backward", "state_shape", "autocast_disabled"]
+
+CHUNK = 128
+
+
+def autocast_disabled(t: torch.Tensor):
+    """Context with autocast off for ``t``'s device type.  The kernels compute in their inputs' dtypes
+    (float32 / float64 features and accumulation); inside an autocast region their matmuls would be recast to
+    bfloat16 / float16 (failing on out= scratch buffers, silently losing precision elsewhere)."""
+    dev = t.device.type
+    return torch.autocast(dev, enabled=False) if torch.amp.is_autocast_available(dev) else contextlib.nullcontext()
+
+
+def _no_autocast(fn):
+    """Run ``fn`` (a kernel entry point; its first argument is a tensor on the kernel's device) with autocast off."""
+    @functools.wraps(fn)
+    def wrapper(t, *args, **kwargs):
+        with autocast_disabled(t):
+            return fn(t, *args, **kwargs)
+    return wrapper
+
+
+@_no_autocast
+def forward(q, k, v, key_weight=None, alibi_slopes=None, *, scale, coeffs, causal=False, window=0,
+            chunk=None, square_states=True):
+    """Returns out [B, Hq, L, Dv], den [B, Hq, L] (den = sum_j W_ij) and the global state Saug
+    [B, Hk, r, Gs*(Dv+1)] in the non-causal, unwindowed case (None otherwise): passing it to
+    :func:`backward` saves rebuilding it (one of the backward's [n, r] x [r, Dv+1] products).
+    ``square_states=False`` makes degree 2 causal without ALiBi use the packed running states (as ALiBi and
+    higher degrees do) instead of the faster square ones; the result is the same up to round-off."""
+    cx = CallContext(q, k, v, key_weight, alibi_slopes, scale, coeffs, causal, window, chunk or CHUNK,
+                     square_states)
+    out = q.new_empty(cx.B, cx.Hk, cx.G, cx.L, cx.Dv)
+    den = q.new_empty(cx.B, cx.Hk, cx.G, cx.L)
+    state = None
+    if window > 0:
+        banded_forward(cx, out, den)
+    elif causal:
+        causal_forward(cx, out, den)
+    else:
+        state = global_forward(cx, out, den)
+    return out.view(cx.B, cx.Hq, cx.L, cx.Dv), den.view(cx.B, cx.Hq, cx.L), state
+
+
+@_no_autocast
+def backward(grad, q, k, v, out, key_weight=None, alibi_slopes=None, *, scale, coeffs, causal=False,
+             window=0, chunk=None, state=None, square_states=True):
+    """Analytic backward. grad, out: [B, Hq, L, Dv] (same dtype as q); state: the global state the
+    non-causal :func:`forward` returned (rebuilt when None). Returns dq, dk, dv."""
+    cx = CallContext(q, k, v, key_weight, alibi_slopes, scale, coeffs, causal, window, chunk or CHUNK,
+                     square_states)
+    cx.start_backward(grad, out)
+    dq = torch.zeros_like(cx.q5)
+    dk = torch.zeros_like(k)
+    dv = torch.zeros_like(v)
+    if window > 0:
+        banded_backward(cx, dq, dk, dv)
+    elif causal:
+        causal_backward(cx, dq, dk, dv)
+    else:
+        global_backward(cx, dq, dk, dv, state)
+    return dq.view_as(q), dk, dv
+
+
+def state_shape(B, Hq, Hk, D, Dv, degree, alibi: bool, causal: bool, window: int) -> tuple:
+    """Shape of the state :func:`forward` returns; (0,) where it returns None.  Arithmetic only (the op's fake
+    kernel calls it): no feature map or table is built."""
+    if causal or window > 0:
+        return (0,)
+    Gs = Hq // Hk if alibi else 1
+    return (B, Hk, fast_rank(int(D), degree), Gs * (Dv + 1))
