@@ -2,13 +2,16 @@
 
     almostlinear inspect --model llama --layers 2 --seq-len 256 --method auto --out inspect_out/
     almostlinear inspect --factory mypkg.models:make --method exact
+    almostlinear inspect --factory path/to/models.py:make
 
-A factory is `module:function` returning (model, args) or (model, args, kwargs).
+A factory is `module:function` or `file.py:function` returning (model, args) or (model, args, kwargs). A module
+is imported from the current directory first, else from the installed packages.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.machinery
 import importlib.util
 import json
 import os
@@ -26,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="compile a model, print the report, optionally write graphs")
     source = inspect.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", choices=MODELS, help="a model built from its config with random weights")
-    source.add_argument("--factory", help="module:function returning (model, args[, kwargs])")
+    source.add_argument("--factory", help="module:function or file.py:function returning (model, args[, kwargs])")
     inspect.add_argument("--impl", choices=("eager", "sdpa"), default="eager", help="HF attn_implementation")
     inspect.add_argument("--layers", type=_positive, default=2)
     inspect.add_argument("--seq-len", type=_positive, default=128)
@@ -46,15 +49,49 @@ def _positive(text: str) -> int:
     return value
 
 
+def _exec_module(spec):
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # before running it: dataclasses and pickling look their module up there
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[spec.name]
+        raise
+    return module
+
+
+def _import_file(path: str):
+    """A factory's `.py` file, loaded by location (nothing is added to the import path)."""
+    file = Path(path).resolve()
+    if not file.is_file():
+        raise ImportError(f"no such file {str(file)!r}")
+    free = file.stem.isidentifier() and file.stem not in sys.modules
+    name = file.stem if free else f"_almostlinear_factory_{file.stem}"
+    return _exec_module(importlib.util.spec_from_file_location(name, file))
+
+
+def _import_module(name: str):
+    """A dotted module, its top-level module or package taken from the current directory when it is there (as
+    `python -m` would), else from the installed packages; the import path is left as it is. A folder without
+    `__init__.py` counts only when nothing installed has its name (as a namespace package would)."""
+    top = name.split(".", 1)[0]
+    if top not in sys.modules:
+        spec = importlib.machinery.PathFinder.find_spec(top, [os.getcwd()])
+        if spec is not None and (spec.origin is not None or importlib.util.find_spec(top) is None):
+            _exec_module(spec)
+    return importlib.import_module(name)
+
+
 def _load_factory(spec: str, parser: argparse.ArgumentParser):
     if ":" not in spec:
-        parser.error(f"--factory must look like module:function, got {spec!r}")
-    module_name, function_name = spec.split(":", 1)
-    sys.path.insert(0, os.getcwd())
+        parser.error(f"--factory must look like module:function or file.py:function, got {spec!r}")
+    module_name, _, function_name = spec.rpartition(":")  # the last colon: a Windows path has one more
+    is_file = module_name.endswith(".py") or "/" in module_name or os.sep in module_name
     try:
-        module = importlib.import_module(module_name)
+        module = _import_file(module_name) if is_file else _import_module(module_name)
     except ImportError as exc:
-        parser.error(f"--factory: cannot import {module_name!r} ({exc})")
+        parser.error(f"--factory: cannot import {module_name!r} ({exc}); install the module, run from the folder "
+                     f"that holds it, or pass a file path such as path/to/models.py:{function_name}")
     function = getattr(module, function_name, None)
     if not callable(function):
         parser.error(f"--factory: {module_name!r} has no function {function_name!r}")
@@ -71,8 +108,7 @@ def _build(ns, parser):
     if ns.factory:
         return _load_factory(ns.factory, parser)
     if ns.model == "gpt":
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-        from examples.gpt import GPT, GPTConfig
+        from .zoo import GPT, GPTConfig
 
         torch.manual_seed(0)
         model = GPT(GPTConfig(block_size=ns.seq_len, n_layer=ns.layers, n_head=4, n_embd=128))

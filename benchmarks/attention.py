@@ -22,14 +22,12 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "results")
 
 
 def worker(impl: str, n: int, causal: bool, B: int, H: int, d: int, repeats: int, threads: int) -> dict:
     import torch
     import torch.nn.functional as F
-    sys.path.insert(0, ROOT)
     from almostlinear.kernels import poly_attention
     if threads:
         torch.set_num_threads(threads)

@@ -13,12 +13,8 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import sys
 import time
 import traceback
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 T0 = time.time()
 

@@ -6,16 +6,12 @@ Triton op; loss and gradients are compared with exact attention. One short run (
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import almostlinear  # noqa: E402
-from examples.gpt import GPT, GPTConfig  # noqa: E402
+import almostlinear
+from almostlinear.zoo import GPT, GPTConfig
 
 
 def run(config, tokens, **options):

@@ -11,15 +11,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from almostlinear.kernels import poly_attention  # noqa: E402
+from almostlinear.kernels import poly_attention
 
 
 def timed(fn, repeats=10):

@@ -11,18 +11,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
-import os
-import sys
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, HERE)
-
-from almostlinear.kernels import poly_attention  # noqa: E402
-from almostlinear.kernels.triton import poly_attention as tr  # noqa: E402
-from gpu_profile import timed  # noqa: E402  (median wall time in ms, CUDA synchronised)
+from almostlinear.kernels import poly_attention
+from almostlinear.kernels.triton import poly_attention as tr
+# benchmarks/gpu_profile.py: Python puts the running script's own folder first on the import path
+from gpu_profile import timed  # median wall time in ms, CUDA synchronised
 
 
 def fwd_bwd(q, k, v, grad, causal):

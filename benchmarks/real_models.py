@@ -8,17 +8,14 @@ from __future__ import annotations
 import datetime
 import os
 import platform
-import sys
 
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import almostlinear  # noqa: E402
-from almostlinear.zoo import build  # noqa: E402
-from examples.gpt import GPT, GPTConfig  # noqa: E402
+from almostlinear.zoo import GPT, GPTConfig, build  # noqa: E402
 
 
 class _Call(nn.Module):

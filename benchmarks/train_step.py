@@ -13,15 +13,12 @@ import datetime
 import os
 import platform
 import statistics
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import almostlinear  # noqa: E402
-from examples.gpt import GPT, GPTConfig, timed_step  # noqa: E402
+import almostlinear
+from almostlinear.zoo import GPT, GPTConfig, timed_step
 
 
 def step_time(model, compiled, tokens, repeats: int, device: str) -> float:

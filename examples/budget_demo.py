@@ -6,15 +6,11 @@ after its attention logits grow as training makes them (large logits: kept exact
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import almostlinear  # noqa: E402
-from examples.gpt import GPT, GPTConfig  # noqa: E402
+import almostlinear
+from almostlinear.zoo import GPT, GPTConfig
 
 
 def report_for(model, tokens, budget):

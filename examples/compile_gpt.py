@@ -5,17 +5,13 @@
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import almostlinear  # noqa: E402
-from almostlinear.rewriter.options import INNER_COMPILERS, METHODS  # noqa: E402
-from examples.gpt import GPT, GPTConfig  # noqa: E402
+import almostlinear
+from almostlinear.rewriter.options import INNER_COMPILERS, METHODS
+from almostlinear.zoo import GPT, GPTConfig
 
 
 def main(argv=None) -> None:

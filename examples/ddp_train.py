@@ -11,18 +11,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from almostlinear.rewriter.distributed import assert_same_decisions, compile_for_ddp  # noqa: E402
-from almostlinear.rewriter.options import INNER_COMPILERS, METHODS  # noqa: E402
-from examples.gpt import GPT, GPTConfig  # noqa: E402
+from almostlinear.rewriter.distributed import assert_same_decisions, compile_for_ddp
+from almostlinear.rewriter.options import INNER_COMPILERS, METHODS
+from almostlinear.zoo import GPT, GPTConfig
 
 
 def main(argv=None) -> None:

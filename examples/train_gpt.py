@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import almostlinear  # noqa: E402
-from examples.gpt import GPT, GPTConfig, timed_step  # noqa: E402
+import almostlinear
+from almostlinear.zoo import GPT, GPTConfig, timed_step
 
 
 def stdlib_text(max_bytes: int = 4_000_000) -> torch.Tensor:

@@ -30,8 +30,43 @@ def test_inspect_factory(tmp_path, capsys, monkeypatch):
         "    return attention, (q, q, q)\n"
     )
     monkeypatch.chdir(tmp_path)
+    path_before = list(sys.path)
     assert main(["inspect", "--factory", "my_models:make"]) == 0
     assert "1 attention site(s)" in capsys.readouterr().out
+    assert sys.path == path_before  # the module came from the current directory, the import path is untouched
+
+
+def test_inspect_factory_file_path(tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "elsewhere"
+    folder.mkdir()
+    (folder / "file_models.py").write_text(
+        "import dataclasses\n"
+        "import torch\n"
+        "@dataclasses.dataclass\n"  # needs its module registered while the file runs
+        "class Shape:\n"
+        "    n: int = 8\n"
+        "def make():\n"
+        "    def attention(q, k, v):\n"
+        "        return torch.softmax(q @ k.transpose(-2, -1), dim=-1) @ v\n"
+        "    q = torch.randn(1, 2, Shape().n, 4)\n"
+        "    return attention, (q, q, q)\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "file_models", raising=False)
+    path_before = list(sys.path)
+    assert main(["inspect", "--factory", "elsewhere/file_models.py:make"]) == 0
+    assert "1 attention site(s)" in capsys.readouterr().out
+    assert sys.path == path_before
+
+
+@pytest.mark.parametrize("factory", ["no_such_module_xyz:make", "missing/models.py:make"])
+def test_factory_that_cannot_be_imported_says_what_to_do(factory, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        main(["inspect", "--factory", factory])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert repr(factory.rpartition(":")[0]) in err and "install the module" in err and "file path" in err
 
 
 @pytest.mark.parametrize(

@@ -9,12 +9,11 @@ import pytest
 pytest.importorskip("triton")
 
 SCRIPT = r'''
-import os, sys, torch
+import os, torch
 os.environ["TRITON_INTERPRET"] = "1"
-sys.path.insert(0, os.environ["KERNEL_HELPERS"])
 from almostlinear.kernels.triton import poly_attention as tr
 from almostlinear.kernels import naive_poly_attention
-from kernel_helpers import make_inputs, rms_ratio
+from tests.kernels.kernel_helpers import make_inputs, rms_ratio
 tr.CHUNK = 32
 tr.SPLIT = 16  # several partial states in the non-causal sums
 worst = 0.0
@@ -55,8 +54,9 @@ print("OK")
 
 
 def test_triton_kernels_interpreted_vs_naive():
-    env = dict(os.environ, TRITON_INTERPRET="1", KERNEL_HELPERS=os.path.dirname(os.path.abspath(__file__)))
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    p = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    # the child imports the helpers as the module tests.kernels.kernel_helpers of the repository root
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=root, capture_output=True, text=True,
+                       timeout=600)
     assert p.returncode == 0 and "OK" in p.stdout, p.stdout + p.stderr

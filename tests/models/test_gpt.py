@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from examples.gpt import GPT, GPTConfig
+from almostlinear.zoo import GPT, GPTConfig
 from tests.oracle import assert_exact_oracle
 
 

@@ -1,5 +1,5 @@
 """A small GPT trained with method="auto" follows the exact run's loss curve."""
-from examples.gpt import GPTConfig
+from almostlinear.zoo import GPTConfig
 from examples.train_gpt import stdlib_text, train
 
 

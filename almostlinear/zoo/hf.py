@@ -1,5 +1,5 @@
-"""Models to inspect and test with: Hugging Face models built from configs with random weights (never
-downloaded, nothing fetched), torch.nn attention modules, and the example GPT.
+"""Hugging Face models to inspect and test with, built from configs with random weights (never downloaded,
+nothing fetched).
 
     build(name, impl="eager" | "sdpa", padding=True, layers=2, seq_len=16) -> (model, input_ids, kwargs)
 """
