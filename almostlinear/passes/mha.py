@@ -22,15 +22,14 @@ from __future__ import annotations
 
 import inspect
 import operator
-from contextlib import nullcontext
 from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .graph_utils import example_value, fake_mode_of, tensor_meta
-from .rewrite import annotate
+from .builder import NodeBuilder
+from .graph_utils import fake_mode_of, tensor_meta
 
 MHA = F.multi_head_attention_forward
 SDPA = F.scaled_dot_product_attention
@@ -82,53 +81,12 @@ def _tensor_arg(value: Any, name: str, *, optional: bool = True) -> fx.Node | No
     return value
 
 
-class _Builder:
-    """Inserts nodes before the MHA call, with fake values and the call's source metadata."""
-
-    def __init__(self, gm: fx.GraphModule, call: fx.Node, fake_mode):
-        self.gm, self.call_node, self.fake_mode = gm, call, fake_mode
-        self.created: list[fx.Node] = []
-
-    def _value(self, target, args, kwargs, method: bool) -> Any:
-        fargs = fx.node.map_arg(args, example_value)
-        fkwargs = fx.node.map_arg(kwargs, example_value)
-        with self.fake_mode if self.fake_mode is not None else nullcontext():
-            if method:
-                self_obj, *rest = fargs
-                return getattr(self_obj, target)(*rest, **fkwargs)
-            return target(*fargs, **fkwargs)
-
-    def _make(self, op: str, target, args, kwargs) -> fx.Node:
-        kwargs = dict(kwargs or {})
-        args = tuple(args)
-        value = self._value(target, args, kwargs, method=(op == "call_method"))
-        with self.gm.graph.inserting_before(self.call_node):
-            node = self.gm.graph.create_node(op, target, args, kwargs)
-        self.created.append(node)
-        return annotate(node, value, self.call_node)
-
-    def call(self, target, *args, **kwargs) -> fx.Node:
-        return self._make("call_function", target, args, kwargs)
-
-    def method(self, name: str, *args, **kwargs) -> fx.Node:
-        return self._make("call_method", name, args, kwargs)
-
-    def getitem(self, node: fx.Node, index: int) -> fx.Node:
-        return self.call(operator.getitem, node, index)
-
-    def rollback(self) -> None:
-        for node in reversed(self.created):
-            if not node.users:
-                self.gm.graph.erase_node(node)
-        self.created.clear()
-
-
 # ---------------------------------------------------------------------------------------------------
 # The pieces of multi_head_attention_forward (need_weights=False path), op for op
 # ---------------------------------------------------------------------------------------------------
 
 
-def _unpack(b: _Builder, packed: fx.Node, parts: int, embed: int) -> list[fx.Node]:
+def _unpack(b: NodeBuilder, packed: fx.Node, parts: int, embed: int) -> list[fx.Node]:
     """`proj.unflatten(-1, (n, E)).unsqueeze(0).transpose(0, -2).squeeze(-2).contiguous()` then [i]."""
     x = b.method("unflatten", packed, -1, (parts, embed))
     x = b.method("unsqueeze", x, 0)
@@ -138,14 +96,14 @@ def _unpack(b: _Builder, packed: fx.Node, parts: int, embed: int) -> list[fx.Nod
     return [b.getitem(x, i) for i in range(parts)]
 
 
-def _split3(b: _Builder, node: fx.Node | None) -> list[fx.Node | None]:
+def _split3(b: NodeBuilder, node: fx.Node | None) -> list[fx.Node | None]:
     if node is None:
         return [None, None, None]
     chunks = b.method("chunk", node, 3)
     return [b.getitem(chunks, i) for i in range(3)]
 
 
-def _in_projection(b: _Builder, a: dict, query: fx.Node, key: fx.Node, value: fx.Node, embed: int) -> list[fx.Node]:
+def _in_projection(b: NodeBuilder, a: dict, query: fx.Node, key: fx.Node, value: fx.Node, embed: int) -> list[fx.Node]:
     bias = _tensor_arg(a["in_proj_bias"], "in_proj_bias")
     if _const_bool(a["use_separate_proj_weight"], "use_separate_proj_weight"):
         weights = [
@@ -172,7 +130,7 @@ def _in_projection(b: _Builder, a: dict, query: fx.Node, key: fx.Node, value: fx
     return [b.call(LINEAR, x, w, bb) for x, w, bb in zip((query, key, value), weights, biases)]
 
 
-def _canonical(b: _Builder, mask: fx.Node | None, name: str, dtype: torch.dtype) -> fx.Node | None:
+def _canonical(b: NodeBuilder, mask: fx.Node | None, name: str, dtype: torch.dtype) -> fx.Node | None:
     """F._canonical_mask: a bool mask becomes 0 / -inf in the query dtype; a float mask is kept."""
     if mask is None:
         return None
@@ -198,7 +156,7 @@ def _out_of_place_canonical(mask: Any) -> None:
 
 
 def _merged_mask(
-    b: _Builder, a: dict, heads: int, batched: bool, dtype: torch.dtype, need_weights: bool
+    b: NodeBuilder, a: dict, heads: int, batched: bool, dtype: torch.dtype, need_weights: bool
 ) -> tuple[fx.Node | None, bool, str]:
     """The SDPA attn_mask and is_causal that multi_head_attention_forward computes, and a description."""
     kpm = _tensor_arg(a["key_padding_mask"], "key_padding_mask")
@@ -275,7 +233,7 @@ def _decompose(gm: fx.GraphModule, node: fx.Node, fake_mode) -> str:
 
     _out_of_place_canonical(a["key_padding_mask"])
     _out_of_place_canonical(a["attn_mask"])
-    b = _Builder(gm, node, fake_mode)
+    b = NodeBuilder(gm, node, fake_mode)
     try:
         if not batched:  # [T, E] -> [T, 1, E], keeping which of q, k, v are the same tensor
             unsqueezed: dict[fx.Node, fx.Node] = {}

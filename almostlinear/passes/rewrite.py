@@ -12,8 +12,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .graph_utils import annotate, is_number, may_erase_unused, tensor_meta
-from .graph_utils import fake_value as _fake_value
+from .builder import NodeBuilder
+from .graph_utils import is_number, may_erase_unused, tensor_meta
 from .masks import BLOCKED_BELOW
 from .match import SDPA, AttentionSite
 
@@ -22,43 +22,21 @@ class RewriteError(Exception):
     """The site cannot be rewritten as asked; the message is the reason kept in the report."""
 
 
-class _Builder:
-    """Inserts nodes before `anchor`, with fake values and the site's source metadata."""
-
-    def __init__(self, gm: fx.GraphModule, anchor: fx.Node, source: fx.Node, fake_mode):
-        self.gm, self.anchor, self.source, self.fake_mode = gm, anchor, source, fake_mode
-
-    def _finish(self, node: fx.Node, value: Any) -> fx.Node:
-        return annotate(node, value, self.source)
-
-    def call(self, target, args, kwargs=None) -> fx.Node:
-        kwargs = kwargs or {}
-        with self.gm.graph.inserting_before(self.anchor):
-            node = self.gm.graph.call_function(target, tuple(args), kwargs)
-        return self._finish(node, _fake_value(self.fake_mode, target, args, kwargs))
-
-    def method(self, name, args, kwargs=None) -> fx.Node:
-        kwargs = kwargs or {}
-        with self.gm.graph.inserting_before(self.anchor):
-            node = self.gm.graph.call_method(name, tuple(args), kwargs)
-        return self._finish(node, _fake_value(self.fake_mode, name, args, kwargs, method=True))
-
-
 def _dtype(node: Any) -> torch.dtype | None:
     meta = tensor_meta(node)
     return None if meta is None else meta.dtype
 
 
-def _scaled_query(site: AttentionSite, build: _Builder) -> tuple[fx.Node, float]:
+def scaled_query(site: AttentionSite, build: NodeBuilder) -> tuple[fx.Node, float]:
     """q and the float scale for SDPA. Symbolic or 0-d tensor factors are applied to q in the graph."""
     constant = site.constant_scale
     q = site.q
     for factor, divide in site.scale_factors:
-        q = build.call(operator.truediv if divide else operator.mul, (q, factor))
+        q = build.call(operator.truediv if divide else operator.mul, q, factor)
     return q, float(constant)
 
 
-def additive_mask(site: AttentionSite, build: _Builder) -> fx.Node | None:
+def additive_mask(site: AttentionSite, build: NodeBuilder) -> fx.Node | None:
     """The site's mask operations as one additive float mask M with softmax(s*c + M) == the original.
 
     Scale ops after a mask also scale the mask accumulated so far; `masked_fill(cond, v)` becomes
@@ -69,31 +47,44 @@ def additive_mask(site: AttentionSite, build: _Builder) -> fx.Node | None:
     for op in site.mask_ops:
         if op.kind == "scale":
             if acc is not None:
-                acc = build.call(operator.truediv if op.divide else operator.mul, (acc, op.value))
+                acc = build.call(operator.truediv if op.divide else operator.mul, acc, op.value)
         elif op.kind == "add":
             if is_number(op.tensor):
                 continue  # a constant shift of every score cancels in the softmax
             term = op.tensor
             if op.value is not None and op.value != 1:
-                term = build.call(operator.mul, (term, op.value))  # baddbmm's beta
-            acc = term if acc is None else build.call(operator.add, (acc, term))
+                term = build.call(operator.mul, term, op.value)  # baddbmm's beta
+            acc = term if acc is None else build.call(operator.add, acc, term)
         elif op.kind == "fill":
-            acc = build.call(torch.where, (op.tensor, op.value, 0.0 if acc is None else acc))
+            acc = build.call(torch.where, op.tensor, op.value, 0.0 if acc is None else acc)
         elif op.kind == "keep":
-            acc = build.call(torch.where, (op.tensor, 0.0 if acc is None else acc, op.value))
+            acc = build.call(torch.where, op.tensor, 0.0 if acc is None else acc, op.value)
     if acc is None:
         return None
     dtype = _dtype(site.q)
     if _dtype(acc) != dtype:
-        acc = build.method("to", (acc, dtype))
+        acc = build.method("to", acc, dtype)
     return acc
 
 
-def _dropout_p(site: AttentionSite) -> Any:
-    training = site.dropout_training
-    if isinstance(training, fx.Node):
+def dropout_probability(site: AttentionSite) -> Any:
+    """The dropout probability the site applies to its weights: 0.0 where an eager chain's dropout is off
+    (`training=False`), else its `p` (a number, or a node when Dynamo passes it as a run-time value)."""
+    if site.form == "eager" and site.dropout_training is False:
+        return 0.0
+    return site.dropout_p
+
+
+def dropout_active(site: AttentionSite) -> bool:
+    """Whether dropout may drop attention weights at this site (a p that is not the constant 0)."""
+    p = dropout_probability(site)
+    return not (is_number(p) and p == 0)
+
+
+def _sdpa_dropout_p(site: AttentionSite) -> Any:
+    if isinstance(site.dropout_training, fx.Node):
         raise RewriteError("dropout's `training` flag is computed in the graph")
-    return site.dropout_p if training else 0.0
+    return dropout_probability(site) if site.dropout_training else 0.0
 
 
 def _erase_dead(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
@@ -119,37 +110,37 @@ def rewrite_exact(gm: fx.GraphModule, site: AttentionSite, fake_mode) -> str:
         return _tighten_sdpa(gm, site)
     if site.score_transform:  # SDPA would compute softmax(s) without it: never drop a transform
         raise RewriteError(f"the scores pass through a transform SDPA cannot apply: {site.score_transform}")
-    build = _Builder(gm, site.output, site.anchor, fake_mode)
-    dropout_p = _dropout_p(site)
-    q, scale = _scaled_query(site, build)
+    build = NodeBuilder(gm, site.output, fake_mode, source=site.anchor)
+    dropout_p = _sdpa_dropout_p(site)
+    q, scale = scaled_query(site, build)
     causal = site.mask.kind == "causal"
     mask = None if causal else additive_mask(site, build)
     nan_rows = None
     if mask is not None and site.mask.empty_rows_possible:
         q, mask, nan_rows = _eager_empty_rows(q, mask, build)
     kwargs = {"attn_mask": mask, "dropout_p": dropout_p, "is_causal": causal, "scale": scale}
-    out = build.call(SDPA, (q, site.k, site.v), kwargs)
+    out = build.call(SDPA, q, site.k, site.v, **kwargs)
     if nan_rows is not None:
-        out = build.call(operator.add, (out, build.method("to", (nan_rows, _dtype(out)))))
+        out = build.call(operator.add, out, build.method("to", nan_rows, _dtype(out)))
     replace_output(gm, site, out, build)
     return "sdpa(is_causal=True)" if causal else ("sdpa(attn_mask)" if mask is not None else "sdpa")
 
 
-def replace_output(gm: fx.GraphModule, site: AttentionSite, out: fx.Node, build: _Builder) -> None:
+def replace_output(gm: fx.GraphModule, site: AttentionSite, out: fx.Node, build: NodeBuilder) -> None:
     """Route the site's users to `out` (merged back to the output's layout when the site was split to a finer
     one, cast back to the original output dtype) and erase the old chain."""
     for step in site.output_layout:
-        out = build.method(step[0], (out, *step[1:]))
+        out = build.method(step[0], out, *step[1:])
     want = _dtype(site.output)
     if want is not None and _dtype(out) != want:
-        out = build.method("to", (out, want))
+        out = build.method("to", out, want)
     old = site.output
     old.replace_all_uses_with(out)
     _erase_dead(gm, site.chain + [old])
     site.output = out
 
 
-def _eager_empty_rows(q: fx.Node, mask: fx.Node, build: _Builder) -> tuple[fx.Node, fx.Node, fx.Node]:
+def _eager_empty_rows(q: fx.Node, mask: fx.Node, build: NodeBuilder) -> tuple[fx.Node, fx.Node, fx.Node]:
     """Rows whose every key is masked (mask < BLOCKED_BELOW everywhere): eager's softmax sees equal values there
     (s + finfo.min rounds to finfo.min) and gives the mean of the values at the keys with the row's largest
     mask value, or NaN when that is -inf. SDPA gets those rows wrong (CPU: 0 for -inf, and for finfo.min a
@@ -159,12 +150,12 @@ def _eager_empty_rows(q: fx.Node, mask: fx.Node, build: _Builder) -> tuple[fx.No
 
     Added only when the mask is not proved to leave every query a key (data-dependent masks); mask-sized
     work, never scores-sized."""
-    top = build.method("amax", (mask, -1), {"keepdim": True})
-    empty = build.call(operator.lt, (top, BLOCKED_BELOW))
-    at_top = build.call(torch.where, (build.call(operator.eq, (mask, top)), 0.0, float("-inf")))
-    mask = build.call(torch.where, (empty, build.method("to", (at_top, _dtype(mask))), mask))
-    q = build.method("masked_fill", (q, empty, 0.0))
-    nan_rows = build.call(torch.where, (build.call(torch.isneginf, (top,)), float("nan"), 0.0))
+    top = build.method("amax", mask, -1, keepdim=True)
+    empty = build.call(operator.lt, top, BLOCKED_BELOW)
+    at_top = build.call(torch.where, build.call(operator.eq, mask, top), 0.0, float("-inf"))
+    mask = build.call(torch.where, empty, build.method("to", at_top, _dtype(mask)), mask)
+    q = build.method("masked_fill", q, empty, 0.0)
+    nan_rows = build.call(torch.where, build.call(torch.isneginf, top), float("nan"), 0.0)
     return q, mask, nan_rows
 
 

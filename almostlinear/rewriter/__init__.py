@@ -1,4 +1,5 @@
-"""The backend: options, planning, rewriting, reports, hand-off to the inner compiler."""
+"""The backend: options, policy, the prepare/apply pipeline, calibration, measurement, the budget search,
+re-checks, reports, hand-off to the inner compiler (docs/architecture.md)."""
 from .backend import RECENT_REPORTS, Backend, almostlinear_backend, transform
 from .explainer import explain, merge_reports
 from .options import Options

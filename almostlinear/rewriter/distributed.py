@@ -1,6 +1,6 @@
 """almostlinear under torch.distributed: DDP (and FSDP2) around a model compiled with backend="almostlinear".
 
-What torch 2.13 does (docs/distributed.md has the measurements):
+What torch 2.13 does (docs/architecture.md, "Distributed training", has the measurements):
 
 * With the default `torch._dynamo.config.optimize_ddp = True` ("ddp_optimizer") and a DDP module active,
   Dynamo hands the captured graph to DDPOptimizer, which splits it just before the parameter-using node at
@@ -23,18 +23,16 @@ from __future__ import annotations
 
 import functools
 import logging
-import warnings
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
 
-from .backend import Backend, compile_graph, hand_off
+from .backend import Backend, compile_graph, hand_off, is_ddp_piece, warn_ddp_piece
 from .options import Options
 
 log = logging.getLogger("almostlinear")
 
-DDP_PIECE_MARK = "DDPOptimizer"  # in gm.compile_subgraph_reason of every piece DDPOptimizer compiles
 
 
 def optimize_ddp_mode() -> str:
@@ -50,11 +48,6 @@ def active_ddp_module():
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel._get_active_ddp_module()
-
-
-def is_ddp_piece(gm: fx.GraphModule) -> bool:
-    """Whether `gm` is one piece of a graph that DDPOptimizer split (not the whole captured graph)."""
-    return DDP_PIECE_MARK in str(getattr(gm, "compile_subgraph_reason", "") or "")
 
 
 def _has_fake(example_inputs: Sequence[Any]) -> bool:
@@ -74,12 +67,6 @@ def _copy_dynamo_sources(original: fx.GraphModule, work: fx.GraphModule) -> None
     for name in ("_param_name_to_source", "compile_subgraph_reason"):
         if hasattr(original, name) and not hasattr(work, name):
             setattr(work, name, getattr(original, name))
-
-
-def ddp_split_hand_off(work: fx.GraphModule, example_inputs: Sequence[Any], inner: str, ddp,
-                       original: fx.GraphModule | None = None) -> Callable:
-    """Split the rewritten graph at `ddp`'s bucket boundaries (DDPOptimizer) and compile each piece."""
-    return _split(work, example_inputs, inner, ddp, original)[0]
 
 
 def _split(work, example_inputs, inner: str, ddp, original=None) -> tuple[Callable, int]:
@@ -136,14 +123,7 @@ class DistributedBackend(Backend):
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Callable:
         if is_ddp_piece(gm) or _has_fake(example_inputs):
             self.pieces_seen += 1
-            if self.pieces_seen == 1:
-                warnings.warn(
-                    "almostlinear: DDPOptimizer split the graph (torch._dynamo.config.optimize_ddp=True) and the "
-                    "backend sees one piece with fake inputs: an attention chain may be cut, buffer masks cannot "
-                    "be evaluated and nothing is approximated. Use almostlinear.rewriter.distributed."
-                    "compile_for_ddp(model) or set torch._dynamo.config.optimize_ddp = False.",
-                    stacklevel=2,
-                )
+            warn_ddp_piece(self)
             return compile_graph(gm, example_inputs, self.options, self.reports, self.keep_graph_modules)
         return compile_whole_graph(gm, example_inputs, self.options, self.reports, self.keep_graph_modules,
                                    self.split_buckets)
@@ -191,7 +171,7 @@ def assert_same_decisions(reports_or_backend: Any, group=None) -> list[tuple]:
     """
     import torch.distributed as dist
 
-    reports = getattr(reports_or_backend, "reports", reports_or_backend)
+    reports = reports_or_backend.reports if isinstance(reports_or_backend, Backend) else reports_or_backend
     mine = decision_signature(reports)
     if not (dist.is_available() and dist.is_initialized()):
         return mine
@@ -212,6 +192,5 @@ __all__ = [
     "optimize_ddp_mode",
     "active_ddp_module",
     "is_ddp_piece",
-    "ddp_split_hand_off",
     "compile_whole_graph",
 ]

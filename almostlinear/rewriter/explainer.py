@@ -2,38 +2,29 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 from typing import Any, Iterator
 
 import torch
 
 from .backend import Backend
+from ..passes.graph_utils import rng_preserved
 from .report import Report
 
 
 @contextlib.contextmanager
 def preserved_state(model: torch.nn.Module | None = None) -> Iterator[None]:
     """Restore parameters, buffers and the CPU/CUDA RNG states on exit."""
-    saved = {}
-    if model is not None:
-        saved = {name: t.detach().clone() for name, t in itertools_chain(model)}
-    cpu_rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    try:
-        yield
-    finally:
-        if model is not None:
+    tensors = dict(itertools.chain(model.named_parameters(), model.named_buffers())) if model is not None else {}
+    saved = {name: t.detach().clone() for name, t in tensors.items()}
+    with rng_preserved():
+        try:
+            yield
+        finally:
             with torch.no_grad():
-                for name, t in itertools_chain(model):
-                    if name in saved and t.shape == saved[name].shape:
+                for name, t in tensors.items():
+                    if t.shape == saved[name].shape:
                         t.copy_(saved[name])
-        torch.set_rng_state(cpu_rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
-
-
-def itertools_chain(model: torch.nn.Module):
-    yield from model.named_parameters()
-    yield from model.named_buffers()
 
 
 def merge_reports(reports: list[Report], name: str) -> Report:

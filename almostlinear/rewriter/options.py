@@ -8,9 +8,11 @@ import types
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-METHODS = ("auto", "exact", "polynomial")
+from ..kinds import Choice
+
+METHODS = tuple(c.value for c in (Choice.AUTO, Choice.EXACT, Choice.POLYNOMIAL))
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
-SITE_CHOICES = ("exact", "polynomial", "skip")
+SITE_CHOICES = tuple(c.value for c in (Choice.EXACT, Choice.POLYNOMIAL, Choice.SKIP))
 DEGREES = (2, 4, 6)
 
 
@@ -34,7 +36,7 @@ class Options:
     """
 
     budget: float = 0.05
-    method: str = "auto"
+    method: Choice = Choice.AUTO
     inner: str = "inductor"
     degree: int | None = None
     min_seq_len: int | None = None
@@ -47,6 +49,9 @@ class Options:
             object.__setattr__(self, "sites", types.MappingProxyType(dict(self.sites)))
         self.validate()
         object.__setattr__(self, "budget", float(self.budget))
+        object.__setattr__(self, "method", Choice(self.method))
+        if self.sites:
+            object.__setattr__(self, "sites", types.MappingProxyType({k: Choice(v) for k, v in self.sites.items()}))
         for name in ("degree", "min_seq_len", "recheck_every"):
             value = getattr(self, name)
             if value is not None:

@@ -24,8 +24,9 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
-from .approximate import switch_name
-from .budget import _SiteErrors, agree, detached_clones, gradient_error, rng_preserved, run_with_grads
+from ..passes.rewrite_polynomial import switch_name
+from ..passes.graph_utils import rng_preserved
+from .measure import SiteErrors, agree, detached_clones, gradient_error, run_with_grads
 from .report import Report, log
 
 
@@ -57,7 +58,7 @@ class Rechecker:
         # num_batches_tracked are inputs of the captured graph); a re-check must not update them a second time.
         clones = detached_clones(inputs)
         with rng_preserved(), torch.no_grad():
-            interpreter = _SiteErrors(self.work)
+            interpreter = SiteErrors(self.work)
             interpreter.run(*clones)
         ids = self.active()
         errors = agree([interpreter.local_errors.get(self.poly_nodes[sid], math.inf) for sid in ids])

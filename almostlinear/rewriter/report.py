@@ -1,11 +1,19 @@
-"""What the backend found and did: `Site` rows, the `Report` table, logging and the tlparse artifact."""
+"""What the backend found and did: `Site` rows (built from matched sites), the `Report` table, logging and
+the tlparse artifact."""
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch.fx as fx
+
+from ..kinds import Method
+from ..passes.graph_utils import concrete_int, shape_of
+from ..passes.rewrite import dropout_probability
 
 log = logging.getLogger("almostlinear")
 
@@ -29,7 +37,7 @@ class Site:
     gqa_groups: int = 1
     residual: str | None = None
     rewritten: bool = False
-    method: str = "exact"  # "exact" | "polynomial" | "unchanged"
+    method: Method = Method.EXACT
     degree: int | None = None
     rank: int | None = None
     reason: str = ""
@@ -60,6 +68,7 @@ class Report:
     graph_after: str = ""
     planning_seconds: float = 0.0
     history: list[dict] = field(default_factory=list)
+    ddp_pieces: int | None = None  # graphs the DDP backend split the rewritten graph into (None: not split)
     _graph_module_before: object = field(default=None, repr=False, compare=False)  # kept for drawings only
     _graph_module_after: object = field(default=None, repr=False, compare=False)
 
@@ -163,3 +172,83 @@ def emit(report: Report) -> None:
         )
     except Exception as exc:  # noqa: BLE001 - tracing is best effort and must never break compilation
         log.debug("structured trace not emitted: %s", exc)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rows from what the matcher found
+# ---------------------------------------------------------------------------------------------------
+
+
+def module_path(node: fx.Node) -> str:
+    """The dotted path of the module a node was traced in (e.g. "transformer.h.0.attn")."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    path = re.sub(r"^L\['[^']+'\](\[\d+\])*\.?", "", str(path))
+    path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    path = re.sub(r"\['([^']+)'\]", r".\1", path)
+    return path.strip(".")
+
+
+def source_line(node: fx.Node) -> str:
+    """`file.py:line code` of the user's source line a node comes from."""
+    trace = node.meta.get("stack_trace") or ""
+    frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)', trace)
+    if not frames:
+        return ""
+    file, line, _, code = frames[-1]
+    return f"{file.rsplit('/', 1)[-1]}:{line} {code.strip()[:60]}"
+
+
+def _shape_of(node: Any) -> tuple | None:
+    shape = shape_of(node)
+    if shape is None:
+        return None
+    return tuple(concrete_int(d) if concrete_int(d) is not None else str(d) for d in shape)
+
+
+def site_row(site, region: str = "") -> Site:
+    """The report row of a matched site (an AttentionSite), before any decision."""
+    dropout = dropout_probability(site)
+    return Site(
+        id=site.id, module_path=module_path(site.anchor), source_line=source_line(site.anchor), form=site.form,
+        q_shape=_shape_of(site.q), k_shape=_shape_of(site.k), v_shape=_shape_of(site.v),
+        mask_kind=site.mask.kind, causal=site.mask.causal, window=site.mask.window, scale=site.effective_scale,
+        dropout_p=dropout if isinstance(dropout, (int, float)) else None, gqa_groups=site.gqa_groups,
+        residual=site.residual.name if site.residual is not None else None, region=region,
+    )
+
+
+def _miss(node: fx.Node, form: str, reason: str, region: str = "", with_shape: bool = True) -> Site:
+    return Site(id=-1, module_path=module_path(node), source_line=source_line(node), form=form,
+                q_shape=_shape_of(node) if with_shape else None, mask_kind="-", method=Method.UNCHANGED,
+                reason=reason, region=region)
+
+
+def near_miss_rows(mha_calls: list, misses: list, regions: list) -> list[Site]:
+    """Rows for what was not rewritten: nn.MultiheadAttention calls left as they are, softmax calls the
+    matcher could not prove to be attention, and both inside higher-order op bodies (with the sites of a
+    body that is not rewritten)."""
+    rows = [_miss(node, "mha", f"nn.MultiheadAttention not rewritten: {reason}", with_shape=False)
+            for node, reason in mha_calls if not node._erased]  # still in the graph: the call was left as it is
+    rows += [_miss(miss.node, "softmax", miss.reason) for miss in misses]
+    for region in regions:
+        rows.extend(_region_near_misses(region))
+    return rows
+
+
+def _region_near_misses(region) -> list[Site]:
+    """Near misses inside a higher-order op body; in a body that is not rewritten, its sites too."""
+    def row(node, form: str, reason: str) -> Site:
+        return _miss(node, form, f"{region.note}: {reason}", region.label_path)
+
+    rows = [row(node, "mha", f"nn.MultiheadAttention not rewritten: {reason}")
+            for node, reason in region.mha_calls if not node._erased]
+    if not region.rewritable:
+        why = ("the body is called from several places" if region.hop == "tag_activation_checkpoint"
+               else f"only torch.utils.checkpoint bodies are rewritten, not those of `{region.hop}`")
+        rows += [row(site.anchor, site.form, f"attention ({site.form}) not rewritten: {why}") for site in region.sites]
+    rows += [row(miss.node, "softmax", miss.reason) for miss in region.misses]
+    return rows

@@ -21,7 +21,7 @@ SKEW = 8.0  # rank 1's temperature on the attention input: logits grow ~64x
 
 
 def make_model(scaled: bool = False):
-    from examples.gpt import GPT, GPTConfig
+    from almostlinear.zoo.gpt import GPT, GPTConfig
 
     torch.manual_seed(0)
     config = GPTConfig(block_size=T, n_layer=2, n_head=2, n_embd=32)
@@ -29,7 +29,7 @@ def make_model(scaled: bool = False):
 
 
 def _scaled_gpt_class():
-    from examples.gpt import GPT
+    from almostlinear.zoo.gpt import GPT
 
     class ScaledGPT(GPT):
         """The example GPT with a per-batch temperature on the attention input (a graph input, not a
@@ -47,7 +47,7 @@ def _scaled_gpt_class():
     return ScaledGPT
 
 
-def ScaledGPT(config):  # noqa: N802 - a class built lazily (examples.gpt is imported in the worker)
+def ScaledGPT(config):  # noqa: N802 - a class built lazily (almostlinear.zoo.gpt is imported in the worker)
     return _scaled_gpt_class()(config)
 
 
@@ -106,7 +106,7 @@ def prefer_fitted(on: bool):
         yield
         return
     from almostlinear.kernels import taylor_coefficients
-    from almostlinear.rewriter import budget
+    from almostlinear.rewriter import calibrate as budget
 
     real = budget.sampled_output_error
 
@@ -229,7 +229,7 @@ def suite(rank: int, world: int, names: list[str]) -> dict:
             backend, spy, model, loss = runner(rank, **kwargs)
             result.update(loss=loss, grads=grads_of(model), graphs=spy.graphs, sites=sites(backend.reports),
                           near_misses=near_misses(backend.reports), signature=signature(backend.reports),
-                          ddp_pieces=[getattr(r, "ddp_pieces", None) for r in backend.reports],
+                          ddp_pieces=[r.ddp_pieces for r in backend.reports],
                           extra=getattr(backend, "extra", None))
             try:
                 assert_same_decisions(backend)

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 import almostlinear
-from examples.gpt import GPT, GPTConfig
+from almostlinear.zoo.gpt import GPT, GPTConfig
 from tests.oracle import assert_exact_oracle
 
 

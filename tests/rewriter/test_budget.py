@@ -4,8 +4,8 @@ import torch
 import torch.nn as nn
 
 import almostlinear
-from almostlinear.rewriter.budget import BudgetError
-from examples.gpt import GPT, GPTConfig
+from almostlinear.rewriter.search import BudgetError
+from almostlinear.zoo.gpt import GPT, GPTConfig
 
 T = 64
 
@@ -66,16 +66,16 @@ def test_large_logits_stay_exact_and_strict_raises_naming_the_sites():
 
 def test_back_off_returns_the_worst_site_to_exact_until_within_budget(monkeypatch):
     """With the calibration filter out of the way, the measured loop alone must reach the budget."""
-    from almostlinear.rewriter import planning
+    from almostlinear.rewriter import search
 
-    real = planning.calibrate
+    real = search.calibrate
 
     def optimistic(*args, **kwargs):  # predicts that everything fits: every site is tried
         calibration = real(*args, **kwargs)
         calibration.sampled_error = 0.0
         return calibration
 
-    monkeypatch.setattr(planning, "calibrate", optimistic)
+    monkeypatch.setattr(search, "calibrate", optimistic)
     model = _gpt(layers=3)
     with torch.no_grad():  # only the middle layer has large logits
         model.h[1].attn.c_attn.weight[:64].mul_(3.0)

@@ -13,8 +13,9 @@ import torch
 import torch.nn as nn
 
 import almostlinear
-from almostlinear.rewriter.budget import (CalibrationInputError, calibrate, fitted_coefficients, gradient_error,
-                                          relative_error, sampled_output_error, unusable_reason)
+from almostlinear.rewriter.calibrate import (CalibrationInputError, calibrate, fitted_coefficients, relative_error,
+                                             sampled_output_error)
+from almostlinear.rewriter.measure import gradient_error, unusable_reason
 
 SHAPE = (2, 2, 16, 8)
 

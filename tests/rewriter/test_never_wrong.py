@@ -105,7 +105,7 @@ def test_a_mask_whose_structure_changes_with_length_is_specialised():
 def test_calibration_measures_the_masked_site():
     """The sampled error is that of the site the op computes: key weights and ALiBi included."""
     from almostlinear.kernels import taylor_coefficients
-    from almostlinear.rewriter.budget import sampled_output_error
+    from almostlinear.rewriter.calibrate import sampled_output_error
 
     torch.manual_seed(0)
     B, H, L, D = 2, 2, 48, 8

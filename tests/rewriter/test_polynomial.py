@@ -4,7 +4,7 @@ import torch
 
 import almostlinear
 from almostlinear.kernels import naive_poly_attention
-from examples.gpt import GPT, GPTConfig
+from almostlinear.zoo.gpt import GPT, GPTConfig
 
 
 def _attention(q, k, v):

@@ -11,7 +11,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 import almostlinear
-from almostlinear.rewriter.budget import run_with_grads
+from almostlinear.rewriter.measure import run_with_grads
 
 
 def Bk(**options):

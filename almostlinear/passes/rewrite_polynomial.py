@@ -1,0 +1,196 @@
+"""The polynomial rewrite: a site becomes one call of torch.ops.almostlinear.poly_attention (or, where its mode
+is chosen at run time, torch.ops.almostlinear.switchable_attention). The pass knows the ops only by name.
+
+    out, state = poly_attention(q, k, v, key_weight, alibi_slopes, scale, coefficients, causal, window)
+    out, mode, lse = switchable_attention(q, k, v, key_weight, alibi_slopes, switch, scale, coefficients,
+                                          causal, window)
+
+q [B, Hq, L, D]; the *unrepeated* k/v [B, Hk, S, D] for grouped-query attention; key_weight [B, S] float32, the
+product of the key masks the matcher proved; alibi_slopes [Hq]. Output 0 replaces the site's output (output 1
+is what the op's backward reuses). The switch is a 0-d int8 (1: polynomial, 0: exact): a buffer the re-checks
+flip, and/or `key length >= min_seq_len` for a site whose key length is dynamic.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Sequence
+
+import torch
+import torch.fx as fx
+
+from .builder import NodeBuilder
+from .graph_utils import concrete_int, is_number, shape_of, tensor_meta
+from .match import AttentionSite
+from .rewrite import RewriteError, replace_output, scaled_query
+
+def alibi_per_query_head(site: AttentionSite) -> list[float] | None:
+    """The ALiBi slopes as one per query head: a bias shared by all heads ([L, S]) has one slope, a bias
+    with a batch dim has B * Hq (used only when every batch element has the same slopes)."""
+    slopes = list(site.mask.alibi_slopes)
+    heads = concrete_int(shape_of(site.q)[1])
+    if heads is None:
+        return None
+    if len(slopes) == 1:
+        return slopes * heads
+    if len(slopes) % heads == 0 and all(slopes[i] == slopes[i % heads] for i in range(len(slopes))):
+        return slopes[:heads]
+    return None
+
+
+def is_dynamic_length(site: AttentionSite) -> bool:
+    """The key length is a symbol (dynamic shapes): the crossover is applied at run time."""
+    k_shape = shape_of(site.op_kv[0])
+    return k_shape is not None and isinstance(k_shape[-2], torch.SymInt) and not k_shape[-2].node.is_constant()
+
+
+def static_keys_name(site_id: int) -> str:
+    return f"_almostlinear_static_keys_{site_id}"
+
+
+def term_key_weight(leaf: torch.Tensor, kind: str, factor: float) -> torch.Tensor:
+    """The float32 weight [B or 1, S] of one proved key term ([B or 1, 1, 1, S]): "allowed" keeps keys where the
+    mask is non-zero, "blocked" where it is zero, "additive" weighs by exp(factor * mask) (finfo.min and -inf
+    give 0). Called in the rewritten graph and, on captured values, by calibration."""
+    if kind == "allowed":
+        w = leaf != 0
+    elif kind == "blocked":
+        w = leaf == 0
+    else:
+        w = torch.exp(leaf.to(torch.float32) * factor)
+    return w.to(torch.float32).flatten(0, -2)
+
+
+def static_key_weight(site: AttentionSite) -> torch.Tensor | None:
+    """The static per-key mask (a buffer or constant mask that removes the same keys for every query) as a
+    [1, S] float32 weight on the device of q, or None where there is none (or it keeps every key)."""
+    keys = site.mask.static_keys
+    if keys is None or bool(keys.all()):
+        return None
+    return keys.reshape(1, -1).to(device=tensor_meta(site.q).device, dtype=torch.float32)
+
+
+def _key_weight(site: AttentionSite, q: fx.Node, build: NodeBuilder) -> fx.Node | None:
+    """The per-key weight [B, S] (float32): product of the proved key terms and of the static key mask (held
+    by the graph module as a buffer)."""
+    weight = None
+    static = static_key_weight(site)
+    if static is not None:
+        weight = build.buffer(static_keys_name(site.id), static)
+    for term in site.mask.key_mask:
+        w = build.call(term_key_weight, term.node, term.kind, float(term.factor))
+        weight = w if weight is None else build.call(operator.mul, weight, w)
+    if weight is None:
+        return None
+    batch_ones = build.call(torch.ones_like, build.call(operator.getitem, q, (slice(None), 0, 0, slice(0, 1))), dtype=torch.float32)
+    return build.call(operator.mul, weight, batch_ones)  # broadcast a [1, S] mask to [B, S]
+
+
+def _eager_empty_rows(site: AttentionSite, out: fx.Node, key_weight: fx.Node, v: fx.Node, build: NodeBuilder) -> fx.Node:
+    """Rows whose every key is masked: the op gives 0, eager gives softmax of equal (or -inf) values. Give them
+    eager's value (the mask's EMPTY_ROW_RULES): NaN, the mean of all values, or the mean of the values at the
+    keys with the largest mask value. O(B * S * Dv); the gradient reaches v (as in eager) and not q or k (the row
+    does not depend on them; an additive finfo.min mask makes eager report a rounding artefact there)."""
+    rule = site.mask.empty_row_rule
+    if site.mask.causal:  # row i is empty when keys 0..i all have weight 0
+        empty = build.call(operator.eq, build.method("cumsum", key_weight, -1), 0)
+        empty = build.method("unsqueeze", build.method("unsqueeze", empty, 1), -1)  # [B, 1, S, 1]
+    else:
+        empty = build.call(operator.eq, build.method("sum", key_weight, -1), 0)
+        empty = build.method("reshape", empty, (-1, 1, 1, 1))  # [B, 1, 1, 1]
+    if rule == "nan":
+        return build.call(torch.where, empty, float("nan"), out)
+    groups = concrete_int(shape_of(site.q)[1]) // concrete_int(shape_of(v)[1])
+    if rule == "uniform":
+        fallback = build.method("mean", v, -2, keepdim=True)  # [B, Hk, 1, Dv]
+    else:  # "argmax": one additive key term
+        term = site.mask.key_mask[0]
+        m = build.call(operator.mul, build.method("to", term.node, torch.float32), float(term.factor))
+        m = build.method("flatten", m, 0, -2)  # [B or 1, S]
+        top = build.method("amax", m, -1, keepdim=True)
+        chosen = build.method("to", build.call(operator.eq, m, top), tensor_meta(v).dtype)
+        summed = build.call(torch.einsum, "bs,bhsd->bhd", chosen, v)
+        count = build.method("sum", chosen, -1)
+        fallback = build.call(operator.truediv, summed, build.method("reshape", count, (-1, 1, 1)))
+        fallback = build.method("unsqueeze", fallback, -2)  # [B, Hk, 1, Dv]
+        no_key = build.method("reshape", build.call(operator.eq, top, float("-inf")), (-1, 1, 1, 1))
+        fallback = build.call(torch.where, no_key, float("nan"), fallback)
+    if groups > 1:
+        fallback = build.method("repeat_interleave", fallback, groups, 1)
+    fallback = build.method("to", fallback, tensor_meta(out).dtype)
+    return build.call(torch.where, empty, fallback, out)
+
+
+def switch_name(site_id: int) -> str:
+    return f"_almostlinear_switch_{site_id}"
+
+
+MIN_LEN_PREFIX = "_almostlinear_min_seq_len_"
+
+
+def min_len_name(site_id: int) -> str:
+    return f"{MIN_LEN_PREFIX}{site_id}"
+
+
+def _switch(site: AttentionSite, build: NodeBuilder, switchable: bool, min_seq_len: int | None,
+            k: fx.Node) -> fx.Node | None:
+    """The 0-d int8 mode of the switchable op (1: polynomial, 0: exact), or None for the plain op.
+
+    switchable (re-checks on): a buffer the re-checks flip. Dynamic key length (`min_seq_len` given): the
+    length is compared in the graph with a 0-d int64 buffer holding min_seq_len (the budget search sets it to 0
+    while it measures, so the approximation is measured even on an example shorter than the crossover), so
+    one graph serves every length without a guard on it."""
+    device = tensor_meta(site.q).device
+    switch = None
+    if switchable:
+        switch = build.buffer(switch_name(site.id), torch.ones((), dtype=torch.int8, device=device))
+    if min_seq_len is not None:
+        minimum = build.buffer(min_len_name(site.id), torch.tensor(min_seq_len, dtype=torch.int64, device=device))
+        length = build.method("size", k, -2)
+        full = build.call(torch.full, (), length, dtype=torch.int64, device=device)
+        gate = build.method("to", build.call(operator.ge, full, minimum), torch.int8)
+        switch = gate if switch is None else build.call(operator.mul, switch, gate)
+    return switch
+
+
+def _alibi_slopes(site: AttentionSite, build: NodeBuilder) -> fx.Node | None:
+    if site.mask.alibi_slopes is None:
+        return None
+    device = tensor_meta(site.q).device
+    return build.call(torch.tensor, alibi_per_query_head(site), dtype=torch.float32, device=device)
+
+
+def _scaled_query(site: AttentionSite, build: NodeBuilder) -> tuple[fx.Node, float]:
+    if site.form != "sdpa":
+        return scaled_query(site, build)
+    if not is_number(site.scale):
+        raise RewriteError("SDPA scale is not a constant")
+    return site.q, float(site.scale)
+
+
+def rewrite_polynomial(gm: fx.GraphModule, site: AttentionSite, fake_mode, coefficients: Sequence[float],
+                       switchable: bool = False, min_seq_len: int | None = None) -> fx.Node:
+    """Replace the site with the polynomial op P(s) = sum_j coefficients[j] s^j. `switchable`: the mode is a
+    buffer the re-checks flip; `min_seq_len` (dynamic key length only): the op runs from that key length on,
+    exact attention below. Returns the op node (its output 0 is the attention output)."""
+    build = NodeBuilder(gm, site.output, fake_mode, source=site.anchor)
+    q, scale = _scaled_query(site, build)
+    k, v = site.op_kv
+    mask = site.mask
+    alibi = _alibi_slopes(site, build)
+    key_weight = _key_weight(site, q, build)
+    switch = _switch(site, build, switchable, min_seq_len, k)
+    tail = (list(coefficients), bool(mask.causal), int(mask.window))
+    if switch is not None:
+        op_node = build.call(torch.ops.almostlinear.switchable_attention.default, q, k, v, key_weight, alibi, switch,
+                             scale, *tail)
+    else:
+        op_node = build.call(torch.ops.almostlinear.poly_attention.default, q, k, v, key_weight, alibi, scale, *tail)
+    out = build.getitem(op_node, 0)
+    if mask.empty_rows_possible and key_weight is not None:
+        out = _eager_empty_rows(site, out, key_weight, v, build)
+    replace_output(gm, site, out, build)
+    return op_node
+
+
+__all__ = ["rewrite_polynomial", "alibi_per_query_head", "is_dynamic_length", "term_key_weight",
+           "static_key_weight", "switch_name", "min_len_name", "MIN_LEN_PREFIX", "static_keys_name"]

@@ -1,0 +1,261 @@
+"""The budget search: calibrate, predict, rewrite, measure, back off until the error fits.
+
+1. Apply the all-exact reference to the prepared graph and run it once (fwd+bwd); it also captures q/k/v and
+   the key-mask values of the candidate sites.
+2. Calibrate each candidate on them (calibrate.py: logit bound B, polynomial error eps, sampled output error,
+   the paper's degree vs the chosen one, Taylor or fitted coefficients). method="auto": sites whose sampled
+   error exceeds the budget stay exact without being tried.
+3. Apply the decisions, measure the end-to-end gradient error against the reference (measure.py).
+4. While it exceeds the budget (method="auto"), the site with the largest measured error goes back to exact;
+   apply and measure again. Every step is recorded in report.history. Cost: one reference pass plus one pass
+   per step (fwd+bwd), all on the graph prepared once (pipeline.apply).
+
+Inputs that cannot calibrate or measure (an empty batch, NaN/inf in a site's q/k/v, or exact gradients that
+are not finite) never fail the compile: under method="auto" the sites concerned stay exact, with the reason
+in their report row; under method="polynomial" they are approximated with Taylor coefficients (nothing to
+fit on), with the reason noted.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from ..kinds import Choice, Method
+from ..passes.rewrite_polynomial import MIN_LEN_PREFIX
+from .calibrate import Calibration, alibi_value, calibrate, key_weight_value, site_scale
+from .measure import Measurement, agree, gradient_error, real_inputs, run_with_grads, unusable_reason
+from .options import Options
+from .pipeline import Applied, Prepared, apply
+from .policy import Decision
+from .report import Report, log
+
+
+class BudgetError(RuntimeError):
+    """strict=True and the budget cannot be met with the approximation."""
+
+
+@contextlib.contextmanager
+def length_gates_open(work) -> Iterator[None]:
+    """Sites of a dynamic length run the op only from min_seq_len on (a buffer per site, see
+    passes/rewrite_polynomial.py); while the search measures, every gate is open, so the approximation is
+    measured even on an example that is shorter than the crossover."""
+    gates = {name: buf.clone() for name, buf in work.named_buffers() if name.startswith(MIN_LEN_PREFIX)}
+    try:
+        for name in gates:
+            work.get_buffer(name).fill_(0)
+        yield
+    finally:
+        for name, value in gates.items():
+            work.get_buffer(name).copy_(value)
+
+
+@dataclass
+class _Search:
+    """The state of one search: the decisions so far and what was measured."""
+
+    prepared: Prepared
+    options: Options
+    decisions: dict[int, Decision]
+    candidates: list[int]
+    calibrations: dict[int, Calibration] = field(default_factory=dict)
+    dropped: dict[int, str] = field(default_factory=dict)  # site id -> why it went back to exact
+    unmeasurable: bool = False  # the exact gradients are not finite on these inputs
+    reference_sites: list = field(default_factory=list)  # the sites as rewritten in the reference graph
+
+    def exact(self, sid: int, why: str) -> None:
+        self.decisions[sid] = Decision(Method.EXACT, why)
+        self.dropped[sid] = why
+
+
+def search_within_budget(prepared: Prepared, decisions: dict[int, Decision], options: Options,
+                         example_inputs: Sequence[Any], report: Report) -> Applied:
+    """The decisions after calibration and back-off, applied (the report's history records every step)."""
+    started = time.perf_counter()
+    candidates = sorted(sid for sid, d in decisions.items() if d.method is Method.POLYNOMIAL)
+    search = _Search(prepared, options, dict(decisions), candidates)
+    inputs = real_inputs(example_inputs)
+    if inputs is None:
+        for sid in candidates:
+            search.decisions[sid] = Decision(Method.EXACT, "fused exact: no real example inputs to measure the error on")
+        return apply(prepared, search.decisions, options)
+    rng = torch.get_rng_state()
+    reference = _reference(search, inputs, rng)
+    _calibrate_all(search, reference)
+    current, error, local = _back_off(search, inputs, rng, reference, report)
+    _annotate(current, search, local)
+    # all exact on inputs whose exact gradients are not finite: nothing was measured
+    report.grad_error = None if search.unmeasurable and not current.op_nodes else error
+    report.history[-1]["planning_seconds"] = time.perf_counter() - started
+    _warn_or_raise(search, current, error, report)
+    return current
+
+
+def _reference(search: _Search, inputs: list, rng: torch.Tensor) -> Measurement:
+    """One fwd+bwd of the all-exact graph, capturing the candidates' q/k/v and key-mask values."""
+    exact = {sid: Decision(Method.EXACT, "reference") if d.method is Method.POLYNOMIAL else d
+             for sid, d in search.decisions.items()}
+    applied = apply(search.prepared, exact, search.options)
+    watch = {}
+    for site in applied.sites:
+        if site.id in search.candidates:
+            k, v = site.op_kv
+            watch.update({site.q: site.id, k: site.id, v: site.id})
+            watch.update({term.node: site.id for term in site.mask.key_mask})  # the key mask's values
+    search.reference_sites = applied.sites
+    return run_with_grads(applied.graph_module, inputs, rng, watch)
+
+
+def _captured(site, reference: Measurement):
+    k, v = site.op_kv
+    return reference.captured.get(site.q), reference.captured.get(k), reference.captured.get(v)
+
+
+def _calibrate_all(search: _Search, reference: Measurement) -> None:
+    """Calibrate every usable candidate; under method="auto" drop those whose sampled error is over budget."""
+    options = search.options
+    unusable, empty = _unusable_sites(search.reference_sites, reference, search.candidates)
+    search.unmeasurable = bool(agree([0.0 if reference.finite() else 1.0])[0])
+    if search.unmeasurable and options.method is not Choice.POLYNOMIAL:
+        # NaN/inf reached the exact gradients (from any input, not necessarily a site's): no gradient error
+        # can be measured on these inputs, so nothing can be shown to fit the budget
+        for sid in search.candidates:
+            unusable.setdefault(sid, "the exact gradients contain NaN/inf on these inputs (the end-to-end "
+                                     "error cannot be measured)")
+    for sid, reason in unusable.items():
+        _keep_uncalibrated(search, sid, reason, sid in empty)
+    for site in search.reference_sites:
+        if site.id not in search.candidates or site.id in unusable:
+            continue
+        q, k, v = _captured(site, reference)
+        if q is None or k is None or v is None or q.dim() != 4:
+            continue
+        search.calibrations[site.id] = calibrate(
+            q, k, v, site_scale(site), search.decisions[site.id].degree or 2, options.budget,
+            causal=site.mask.causal, window=site.mask.window,
+            key_weight=key_weight_value(site, reference.captured, q), alibi_slopes=alibi_value(site, q))
+    ids = sorted(search.calibrations)
+    for sid, agreed in zip(ids, agree([search.calibrations[sid].sampled_error for sid in ids])):
+        cal = search.calibrations[sid]
+        cal.sampled_error = agreed  # the worst rank's number: every rank decides the same
+        if options.method is Choice.AUTO and cal.sampled_error > options.budget:
+            search.exact(sid, f"fused exact: error on sampled queries {cal.sampled_error:.3g} > budget "
+                              f"{options.budget:g} (logits up to B = {cal.logit_bound:.3g}, eps = {cal.eps:.3g}; "
+                              f"the bound needs degree {cal.paper_degree})")
+        else:
+            d = search.decisions[sid]
+            search.decisions[sid] = Decision(Method.POLYNOMIAL, d.reason, d.degree or 2,
+                                             cal.coefficients if cal.fitted else None, d.min_seq_len)
+
+
+def _keep_uncalibrated(search: _Search, sid: int, reason: str, empty: bool) -> None:
+    d = search.decisions[sid]
+    if empty:
+        # Dynamo specializes sizes 0 and 1, so this graph serves empty batches only: nothing to speed up
+        search.decisions[sid] = Decision(Method.EXACT, f"kept exact: {reason}, nothing to approximate")
+    elif search.options.method is Choice.POLYNOMIAL:
+        search.decisions[sid] = Decision(Method.POLYNOMIAL, f"{d.reason}; not calibrated ({reason}): Taylor "
+                                                            f"coefficients", d.degree or 2, None, d.min_seq_len)
+    else:
+        search.decisions[sid] = Decision(Method.EXACT, f"kept exact: {reason}")
+
+
+def _back_off(search: _Search, inputs: list, rng: torch.Tensor, reference: Measurement, report: Report):
+    """Apply and measure; under method="auto", while over budget, the worst site goes back to exact."""
+    options, step = search.options, 0
+    while True:
+        current = apply(search.prepared, search.decisions, options)
+        with length_gates_open(current.graph_module):
+            measured = run_with_grads(current.graph_module, inputs, rng)
+        ids = sorted(current.op_nodes)
+        agreed = agree([gradient_error(measured.grads, reference.grads)]
+                       + [measured.local_errors.get(current.op_nodes[sid], math.inf) for sid in ids])
+        error, local = agreed[0], dict(zip(ids, agreed[1:]))
+        if search.unmeasurable:
+            error = math.nan  # the exact gradients are not finite: no error to measure against them
+        report.history.append({"call": 0, "step": step, "grad_error": error, "approximated": ids,
+                               "site_errors": local})
+        log.info("%s: step %d, end-to-end gradient error %.3g with sites %s approximated",
+                 report.graph_name, step, error, ids)
+        if error <= options.budget or not ids or options.method is Choice.POLYNOMIAL:
+            return current, error, local
+        worst = max(local, key=lambda sid: _order(local[sid]))
+        search.exact(worst, f"fused exact: budget {options.budget:g} exceeded ({error:.3g} end-to-end) and this site "
+                            f"had the largest measured error ({local[worst]:.3g})")
+        step += 1
+
+
+def _annotate(current: Applied, search: _Search, local: dict[int, float]) -> None:
+    for row in current.rows:
+        cal = search.calibrations.get(row.id)
+        if cal is not None:
+            row.sampled_error, row.logit_bound, row.eps = cal.sampled_error, cal.logit_bound, cal.eps
+            row.predicted_error, row.paper_degree = cal.predicted_error, cal.paper_degree
+        if row.id in current.op_nodes:
+            value = local.get(row.id)
+            row.measured_error = None if value is None or math.isnan(value) else value
+
+
+def _warn_or_raise(search: _Search, current: Applied, error: float, report: Report) -> None:
+    options = search.options
+    if options.method is Choice.POLYNOMIAL and current.op_nodes and math.isnan(error):
+        warnings.warn(
+            f"almostlinear: method='polynomial' approximates every supported site, but the end-to-end gradient "
+            f"error could not be measured on the example inputs (the exact gradients contain NaN/inf) "
+            f"({report.graph_name})",
+            stacklevel=3,
+        )
+    if options.method is Choice.POLYNOMIAL and error > options.budget:
+        warnings.warn(
+            f"almostlinear: method='polynomial' approximates every supported site, and the measured end-to-end "
+            f"gradient error {error:.3g} exceeds the budget {options.budget:g} ({report.graph_name})",
+            stacklevel=3,
+        )
+    if options.strict and search.dropped:
+        paths = {row.id: row.module_path or "(root)" for row in current.rows}
+        lines = [f"  site {sid} ({paths.get(sid, '?')}): {why}" for sid, why in sorted(search.dropped.items())]
+        raise BudgetError(
+            f"almostlinear (strict=True): the budget {options.budget:g} cannot be met with the approximation at "
+            f"{len(search.dropped)} site(s):\n" + "\n".join(lines)
+        )
+
+
+def _unusable_sites(sites: list, reference: Measurement, candidates: list[int]) -> tuple[dict[int, str], set[int]]:
+    """{site id: why its captured q/k/v cannot calibrate it} and the ids whose batch is empty.
+
+    Agreed across ranks like every other number that decides (0 usable, 1 NaN/inf, 2 empty; the maximum
+    wins), so that every rank rewrites the same sites the same way.
+    """
+    local: dict[int, str] = {}
+    codes = {sid: 0.0 for sid in candidates}
+    for site in sites:
+        q, k, v = _captured(site, reference)
+        if site.id not in codes or q is None or k is None or v is None:
+            continue
+        reason = unusable_reason(q, k, v)
+        if reason is not None:
+            local[site.id] = reason
+            codes[site.id] = 2.0 if any(x.numel() == 0 for x in (q, k, v)) else 1.0
+    unusable, empty = {}, set()
+    for sid, code in zip(candidates, agree([codes[sid] for sid in candidates])):
+        if code >= 2.0:
+            empty.add(sid)
+            unusable[sid] = local[sid] if codes[sid] >= 2.0 else "empty batch (on another rank)"
+        elif code >= 1.0:
+            unusable[sid] = local[sid] if codes[sid] >= 1.0 else "calibration inputs contain NaN/inf (on another rank)"
+    return unusable, empty
+
+
+def _order(error: float | None) -> float:
+    """A measured error as a sort key: not measured ranks lowest, NaN (not a number) as unbounded."""
+    if error is None:
+        return -1.0
+    return math.inf if math.isnan(error) else error
+
+
+__all__ = ["search_within_budget", "BudgetError", "length_gates_open"]
