@@ -155,10 +155,9 @@ def _out_of_place_canonical(mask: Any) -> None:
             mask.target = "masked_fill"
 
 
-def _merged_mask(
-    b: NodeBuilder, a: dict, heads: int, batched: bool, dtype: torch.dtype, need_weights: bool
-) -> tuple[fx.Node | None, bool, str]:
-    """The SDPA attn_mask and is_causal that multi_head_attention_forward computes, and a description."""
+def _merged_mask(b: NodeBuilder, a: dict, heads: int, batched: bool, dtype: torch.dtype) -> tuple[fx.Node | None, bool, str]:
+    """The SDPA attn_mask and is_causal that multi_head_attention_forward computes (need_weights=False path),
+    and a description."""
     kpm = _tensor_arg(a["key_padding_mask"], "key_padding_mask")
     attn_mask = _tensor_arg(a["attn_mask"], "attn_mask")
     is_causal = _const_bool(a["is_causal"], "is_causal")
@@ -168,7 +167,7 @@ def _merged_mask(
         kpm = b.method("unsqueeze", kpm, 0)
     kpm = _canonical(b, kpm, "key_padding_mask", dtype)
     parts = []
-    if is_causal and kpm is None and not need_weights:
+    if is_causal and kpm is None:
         attn_mask = None  # the is_causal hint goes to SDPA as it is
         parts.append("is_causal hint")
     else:
@@ -192,10 +191,9 @@ def _merged_mask(
     return merged, is_causal, ", ".join(parts) or "no mask"
 
 
-def _decompose(gm: fx.GraphModule, node: fx.Node, fake_mode) -> str:
-    a = _bind(node)
-    need_weights = _const_bool(a["need_weights"], "need_weights")
-    if need_weights:
+def _supported_call(a: dict) -> None:
+    """Raise _Skip with the reason where the call uses what the decomposition does not build."""
+    if _const_bool(a["need_weights"], "need_weights"):
         raise _Skip(NEED_WEIGHTS_REASON)
     if a["bias_k"] is not None or a["bias_v"] is not None:
         raise _Skip("bias_k/bias_v are set (an extra learned key/value row is appended)")
@@ -203,12 +201,31 @@ def _decompose(gm: fx.GraphModule, node: fx.Node, fake_mode) -> str:
         raise _Skip("add_zero_attn=True (a zero key/value row is appended)")
     if a["static_k"] is not None or a["static_v"] is not None:
         raise _Skip("static_k/static_v are given")
-    training = _const_bool(a["training"], "training")
-    heads = _const_int(a["num_heads"], "num_heads")
-    embed = _const_int(a["embed_dim_to_check"], "embed_dim_to_check")
-    if heads <= 0 or embed % heads:
-        raise _Skip(f"embed_dim {embed} is not divisible by num_heads {heads}")
-    head_dim = embed // heads
+
+
+def _dropout(a: dict) -> Any:
+    if not _const_bool(a["training"], "training"):
+        return 0.0
+    p = a["dropout_p"]
+    if not isinstance(p, (int, float, fx.Node)) or isinstance(p, bool):
+        raise _Skip(f"dropout_p is not a number ({p!r})")
+    return p
+
+
+def _result_users(node: fx.Node) -> dict[int, list[fx.Node]]:
+    """The getitem users of the (output, weights) result; any other use of the tuple is not supported."""
+    getitems: dict[int, list[fx.Node]] = {0: [], 1: []}
+    for user in node.users:
+        if user.op == "call_function" and user.target is operator.getitem and user.args[1] in (0, 1):
+            getitems[user.args[1]].append(user)
+        else:
+            raise _Skip(f"the result tuple is used directly by {user.format_node()[:80]}")
+    return getitems
+
+
+def _build(b: NodeBuilder, a: dict, heads: int, embed: int, dropout_p: Any) -> tuple[fx.Node, bool, str]:
+    """The explicit ops: [T, (B,) E] inputs -> in-projection -> SDPA -> out-projection. Returns (output,
+    is_causal, mask description)."""
     query = _tensor_arg(a["query"], "query", optional=False)
     key = _tensor_arg(a["key"], "key", optional=False)
     value = _tensor_arg(a["value"], "value", optional=False)
@@ -218,59 +235,61 @@ def _decompose(gm: fx.GraphModule, node: fx.Node, fake_mode) -> str:
     if qmeta.dim() not in (2, 3):
         raise _Skip(f"query has {qmeta.dim()} dims (expected [L, E] or [L, B, E])")
     batched = qmeta.dim() == 3
-    dropout_p = a["dropout_p"]
-    if not training:
-        dropout_p = 0.0
-    elif not isinstance(dropout_p, (int, float, fx.Node)) or isinstance(dropout_p, bool):
-        raise _Skip(f"dropout_p is not a number ({dropout_p!r})")
+    if not batched:  # [T, E] -> [T, 1, E], keeping which of q, k, v are the same tensor
+        unsqueezed: dict[fx.Node, fx.Node] = {}
+        for x in (query, key, value):
+            if x not in unsqueezed:
+                unsqueezed[x] = b.method("unsqueeze", x, 1)
+        query, key, value = unsqueezed[query], unsqueezed[key], unsqueezed[value]
+    mask, causal, mask_desc = _merged_mask(b, a, heads, batched, qmeta.dtype)
+    q, k, v = _in_projection(b, a, query, key, value, embed)
+    # [T, B, E] -> [T, B, H, D] -> [B, H, T, D]  (the same strides as MHA's view/transpose/view)
+    q, k, v = (b.method("permute", b.method("unflatten", x, -1, (heads, embed // heads)), 1, 2, 0, 3)
+               for x in (q, k, v))
+    attn = b.call(SDPA, q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal)
+    # [B, H, L, D] -> [L, B, H, D] -> [L, B, E] -> out-projection
+    out = b.method("flatten", b.method("permute", attn, 2, 0, 1, 3), 2)
+    out = b.call(LINEAR, out, a["out_proj_weight"], out_bias)
+    return (out if batched else b.method("squeeze", out, 1)), causal, mask_desc
 
-    getitems: dict[int, list[fx.Node]] = {0: [], 1: []}
-    for user in node.users:
-        if user.op == "call_function" and user.target is operator.getitem and user.args[1] in (0, 1):
-            getitems[user.args[1]].append(user)
-        else:
-            raise _Skip(f"the result tuple is used directly by {user.format_node()[:80]}")
 
+def _splice(gm: fx.GraphModule, node: fx.Node, getitems: dict[int, list[fx.Node]], out: fx.Node) -> None:
+    """Route the call's output to `out`, its weights (None when need_weights=False) to None; erase the call."""
+    for user in getitems[0]:
+        user.replace_all_uses_with(out)
+        gm.graph.erase_node(user)
+    for user in getitems[1]:
+        for consumer in list(user.users):
+            consumer.args = fx.node.map_arg(consumer.args, lambda n: None if n is user else n)
+            consumer.kwargs = fx.node.map_arg(consumer.kwargs, lambda n: None if n is user else n)
+        gm.graph.erase_node(user)
+    gm.graph.erase_node(node)
+
+
+def _decompose(gm: fx.GraphModule, node: fx.Node, fake_mode) -> str:
+    a = _bind(node)
+    _supported_call(a)
+    heads = _const_int(a["num_heads"], "num_heads")
+    embed = _const_int(a["embed_dim_to_check"], "embed_dim_to_check")
+    if heads <= 0 or embed % heads:
+        raise _Skip(f"embed_dim {embed} is not divisible by num_heads {heads}")
+    dropout_p = _dropout(a)
+    getitems = _result_users(node)
     _out_of_place_canonical(a["key_padding_mask"])
     _out_of_place_canonical(a["attn_mask"])
     b = NodeBuilder(gm, node, fake_mode)
     try:
-        if not batched:  # [T, E] -> [T, 1, E], keeping which of q, k, v are the same tensor
-            unsqueezed: dict[fx.Node, fx.Node] = {}
-            for x in (query, key, value):
-                if x not in unsqueezed:
-                    unsqueezed[x] = b.method("unsqueeze", x, 1)
-            query, key, value = unsqueezed[query], unsqueezed[key], unsqueezed[value]
-        mask, causal, mask_desc = _merged_mask(b, a, heads, batched, qmeta.dtype, need_weights)
-        q, k, v = _in_projection(b, a, query, key, value, embed)
-        # [T, B, E] -> [T, B, H, D] -> [B, H, T, D]  (the same strides as MHA's view/transpose/view)
-        q, k, v = (b.method("permute", b.method("unflatten", x, -1, (heads, head_dim)), 1, 2, 0, 3) for x in (q, k, v))
-        kwargs: dict[str, Any] = {"attn_mask": mask, "dropout_p": dropout_p, "is_causal": causal}
-        attn = b.call(SDPA, q, k, v, **kwargs)
-        # [B, H, L, D] -> [L, B, H, D] -> [L, B, E] -> out-projection
-        out = b.method("flatten", b.method("permute", attn, 2, 0, 1, 3), 2)
-        out = b.call(LINEAR, out, a["out_proj_weight"], out_bias)
-        if not batched:
-            out = b.method("squeeze", out, 1)
+        out, causal, mask_desc = _build(b, a, heads, embed, dropout_p)
     except _Skip:
         b.rollback()
         raise
     except Exception as exc:  # noqa: BLE001 - a failed fake evaluation leaves the call as it was
         b.rollback()
         raise _Skip(f"could not build the decomposition ({type(exc).__name__}: {exc})") from exc
-
-    for user in getitems[0]:
-        user.replace_all_uses_with(out)
-        gm.graph.erase_node(user)
-    for user in getitems[1]:  # the weights are None when need_weights=False
-        for consumer in list(user.users):
-            consumer.args = fx.node.map_arg(consumer.args, lambda n: None if n is user else n)
-            consumer.kwargs = fx.node.map_arg(consumer.kwargs, lambda n: None if n is user else n)
-        gm.graph.erase_node(user)
-    gm.graph.erase_node(node)
+    _splice(gm, node, getitems, out)
     p = dropout_p if not isinstance(dropout_p, fx.Node) else dropout_p.name
     return (
-        f"decomposed into SDPA: heads={heads}, head_dim={head_dim}, "
+        f"decomposed into SDPA: heads={heads}, head_dim={embed // heads}, "
         f"{'separate' if a['use_separate_proj_weight'] else 'packed'} in-projection, "
         f"mask: {mask_desc}, is_causal={causal}, dropout_p={p}"
     )
