@@ -116,7 +116,7 @@ def calibrate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, d
 
     q [B, Hq, L, D], k/v [B, Hk, S, D] (GQA groups are repeated here, on the sample only), key_weight
     [B, S] and alibi_slopes [Hq] as the op takes them (the sampled error is that of the masked site). Raises
-    CalibrationInputError on inputs it cannot use (see unusable_reason); planning checks first.
+    CalibrationInputError on inputs it cannot use (see unusable_reason); the budget search checks first.
     """
     reason = unusable_reason(q, k, v)
     if reason is not None:

@@ -1,6 +1,6 @@
 """almostlinear under torch.distributed: DDP (and FSDP2) around a model compiled with backend="almostlinear".
 
-What torch 2.13 does (docs/architecture.md, "Distributed training", has the measurements):
+What torch 2.13 does (measured: the README's "Distributed training" table; tests/distributed checks each row):
 
 * With the default `torch._dynamo.config.optimize_ddp = True` ("ddp_optimizer") and a DDP module active,
   Dynamo hands the captured graph to DDPOptimizer, which splits it just before the parameter-using node at
@@ -16,7 +16,7 @@ whole graph in every mode, rewrites the attention there (real inputs, decisions 
 then, when a DDP module is active, splits the *rewritten* graph at DDP's bucket boundaries with DDPOptimizer
 itself, so the inner compiler still gets per-bucket pieces and DDP keeps its communication/backward overlap.
 
-Decisions are agreed across ranks inside planning and re-checks (`budget.agree`, MAX over ranks);
+Decisions are agreed across ranks inside the budget search and re-checks (`measure.agree`, MAX over ranks);
 `assert_same_decisions` checks the outcome and raises on any difference.
 """
 from __future__ import annotations
