@@ -2,15 +2,17 @@
 
 Public API::
 
-    taylor_coefficients(degree)      (1, 1, 1/2, ...) Taylor coefficients of exp
-    validate_polynomial(degree, coefficients)                  the coefficients, checked P(s) > 0
-    evaluate_polynomial(s, coefficients)                       P(s) = c_0 + c_1 s + ... (Horner)
-    mask_kind(causal, key_weight, alibi_slopes, window)       the kinds.MaskKind of an argument combination
-    allowed_keys(query_index, S, causal, window)              [m, S] bool: the keys each query sees
     poly_attention(q, k, v, *, scale, degree=2, coefficients=None, causal=False, key_weight=None,
                    alibi_slopes=None, window=0, min_seq_len=0)             -> [B, Hq, L, Dv]
     naive_poly_attention(...)        the reference (materialises [L, S])
     exact_attention(...)             exact softmax with the same mask semantics (SDPA)
+    naive_exact_attention(...)       its reference
+    taylor_coefficients(degree)      (1, 1, 1/2, ...) Taylor coefficients of exp
+    validate_polynomial(degree, coefficients)      the coefficients, checked to give P(s) > 0 for all real s
+    evaluate_polynomial(s, coefficients)           P(s) = c_0 + c_1 s + c_2 s^2 + ... (Horner)
+    feature_rank(d, degree)          C(d + degree, degree), the packed feature rank
+    mask_kind(causal, key_weight, alibi_slopes, window)   the kinds.MaskKind of an argument combination
+    allowed_keys(query_index, S, causal, window)          [m, S] bool: the keys each query sees
     DEFAULT_MIN_SEQ_LEN[_CAUSAL], default_min_seq_len(device, causal=False)   measured crossovers
 
 Op: torch.ops.almostlinear.poly_attention (+ poly_attention_backward). See op.py for dispatch; the kernels

@@ -127,9 +127,6 @@ class FeatureMap:
             diag = (ia == ib).to(dtype)
             self.jac2 = 1.0 + diag  # d(x_a x_b) has x_b at a and x_a at b; diagonal doubles
 
-    def weight(self, side: str) -> torch.Tensor | None:
-        return self.qweight if side == "q" else None
-
     def phi(self, x: torch.Tensor, side: str, out: torch.Tensor | None = None) -> torch.Tensor:
         """[..., D] -> [..., r] features (float32 in, same dtype out)."""
         shape = x.shape[:-1]

@@ -4,8 +4,8 @@
 window) -> (out, state)`` is the low-rank op (degree = len(coefficients) - 1), with an analytic backward op
 ``torch.ops.almostlinear.poly_attention_backward``; ``state`` (non-differentiable) carries what the
 backward would otherwise recompute, like the logsumexp of aten's flash attention.  :func:`poly_attention`
-validates the arguments, normalises them and either calls the op or, when the key length is below ``min_seq_len``, computes
-exact softmax attention with the same mask semantics (SDPA, fully masked rows -> 0).
+validates the arguments, normalises them and either calls the op or, when the key length is below
+``min_seq_len``, computes exact softmax attention with the same mask semantics (SDPA, fully masked rows -> 0).
 
 Dispatch: CUDA tensors with degree 2 and mask kinds none / causal / key_padding / causal+key_padding
 use the Triton kernels (almostlinear.kernels.triton); everything else (CPU, ALiBi, window, degree > 2,

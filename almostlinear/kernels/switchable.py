@@ -66,19 +66,24 @@ def _(q, k, v, key_weight, alibi_slopes, switch, scale, coefficients, causal, wi
             q.new_empty(q.shape[0], q.shape[1], q.shape[2], dtype=torch.float32))
 
 
-def _flash_cpu_backward(grad, q, k, v, scale: float, causal: bool):
-    """Plain or causal attention on CPU: recompute with the fused flash kernel and use its backward."""
-    groups = q.shape[1] // k.shape[1]
-    kk = k.repeat_interleave(groups, dim=1) if groups > 1 else k
-    vv = v.repeat_interleave(groups, dim=1) if groups > 1 else v
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, kk, vv, 0.0, causal, scale=scale)
+def _sum_over_groups(dk, dv, k):
+    """Gradients of K/V repeated per query head [B, Hq, S, .] -> [B, Hk, S, .] (GQA: summed over each key head's
+    query heads)."""
+    B, Hk, S, _ = k.shape
+    if dk.shape[1] == Hk:
+        return dk, dv
+    return dk.reshape(B, Hk, -1, S, dk.shape[-1]).sum(2), dv.reshape(B, Hk, -1, S, dv.shape[-1]).sum(2)
+
+
+def _flash_cpu_backward(grad, q, k, v, scale: float, causal: bool, out=None, lse=None):
+    """Plain or causal attention on CPU: the fused flash kernel's backward, given the forward's out and logsumexp
+    (None: recomputed with the flash kernel)."""
+    kk, vv = _repeat_kv(q, k, v)
+    if lse is None:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, kk, vv, 0.0, causal, scale=scale)
     dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
         grad.to(q.dtype), q, kk, vv, out, lse, 0.0, causal, scale=scale)
-    if groups > 1:
-        B, Hk, S, D = k.shape
-        dk = dk.reshape(B, Hk, groups, S, D).sum(2)
-        dv = dv.reshape(B, Hk, groups, S, v.shape[-1]).sum(2)
-    return dq, dk, dv
+    return (dq, *_sum_over_groups(dk, dv, k))
 
 
 def exact_attention_backward(grad, q, k, v, key_weight, alibi_slopes, scale: float, causal: bool, window: int,
@@ -89,15 +94,12 @@ def exact_attention_backward(grad, q, k, v, key_weight, alibi_slopes, scale: flo
 
     q [B, Hq, L, D], k/v [B, Hk, S, D]; fp32 accumulation; fully masked rows contribute nothing.
     """
-    if q.device.type == "cpu" and key_weight is None and alibi_slopes is None and not window and (
-            not causal or q.shape[2] == k.shape[2]):
+    if _flash_cpu(q, k, key_weight, alibi_slopes, causal, window):
         return _flash_cpu_backward(grad, q, k, v, scale, causal)
     B, Hq, L, _ = q.shape
-    Hk, S = k.shape[1], k.shape[2]
-    groups = Hq // Hk
+    S = k.shape[2]
     qf, gf = q.float(), grad.float()
-    kf = k.float().repeat_interleave(groups, dim=1) if groups > 1 else k.float()
-    vf = v.float().repeat_interleave(groups, dim=1) if groups > 1 else v.float()
+    kf, vf = _repeat_kv(q, k.float(), v.float())
     dq, dk, dv = torch.zeros_like(qf), torch.zeros_like(kf), torch.zeros_like(vf)
     j = torch.arange(S, device=q.device).reshape(1, -1)
     log_weight = None
@@ -122,9 +124,7 @@ def exact_attention_backward(grad, q, k, v, key_weight, alibi_slopes, scale: flo
         ds = p * (dp - (g * out).sum(-1, keepdim=True))
         dq[:, :, start:stop] = scale * (ds @ kf)
         dk += scale * (ds.transpose(-2, -1) @ qf[:, :, start:stop])
-    if groups > 1:
-        dk = dk.reshape(B, Hk, groups, S, -1).sum(2)
-        dv = dv.reshape(B, Hk, groups, S, -1).sum(2)
+    dk, dv = _sum_over_groups(dk, dv, k)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
@@ -142,13 +142,7 @@ def switchable_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.
                                                                        key_weight, alibi_slopes, scale,
                                                                        list(coefficients), causal, window)
         elif _flash_cpu(q, k, key_weight, alibi_slopes, causal, window):  # the forward's logsumexp: no recompute
-            kk, vv = _repeat_kv(q, k, v)
-            dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                grad.to(q.dtype), q, kk, vv, out, lse, 0.0, causal, scale=scale)
-            if kk is not k:
-                B, Hk, S, _ = k.shape
-                dk = dk.reshape(B, Hk, -1, S, k.shape[-1]).sum(2)
-                dv = dv.reshape(B, Hk, -1, S, v.shape[-1]).sum(2)
+            dq, dk, dv = _flash_cpu_backward(grad, q, k, v, scale, causal, out, lse)
         else:
             dq, dk, dv = exact_attention_backward(grad, q, k, v, key_weight, alibi_slopes, scale, causal, window)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()

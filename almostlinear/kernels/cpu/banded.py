@@ -2,23 +2,13 @@
 d-space: O(L * (chunk + 2 * window) * D), linear in n for a fixed window.  ALiBi subtracts the row maximum."""
 from __future__ import annotations
 
-from .context import augment_values
-from .direct import block_backward, block_numerator, block_weights
-
-
-def _band_block(cx, i0, i1):
-    """(qc, kc, [v | 1], M, s, W) of query chunk i0..i1 against its band."""
-    j0, j1 = cx.band(i0, i1)
-    qc, kc, va = cx.q5[:, :, :, i0:i1], cx.k[:, :, j0:j1], augment_values(cx.v[:, :, j0:j1], None)
-    M = cx.block_multiplier(i0, i1, j0, j1)
-    s, W = block_weights(cx, qc, kc, M)
-    return qc, kc, va, M, s, W
+from .direct import block_backward, block_numerator, direct_block
 
 
 def banded_forward(cx, out, den):
     """Fills out [B, Hk, G, L, Dv] and den [B, Hk, G, L]."""
     for i0, i1 in cx.spans(cx.L):
-        _, _, va, _, _, W = _band_block(cx, i0, i1)
+        _, _, va, _, _, W = direct_block(cx, i0, i1, *cx.band(i0, i1))
         cx.store_normalised(block_numerator(W, va), out, den, i0, i1)
 
 
@@ -26,7 +16,7 @@ def banded_backward(cx, dq, dk, dv):
     """Adds the gradients to dq [B, Hk, G, L, D], dk and dv."""
     for i0, i1 in cx.spans(cx.L):
         j0, j1 = cx.band(i0, i1)
-        qc, kc, va, M, s, W = _band_block(cx, i0, i1)
+        qc, kc, va, M, s, W = direct_block(cx, i0, i1, j0, j1)
         gd = cx.grad_augmented(i0, i1, block_numerator(W, va)[..., cx.Dv])
         a, b, c = block_backward(cx, qc, kc, va, M, gd, s, W)
         dq[:, :, :, i0:i1] += a

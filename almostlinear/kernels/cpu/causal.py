@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .context import accumulate_outer, augment_values
-from .direct import block_backward, block_numerator, block_weights
+from .direct import block_backward, block_numerator, direct_block
 from .states import (accumulate_key_grads, accumulate_query_dstate, query_denominator, query_grad,
                      query_numerator, square_accumulate, square_dstate_reader, square_key_state_reader)
 
@@ -53,19 +53,11 @@ def _key_state_reader(cx, state):
     return square_key_state_reader(state) if cx.square else state
 
 
-def _diagonal_block(cx, i0, i1):
-    """(qc, kc, [v | 1], M, s, W) of the chunk's queries against its own keys."""
-    qc, kc, va = cx.q5[:, :, :, i0:i1], cx.k[:, :, i0:i1], augment_values(cx.v[:, :, i0:i1], None)
-    M = cx.block_multiplier(i0, i1, i0, i1)
-    s, W = block_weights(cx, qc, kc, M)
-    return qc, kc, va, M, s, W
-
-
 def causal_forward(cx, out, den):
     """Fills out [B, Hk, G, L, Dv] and den [B, Hk, G, L]."""
     running = None
     for i0, i1 in cx.spans(cx.L):
-        qc, _, va, _, _, W = _diagonal_block(cx, i0, i1)
+        qc, _, va, _, _, W = direct_block(cx, i0, i1, i0, i1)
         num = block_numerator(W, va)
         if running is not None:
             inter = query_numerator(cx, qc, _key_state_reader(cx, running))
@@ -88,7 +80,7 @@ def _backward_forward_order(cx, dq, dk, dv):
     gds = cx.q5.new_empty(cx.B, cx.Hk, cx.G, cx.L, cx.Dv + 1)
     state = None
     for i0, i1 in cx.spans(cx.L):
-        qc, kc, va, M, s, W = _diagonal_block(cx, i0, i1)
+        qc, kc, va, M, s, W = direct_block(cx, i0, i1, i0, i1)
         den_c = W.sum(-1)
         qf = cx.causal_query_factor(i0, i1)
         if state is not None:

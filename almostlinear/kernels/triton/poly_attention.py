@@ -1,7 +1,7 @@
 """Triton kernels for degree-2 polynomial attention (CUDA; also runs under TRITON_INTERPRET=1 on CPU).
 
 Covers degree 2, D and Dv in {16, 32, 64, 128}, mask kinds none / causal / key_padding /
-causal+key_padding (key_weight).  ALiBi, window and degree > 2 use the torch path (kernels/cpu.py), also on
+causal+key_padding (key_weight).  ALiBi, window and degree > 2 use the torch path (kernels/cpu/), also on
 CUDA (see op.py's dispatch).
 
 Features on the GPU use the full square (x' = w x; phi2 = x' (x')^T, rank D^2, no packing: the kernels
@@ -26,6 +26,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from ..features import evaluate_polynomial, evaluate_polynomial_derivative
 
 CHUNK = 128
 SPLIT = 1024  # non-causal: rows per partial state (parallelism over the sequence), summed afterwards
@@ -243,7 +245,6 @@ def _q_unview(s, t):
 
 def _intra(s, q, k, v):
     """Causal intra-chunk blocks: s_blk, W (with tril and key weights) [B, Hk, NC, G*C, C]."""
-    from ..features import evaluate_polynomial
     qv = _q_view(s, q)
     kc, vc = s.chunks(k, s.S), s.chunks(v, s.S)
     sc = (qv @ kc.transpose(-1, -2)) * s.scale
@@ -296,16 +297,24 @@ def _forward(q, k, v, key_weight, scale, coeffs, causal):
     num = apply(s.q3, S2, s.w2, s.chunk).view(B, Hq, L, Dv)
     qv = _q_view(s, q)  # [B, Hk, NC, G*C, D]
     lin = s.c1s * (qv @ S1) + s.c0 * S0.unsqueeze(-2)
-    qz = qv @ z2
-    den = (s.w2 ** 2) * (qz * qv).sum(-1) + s.c1s * (qv @ z1.unsqueeze(-1)).squeeze(-1) + s.c0 * z0.unsqueeze(-1)
+    W = None
     if causal:
         _, _, vc, _, W, _ = _intra(s, q, k, v)
         lin = lin + W @ vc
-        den = den + W.sum(-1)
+    _, den, inv = _denominator(s, qv, z2, z1, z0, W)
     num = num + _q_unview(s, lin)
-    den = _q_unview(s, den.unsqueeze(-1)).squeeze(-1)
-    inv = torch.where(den > _TINY, 1.0 / den.clamp_min(_TINY), torch.zeros_like(den))
     return num * inv.unsqueeze(-1), den, (S2, S1, S0, z2, z1, z0)
+
+
+def _denominator(s, qv, z2, z1, z0, W):
+    """(qz = qv z2, den [B, Hq, L], 1 / den (0 where den = 0)): den from the small states plus, when causal, the
+    intra-chunk weights W."""
+    qz = qv @ z2
+    den = (s.w2 ** 2) * (qz * qv).sum(-1) + s.c1s * (qv @ z1.unsqueeze(-1)).squeeze(-1) + s.c0 * z0.unsqueeze(-1)
+    if W is not None:
+        den = den + W.sum(-1)
+    den = _q_unview(s, den.unsqueeze(-1)).squeeze(-1)
+    return qz, den, torch.where(den > _TINY, 1.0 / den.clamp_min(_TINY), torch.zeros_like(den))
 
 
 def backward(grad, q, k, v, out, key_weight=None, *, scale, coeffs, causal=False, saved_state=None):
@@ -319,13 +328,10 @@ def backward(grad, q, k, v, out, key_weight=None, *, scale, coeffs, causal=False
         S2 = _key_state(s)
         S1, S0, z2, z1, z0 = _small_states(s, k, s.X)
     qv = _q_view(s, q)
-    qz = qv @ z2
-    den = (s.w2 ** 2) * (qz * qv).sum(-1) + s.c1s * (qv @ z1.unsqueeze(-1)).squeeze(-1) + s.c0 * z0.unsqueeze(-1)
+    W = None
     if causal:
         _, kc2, vc, sc, W, M = _intra(s, q, k, v)
-        den = den + W.sum(-1)
-    den = _q_unview(s, den.unsqueeze(-1)).squeeze(-1)  # [B, Hq, L]
-    inv = torch.where(den > _TINY, 1.0 / den.clamp_min(_TINY), torch.zeros_like(den))
+    qz, _, inv = _denominator(s, qv, z2, z1, z0, W)
     gn = grad * inv.unsqueeze(-1)                       # G / den
     gz = -(grad * out).sum(-1) * inv                    # -Delta / den
     gnv, gzv = _q_view(s, gn), _q_view(s, gz.unsqueeze(-1))  # [B, Hk, NC, G*C, Dv | 1]
@@ -354,7 +360,6 @@ def backward(grad, q, k, v, out, key_weight=None, *, scale, coeffs, causal=False
     dXs = kc @ dS1 + dS0.unsqueeze(-2)
     dvs = 0.0
     if causal:
-        from ..features import evaluate_polynomial_derivative
         dW = gnv @ vc.transpose(-1, -2) + gzv
         ds = dW * M * evaluate_polynomial_derivative(sc, s.coeffs) * s.scale
         dqs = dqs + ds @ kc2
