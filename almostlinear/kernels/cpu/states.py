@@ -11,6 +11,10 @@ A state comes in one of two forms:
 Square states (degree 2, causal, no ALiBi, Gs == 1) are accumulated in d-space directly (no features at all):
 M [B, Hk, D, D*E] = sum_j x_j (x) x_j (x) Y_j, S1 [B, Hk, D, E] = sum_j x_j Y_j^T, S0 [B, Hk, E] = sum_j Y_j;
 key state: x = k, Y = [f v | f]; query dstate: x = q' = r2 q, Y = Gd.
+
+Which form is read where: the global backward unpacks its two fixed states to d-space once; the global forward
+and the causal recurrences on packed states read through phi (unpacking a state that changes every chunk, or
+is read once, measured slower on a 2-core CPU); square states are always read in d-space.
 """
 from __future__ import annotations
 
@@ -67,7 +71,7 @@ def unpack_key_state(cx, state):
 
 
 def unpack_query_dstate(cx, dstate):
-    """The d-space form of a packed query dstate (for :func:`key_grads`)."""
+    """The d-space form of a packed query dstate (for :func:`accumulate_key_grads`)."""
     N = cx.fm.unpack(dstate, 0.5)  # [B, Hk, d, d, E']
     return DSpaceState(N.flatten(-2), dstate[..., 1:1 + cx.D, :], dstate[..., 0, :])
 
