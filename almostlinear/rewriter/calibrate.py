@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 from ..kernels import evaluate_polynomial, taylor_coefficients, validate_polynomial
-from ..kernels.op import allowed_keys
+from ..kernels import allowed_keys
 from ..passes.graph_utils import example_value
 from ..passes.match import AttentionSite
 from ..passes.rewrite_polynomial import alibi_per_query_head, static_key_weight, term_key_weight
