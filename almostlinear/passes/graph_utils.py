@@ -5,7 +5,8 @@ read-only on the graph unless its name says otherwise.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextlib
+from typing import Any, Iterator, Sequence
 
 import networkx as nx
 import torch
@@ -17,13 +18,7 @@ def is_call(node: Any, *targets: Any) -> bool:
 
     Strings name methods (`"softmax"` matches `x.softmax(...)`), anything else is a function target.
     """
-    if not isinstance(node, fx.Node):
-        return False
-    if node.op == "call_method":
-        return node.target in targets
-    if node.op == "call_function":
-        return node.target in targets
-    return False
+    return isinstance(node, fx.Node) and node.op in ("call_method", "call_function") and node.target in targets
 
 
 def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
@@ -82,6 +77,26 @@ def normalize_dim(dim: Any, ndim: int | None) -> int | None:
 
 def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_fake(value: Any) -> bool:
+    """A FakeTensor: a value with a shape and dtype but no data (Dynamo's example values, fake example inputs)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(value, FakeTensor)
+
+
+@contextlib.contextmanager
+def rng_preserved() -> Iterator[None]:
+    """Leave the CPU and (initialised) CUDA RNG states as they were on entry."""
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
 
 
 def fake_mode_of(gm: fx.GraphModule):
@@ -267,7 +282,6 @@ def annotate(node: fx.Node, value: Any, source: fx.Node | None) -> fx.Node:
 def single_user(node: fx.Node) -> fx.Node | None:
     users = list(node.users)
     return users[0] if len(users) == 1 else None
-
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.fx as fx
@@ -41,12 +41,10 @@ MASKED_FILL = torch.masked_fill
 WHERE = torch.where
 TANH = torch.tanh
 
-Rewrite = tuple[Any, tuple, dict]  # (call_function target, args, kwargs) or ("method", name, args, kwargs)
-
-
 @dataclass(frozen=True)
 class Rule:
-    """Applies to nodes for which `matches` is true; `rewrite` returns the replacement call or None."""
+    """Applies to nodes for which `matches` is true; `rewrite` returns the replacement call or None: a
+    function call (target, args, kwargs) or a method call ("method", name, args, kwargs)."""
 
     name: str
     matches: Callable[[fx.Node], bool]
@@ -148,12 +146,9 @@ def _rewrite_masked_fill(node: fx.Node):
 
 
 def _rewrite_where(node: fx.Node):
-    if node.op == "call_method":  # x.where(cond, other) == torch.where(cond, x, other)
-        x, cond, other = node.args[0], arg(node, 1, "condition"), arg(node, 2, "other")
-        return None if cond is None or other is None else (WHERE, (cond, x, other), {})
-    if len(node.args) != 3 or node.kwargs:
-        return None
-    return None  # already canonical
+    """x.where(cond, other) == torch.where(cond, x, other)."""
+    x, cond, other = node.args[0], arg(node, 1, "condition"), arg(node, 2, "other")
+    return None if cond is None or other is None else (WHERE, (cond, x, other), {})
 
 
 _CASTS = {"float": torch.float32, "half": torch.float16, "bfloat16": torch.bfloat16, "double": torch.float64}
@@ -227,7 +222,8 @@ def _already_canonical(node: fx.Node, replacement: tuple) -> bool:
     if replacement[0] == "method":
         return node.op == "call_method" and node.target == replacement[1] and tuple(node.args) == replacement[2]
     target, args, kwargs = replacement
-    return node.op == "call_function" and node.target is target and tuple(node.args) == args and dict(node.kwargs) == kwargs
+    return (node.op == "call_function" and node.target is target and tuple(node.args) == args
+            and dict(node.kwargs) == kwargs)
 
 
 def normalize(gm: fx.GraphModule) -> int:

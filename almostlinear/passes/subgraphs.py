@@ -32,7 +32,7 @@ from torch._ops import HigherOrderOperator
 
 from . import match as matcher
 from .graph_utils import (BUFFER, INPUT, PARAMETER, SIZE, concrete_int, example_value, input_dependencies, is_call,
-                          placeholder_kind, placeholder_kinds, to_networkx)
+                          is_fake, placeholder_kind, placeholder_kinds, rng_preserved, to_networkx)
 from .mha import MHA, decompose_mha
 from .normalize import SOFTMAX, normalize
 
@@ -227,9 +227,30 @@ def call_inputs(gm: fx.GraphModule, calls: list[fx.Node], example_inputs: Sequen
     """
     if not calls:
         return {}
-    from torch._subclasses.fake_tensor import FakeTensor
-
     args_of = {call: list(call.args[1:]) for call in calls}
+    needed = _needed_by(args_of)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    free_after = _free_after(needed, args_of, order)
+    given = dict(zip([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs))
+    interpreter = fx.Interpreter(gm, garbage_collect_values=False)
+    env = interpreter.env
+    results: dict[fx.Node, list] = {}
+    with rng_preserved(), torch.no_grad():
+        for node in gm.graph.nodes:
+            if node in args_of:
+                results[node] = [env[a] if isinstance(a, fx.Node) else a for a in args_of[node]]
+                if len(results) == len(calls):
+                    break
+            if node not in needed:
+                continue
+            env[node] = _input_value(node, given[node]) if node.op == "placeholder" else interpreter.run_node(node)
+            for done in free_after.get(order[node], ()):
+                env.pop(done, None)
+    return results
+
+
+def _needed_by(args_of: dict[fx.Node, list]) -> set[fx.Node]:
+    """The nodes the calls' arguments depend on (the arguments included)."""
     needed: set[fx.Node] = set()
     stack = [a for args in args_of.values() for a in _nodes(args)]
     while stack:
@@ -237,7 +258,11 @@ def call_inputs(gm: fx.GraphModule, calls: list[fx.Node], example_inputs: Sequen
         if node not in needed:
             needed.add(node)
             stack.extend(node.all_input_nodes)
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return needed
+
+
+def _free_after(needed: set[fx.Node], args_of: dict[fx.Node, list], order: dict) -> dict[int, list[fx.Node]]:
+    """For each position in the graph, the values nothing needed reads after it (freed to save memory)."""
     last_use: dict[fx.Node, int] = {}
     for node in needed:
         for inp in node.all_input_nodes:
@@ -248,40 +273,19 @@ def call_inputs(gm: fx.GraphModule, calls: list[fx.Node], example_inputs: Sequen
     free_after: dict[int, list[fx.Node]] = {}
     for node, last in last_use.items():
         free_after.setdefault(last, []).append(node)
-    given = dict(zip([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs))
-    interpreter = fx.Interpreter(gm, garbage_collect_values=False)
-    env = interpreter.env
-    results: dict[fx.Node, list] = {}
-    cpu_rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    try:
-        with torch.no_grad():
-            for node in gm.graph.nodes:
-                if node in args_of:
-                    results[node] = [env[a] if isinstance(a, fx.Node) else a for a in args_of[node]]
-                    if len(results) == len(calls):
-                        break
-                if node not in needed:
-                    continue
-                if node.op == "placeholder":
-                    value = given[node]
-                    if isinstance(value, FakeTensor):
-                        raise ValueError("the example inputs are fake")
-                    if isinstance(value, torch.SymInt):
-                        value = concrete_int(value)
-                    elif isinstance(value, torch.Tensor) and not (
-                            isinstance(value, torch.nn.Parameter) or placeholder_kind(node, value) == PARAMETER):
-                        value = value.detach().clone()  # in-place ops (batch norm statistics) touch copies
-                    env[node] = value
-                else:
-                    env[node] = interpreter.run_node(node)
-                for done in free_after.get(order[node], ()):
-                    env.pop(done, None)
-    finally:
-        torch.set_rng_state(cpu_rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
-    return results
+    return free_after
+
+
+def _input_value(placeholder: fx.Node, value: Any) -> Any:
+    """A placeholder's real value to run on: SymInts by their hint, inputs and buffers copied."""
+    if is_fake(value):
+        raise ValueError("the example inputs are fake")
+    if isinstance(value, torch.SymInt):
+        return concrete_int(value)
+    if isinstance(value, torch.Tensor) and not (
+            isinstance(value, torch.nn.Parameter) or placeholder_kind(placeholder, value) == PARAMETER):
+        return value.detach().clone()  # in-place ops (batch norm statistics) touch copies
+    return value
 
 
 def _nodes(args: Any) -> list[fx.Node]:

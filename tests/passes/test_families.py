@@ -17,6 +17,7 @@ import torch
 import torch.fx as fx
 
 import almostlinear
+from almostlinear.kinds import MaskKind
 from almostlinear.passes.graph_utils import eliminate_dead_pure_code, is_pure
 from almostlinear.passes.match import find_sites
 from almostlinear.passes.normalize import normalize
@@ -215,6 +216,14 @@ def test_every_spelling_of_every_family_is_a_site():
         found[family] = (hits, len(entries))
     print("found/total per family:", found)
     assert all(h == n for h, n in found.values()), found
+
+
+def test_mask_kinds_are_mask_kind_members():
+    """Every kind the matcher writes is a MaskKind member (one definition; it equals its string)."""
+    for family, entries in FAMILIES.items():
+        name, fn, extra, _ = entries[0]
+        sites, _ = _matched(fn, (*qkv(), *extra()))
+        assert sites and all(type(site.mask.kind) is MaskKind for site in sites), (family, name)
 
 
 # ---------------------------------------------------------------------------------------------------
