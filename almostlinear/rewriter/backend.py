@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 
 import torch.fx as fx
 
-from ..kinds import Method
+from ..kinds import Choice, Method
 from ..passes.subgraphs import code_with_bodies, copy_with_bodies
 from .options import Options
 from .pipeline import Applied, prepare, apply
@@ -106,7 +106,8 @@ def compile_graph(
     if options.recheck_every and applied.op_nodes:
         from .recheck import Rechecker
 
-        return Rechecker(compiled, work, report, options.budget, options.recheck_every, applied.op_nodes)
+        return Rechecker(compiled, work, report, options.budget, options.recheck_every, applied.op_nodes,
+                         gate=options.method is not Choice.POLYNOMIAL)
     return compiled
 
 

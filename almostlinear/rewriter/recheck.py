@@ -8,7 +8,8 @@ recompile; forward and backward of one call always use the same mode). Local err
 story (a small error before a layer whose softmax became sharp is amplified), so the end-to-end gradient
 error on the call's inputs is then measured too (one fwd+bwd with the current modes, one all-exact), and
 while it exceeds the budget the site with the largest local error is switched as well. The numbers are
-agreed across ranks first. The report's history keeps every check.
+agreed across ranks first. The report's history keeps every check. Under method="polynomial" (training with
+polynomial attention) the checks measure and record the distance to softmax only; no site is switched.
 
 A re-check leaves no trace but its decisions: every pass runs on copies of the inputs (the module's buffers
 among them, so BatchNorm statistics are updated once per training call, as without re-checks) with the RNG
@@ -32,9 +33,10 @@ from .report import Report, log
 
 class Rechecker:
     def __init__(self, compiled: Callable, work: fx.GraphModule, report: Report, budget: float, every: int,
-                 poly_nodes: dict[int, fx.Node]):
+                 poly_nodes: dict[int, fx.Node], gate: bool = True):
         self.compiled, self.work, self.report = compiled, work, report
         self.budget, self.every = budget, every
+        self.gate = gate  # False (method="polynomial"): measure and record only, never switch a site
         self.poly_nodes = dict(poly_nodes)
         self.switches = {sid: getattr(work, switch_name(sid)) for sid in poly_nodes}
         self.calls = 0
@@ -71,7 +73,7 @@ class Rechecker:
                 why = interpreter.unmeasured.get(self.poly_nodes[sid], "not measurable on another rank")
                 self._record(sid, math.nan, False, f"not measured: {why}")
                 continue
-            over = error > self.budget
+            over = self.gate and error > self.budget
             if over:
                 self._switch(sid, f"measured error {error:.3g} > budget {self.budget:g}")
             self._record(sid, error, over, "local error")
@@ -113,7 +115,7 @@ class Rechecker:
             self.report.grad_error = error
             self.report.history.append({"call": self.calls, "grad_error": error, "approximated": active,
                                         "event": "re-check end-to-end gradient error"})
-            if error <= self.budget:
+            if error <= self.budget or not self.gate:
                 return
             worst = max(active, key=lambda sid: local.get(sid, 0.0))
             self._switch(worst, f"end-to-end gradient error {error:.3g} > budget {self.budget:g}, largest local "

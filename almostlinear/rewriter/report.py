@@ -72,6 +72,12 @@ class Report:
     _graph_module_before: object = field(default=None, repr=False, compare=False)  # kept for drawings only
     _graph_module_after: object = field(default=None, repr=False, compare=False)
 
+    @property
+    def trains_polynomial(self) -> bool:
+        """method="polynomial": the model trains with polynomial attention; its distance to softmax is
+        information, not a gate."""
+        return self.options.get("method") == Method.POLYNOMIAL
+
     def as_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.name.startswith("_")}
         d["sites"] = [s.as_dict() for s in self.sites]
@@ -124,7 +130,13 @@ class Report:
             what = step.get("event") or f"planning step {step.get('step', 0)}"
             lines.append(f"  call {step.get('call', 0)} ({what}): end-to-end gradient error {step['grad_error']:.3g} "
                          f"with sites {step.get('approximated')} approximated")
-        if self.grad_error is not None:
+        if self.grad_error is not None and self.trains_polynomial:
+            lines.append(
+                f"distance to softmax attention: end-to-end gradient error {self.grad_error:.3g} (information: "
+                f"method='polynomial' trains with polynomial attention, no budget applies); planning took "
+                f"{self.planning_seconds:.2f} s"
+            )
+        elif self.grad_error is not None:
             verdict = "within" if self.grad_error <= self.budget else "OVER"
             lines.append(
                 f"end-to-end gradient error {self.grad_error:.3g} ({verdict} budget {self.budget:g}); "

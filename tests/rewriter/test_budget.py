@@ -1,4 +1,6 @@
 """The error budget: approximate only where the measured end-to-end gradient error fits."""
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -173,13 +175,33 @@ def test_sites_option_overrides_by_module_path_glob():
     assert "sites option 'h.0.*'" in backend.reports[-1].sites[0].reason
 
 
-def test_polynomial_method_warns_when_over_budget():
+def test_polynomial_method_has_no_gate_and_records_the_distance_to_softmax():
+    """method="polynomial" trains with polynomial attention: far beyond the budget it approximates every site,
+    warns nothing, and reports the measured distance as information."""
     model = _gpt()
     _scale_logits(model, 20.0)
     compiled, backend = _compile(model, method="polynomial")
-    with pytest.warns(UserWarning, match="exceeds the budget"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
         compiled(_tokens())
-    assert {s.method for s in backend.reports[-1].sites} == {"polynomial"}
+    report = backend.reports[-1]
+    assert {s.method for s in report.sites} == {"polynomial"}
+    assert report.grad_error is not None and report.grad_error > 0.05, str(report)
+    assert "distance to softmax attention" in str(report) and "OVER" not in str(report)
+
+
+def test_polynomial_method_rechecks_measure_but_never_switch():
+    model = _gpt()
+    compiled, backend = _compile(model, method="polynomial", recheck_every=1)
+    x = _tokens()
+    compiled(x).sum().backward()
+    _scale_logits(model, 20.0)  # far beyond the budget now
+    compiled(x).sum().backward()
+    report = backend.reports[-1]
+    checks = [h for h in report.history if "site" in h]
+    assert checks and all(h["decision"] == "polynomial" for h in checks), report.history
+    assert max(h["measured_error"] for h in checks) > 0.05
+    assert {s.method for s in report.sites} == {"polynomial"}
 
 
 @pytest.mark.parametrize("inner", ["aot_eager", pytest.param("inductor", marks=pytest.mark.inductor)])

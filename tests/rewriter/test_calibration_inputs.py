@@ -74,7 +74,7 @@ def test_nan_or_inf_in_the_first_batch(method, where, value):
     else:
         assert row.method == "polynomial" and row.coefficients is None, str(backend.reports[-1])
         assert f"not calibrated (calibration inputs contain NaN/inf (in {name})): Taylor coefficients" in row.reason
-        assert any("could not be measured" in str(w.message) for w in caught)
+        assert not [w for w in caught if "almostlinear" in str(w.message)], "polynomial: information, no warning"
     out, (q, k, v) = _runs_on_a_normal_batch(compiled)
     assert len(backend.reports) == 1, "same shapes: no recompile"
     if method == "auto":
