@@ -144,6 +144,46 @@ def _drawings(reports, out: Path) -> list[str]:
     return notes
 
 
+def _approximability(report, out: Path) -> list[str]:
+    """approximability.csv (one row per site and query head) and, with matplotlib, a heatmap PNG of the sampled
+    degree-2 error, sites (layers) x heads; approximated heads are marked."""
+    mapped = [s for s in report.sites if s.heads]
+    if not mapped:
+        return ["approximability map: no site was calibrated (below min_seq_len? pass --min-seq-len 0 to map "
+                "every head)"]
+    lines = ["site,module,head,logit_std,logit_max,effective_keys,sampled_error,approximated"]
+    lines += [f"{s.id},{s.module_path},{h['head']},{h['logit_std']:.6g},{h['logit_max']:.6g},"
+              f"{h['effective_keys']:.6g},{h['sampled_error']:.6g},{int(h['approximated'])}" for s in mapped for h in s.heads]
+    (out / "approximability.csv").write_text("\n".join(lines) + "\n")
+    written = [str(out / "approximability.csv")]
+    if importlib.util.find_spec("matplotlib") is None:
+        return written + ["heatmap skipped: install matplotlib (`pip install matplotlib`)"]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    width = max(len(s.heads) for s in mapped)
+    errors = np.full((len(mapped), width), np.nan)
+    for row, site in enumerate(mapped):
+        for h in site.heads:
+            errors[row, h["head"]] = np.log10(max(h["sampled_error"], 1e-6))
+    fig, ax = plt.subplots(figsize=(1 + 0.5 * width, 1 + 0.4 * len(mapped)))
+    image = ax.imshow(errors, cmap="viridis", aspect="auto")
+    for row, site in enumerate(mapped):
+        for h in site.heads:
+            if h["approximated"]:
+                ax.text(h["head"], row, "*", ha="center", va="center", color="white")
+    ax.set_xlabel("head")
+    ax.set_yticks(range(len(mapped)), [s.module_path or str(s.id) for s in mapped])
+    fig.colorbar(image, label=f"log10 sampled degree-2 error (budget {report.budget:g}); * approximated")
+    fig.tight_layout()
+    fig.savefig(out / "approximability.png", dpi=120)
+    plt.close(fig)
+    return written + [str(out / "approximability.png")]
+
+
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = _parser()
@@ -175,6 +215,7 @@ def main(argv=None) -> int:
         (ns.out / "report.json").write_text(json.dumps(report.as_dict(), indent=2, default=str))
         written.append(str(ns.out / "report.json"))
         written += _drawings(backend.reports, ns.out)
+        written += _approximability(report, ns.out)
         print("\nwritten:\n  " + "\n  ".join(written))
     return 0
 

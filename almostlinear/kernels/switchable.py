@@ -5,9 +5,11 @@ Used when `recheck_every` > 0. The rewritten graph calls
     out, mode = almostlinear::switchable_attention(q, k, v, key_weight, alibi_slopes, switch, scale,
                                                    coefficients, causal, window)
 
-where `switch` is a 0-d int8 buffer of the graph module (1: polynomial, 0: exact). The op returns the mode
-it used, and the backward receives that mode, so forward and backward of one call always agree even if
-the switch flips in between. The exact branch is SDPA with the op's mask semantics.
+where `switch` is an int8 tensor of the graph module: 0-d (the whole site: 1 polynomial, 0 exact) or [Hk], one
+mode per key/value head (per-head decisions: the op runs on the heads whose mode is 1, exact attention on the
+others; GQA: a key/value head and all its query heads). The op returns the mode it used, and the backward
+receives that mode, so forward and backward of one call always agree even if the switch flips in between.
+The exact branch is SDPA with the op's mask semantics.
 """
 from __future__ import annotations
 
@@ -36,6 +38,47 @@ def _repeat_kv(q, k, v):
     return (k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)) if groups > 1 else (k, v)
 
 
+def _heads(mode: torch.Tensor, q: torch.Tensor, k: torch.Tensor, on: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(query heads, key/value heads) whose mode is `on` (GQA: each key/value head's G query heads)."""
+    kv = (mode != 0).nonzero().flatten() if on else (mode == 0).nonzero().flatten()
+    groups = q.shape[1] // k.shape[1]
+    qh = (kv.reshape(-1, 1) * groups + torch.arange(groups, device=kv.device)).flatten()
+    return qh.to(q.device), kv.to(k.device)
+
+
+def _mixed(mode: torch.Tensor) -> bool:
+    return mode.dim() > 0 and bool((mode != 0).any()) and bool((mode == 0).any())
+
+
+def _forward_uniform(on: bool, q, k, v, key_weight, alibi_slopes, scale, coefficients, causal, window):
+    """(out, logsumexp) with every head in one mode (logsumexp: of the CPU flash kernel, else zeros)."""
+    lse = q.new_zeros(q.shape[0], q.shape[1], q.shape[2], dtype=torch.float32)
+    if on:
+        out = torch.ops.almostlinear.poly_attention(q, k, v, key_weight, alibi_slopes, scale, list(coefficients),
+                                                    causal, window)[0]
+    elif _flash_cpu(q, k, key_weight, alibi_slopes, causal, window):
+        kk, vv = _repeat_kv(q, k, v)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, kk, vv, 0.0, causal, scale=scale)
+        lse = lse.float()
+    else:
+        out = _exact(q, k, v, key_weight, alibi_slopes, scale, causal, window)
+    return out, lse
+
+
+def _forward_mixed(mode, q, k, v, key_weight, alibi_slopes, scale, coefficients, causal, window):
+    """Per-head modes: each group of heads computed in its mode, the results placed back by head."""
+    out = q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
+    lse = q.new_zeros(q.shape[0], q.shape[1], q.shape[2], dtype=torch.float32)
+    for on in (True, False):
+        qh, kh = _heads(mode, q, k, on)
+        alibi = alibi_slopes.index_select(0, qh) if alibi_slopes is not None else None
+        part, part_lse = _forward_uniform(on, q.index_select(1, qh), k.index_select(1, kh), v.index_select(1, kh),
+                                          key_weight, alibi, scale, coefficients, causal, window)
+        out.index_copy_(1, qh, part.to(out.dtype))
+        lse.index_copy_(1, qh, part_lse)
+    return out, lse
+
+
 @torch.library.custom_op("almostlinear::switchable_attention", mutates_args=())
 def switchable_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_weight: Optional[torch.Tensor],
                          alibi_slopes: Optional[torch.Tensor], switch: torch.Tensor, scale: float,
@@ -45,18 +88,12 @@ def switchable_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_
     its backward does not recompute the forward (a dynamic-length site runs this branch below min_seq_len;
     recomputing made it ~30% slower than fused SDPA); zeros otherwise."""
     mode = switch.detach().clone()
-    lse = q.new_zeros(q.shape[0], q.shape[1], q.shape[2], dtype=torch.float32)
     with autocast_disabled(q):  # both branches compute in the dtypes that arrive (see register_autocast below)
-        if bool(mode):
-            out = torch.ops.almostlinear.poly_attention(q, k, v, key_weight, alibi_slopes, scale,
-                                                        list(coefficients), causal, window)[0]
-        elif _flash_cpu(q, k, key_weight, alibi_slopes, causal, window):
-            kk, vv = _repeat_kv(q, k, v)
-            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, kk, vv, 0.0, causal,
-                                                                                  scale=scale)
-            lse = lse.float()
+        if _mixed(mode):
+            out, lse = _forward_mixed(mode, q, k, v, key_weight, alibi_slopes, scale, coefficients, causal, window)
         else:
-            out = _exact(q, k, v, key_weight, alibi_slopes, scale, causal, window)
+            out, lse = _forward_uniform(bool((mode != 0).any()), q, k, v, key_weight, alibi_slopes, scale,
+                                        coefficients, causal, window)
     return out.contiguous(), mode, lse.contiguous()
 
 
@@ -128,6 +165,30 @@ def exact_attention_backward(grad, q, k, v, key_weight, alibi_slopes, scale: flo
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
+def _backward_uniform(on: bool, grad, q, k, v, out, key_weight, alibi_slopes, lse, scale, coefficients, causal,
+                      window):
+    if on:  # the forward's state is not kept across the switch (its shape depends on the mode): recomputed
+        return torch.ops.almostlinear.poly_attention_backward(grad, q, k, v, out, q.new_empty(0), key_weight,
+                                                              alibi_slopes, scale, list(coefficients), causal, window)
+    if _flash_cpu(q, k, key_weight, alibi_slopes, causal, window):  # the forward's logsumexp: no recompute
+        return _flash_cpu_backward(grad, q, k, v, scale, causal, out, lse.to(torch.float32))
+    return exact_attention_backward(grad, q, k, v, key_weight, alibi_slopes, scale, causal, window)
+
+
+def _backward_mixed(mode, grad, q, k, v, out, key_weight, alibi_slopes, lse, scale, coefficients, causal, window):
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    for on in (True, False):
+        qh, kh = _heads(mode, q, k, on)
+        alibi = alibi_slopes.index_select(0, qh) if alibi_slopes is not None else None
+        parts = _backward_uniform(on, grad.index_select(1, qh).contiguous(), q.index_select(1, qh),
+                                  k.index_select(1, kh), v.index_select(1, kh), out.index_select(1, qh).contiguous(),
+                                  key_weight, alibi, lse.index_select(1, qh).contiguous(), scale, coefficients,
+                                  causal, window)
+        for full, index, part in ((dq, qh, parts[0]), (dk, kh, parts[1]), (dv, kh, parts[2])):
+            full.index_copy_(1, index, part.to(full.dtype))
+    return dq, dk, dv
+
+
 @torch.library.custom_op("almostlinear::switchable_attention_backward", mutates_args=())
 def switchable_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                   out: torch.Tensor, key_weight: Optional[torch.Tensor],
@@ -135,16 +196,12 @@ def switchable_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.
                                   scale: float, coefficients: Sequence[float], causal: bool,
                                   window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     grad = grad.contiguous()
+    args = (grad, q, k, v, out, key_weight, alibi_slopes, lse, scale, coefficients, causal, window)
     with autocast_disabled(q):  # a backward run inside an autocast region keeps the forward's dtypes
-        if bool(mode):
-            # the forward's state is not kept across the switch (its shape depends on the mode): recomputed
-            dq, dk, dv = torch.ops.almostlinear.poly_attention_backward(grad, q, k, v, out, q.new_empty(0),
-                                                                       key_weight, alibi_slopes, scale,
-                                                                       list(coefficients), causal, window)
-        elif _flash_cpu(q, k, key_weight, alibi_slopes, causal, window):  # the forward's logsumexp: no recompute
-            dq, dk, dv = _flash_cpu_backward(grad, q, k, v, scale, causal, out, lse)
+        if _mixed(mode):
+            dq, dk, dv = _backward_mixed(mode, *args)
         else:
-            dq, dk, dv = exact_attention_backward(grad, q, k, v, key_weight, alibi_slopes, scale, causal, window)
+            dq, dk, dv = _backward_uniform(bool((mode != 0).any()), *args)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 

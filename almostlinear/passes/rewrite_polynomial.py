@@ -132,16 +132,21 @@ def min_len_name(site_id: int) -> str:
 
 
 def _switch(site: AttentionSite, build: NodeBuilder, switchable: bool, min_seq_len: int | None,
-            k: fx.Node) -> fx.Node | None:
-    """The 0-d int8 mode of the switchable op (1: polynomial, 0: exact), or None for the plain op.
+            k: fx.Node, heads: Sequence[int] | None) -> fx.Node | None:
+    """The int8 mode of the switchable op (1: polynomial, 0: exact), or None for the plain op.
 
-    switchable (re-checks on): a buffer the re-checks flip. Dynamic key length (`min_seq_len` given): the
+    switchable (re-checks on) or per-head decisions (`heads`: the key/value heads the op computes): a buffer,
+    0-d or [Hk] with 1 at `heads`, that the re-checks may flip. Dynamic key length (`min_seq_len` given): the
     length is compared in the graph with a 0-d int64 buffer holding min_seq_len (the budget search sets it to 0
     while it measures, so the approximation is measured even on an example shorter than the crossover), so
     one graph serves every length without a guard on it."""
     device = tensor_meta(site.q).device
     switch = None
-    if switchable:
+    if heads is not None:
+        modes = torch.zeros(shape_of(k)[1], dtype=torch.int8, device=device)
+        modes[list(heads)] = 1
+        switch = build.buffer(switch_name(site.id), modes)
+    elif switchable:
         switch = build.buffer(switch_name(site.id), torch.ones((), dtype=torch.int8, device=device))
     if min_seq_len is not None:
         minimum = build.buffer(min_len_name(site.id), torch.tensor(min_seq_len, dtype=torch.int64, device=device))
@@ -168,17 +173,19 @@ def _scaled_query(site: AttentionSite, build: NodeBuilder) -> tuple[fx.Node, flo
 
 
 def rewrite_polynomial(gm: fx.GraphModule, site: AttentionSite, fake_mode, coefficients: Sequence[float],
-                       switchable: bool = False, min_seq_len: int | None = None) -> fx.Node:
+                       switchable: bool = False, min_seq_len: int | None = None,
+                       heads: Sequence[int] | None = None) -> fx.Node:
     """Replace the site with the polynomial op P(s) = sum_j coefficients[j] s^j. `switchable`: the mode is a
     buffer the re-checks flip; `min_seq_len` (dynamic key length only): the op runs from that key length on,
-    exact attention below. Returns the op node (its output 0 is the attention output)."""
+    exact attention below; `heads`: the key/value heads the op computes (GQA: with their query heads), exact
+    attention on the others (None: all). Returns the op node (its output 0 is the attention output)."""
     build = NodeBuilder(gm, site.output, fake_mode, source=site.anchor)
     q, scale = _scaled_query(site, build)
     k, v = site.op_kv
     mask = site.mask
     alibi = _alibi_slopes(site, build)
     key_weight = _key_weight(site, q, build)
-    switch = _switch(site, build, switchable, min_seq_len, k)
+    switch = _switch(site, build, switchable, min_seq_len, k, heads)
     tail = (list(coefficients), bool(mask.causal), int(mask.window))
     if switch is not None:
         op_node = build.call(torch.ops.almostlinear.switchable_attention.default, q, k, v, key_weight, alibi, switch,

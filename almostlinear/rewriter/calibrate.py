@@ -9,7 +9,7 @@ is agreed across ranks (measure.agree), so all ranks fit and decide alike.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -19,7 +19,7 @@ from ..kernels import allowed_keys
 from ..passes.graph_utils import example_value
 from ..passes.match import AttentionSite
 from ..passes.rewrite_polynomial import alibi_per_query_head, static_key_weight, term_key_weight
-from .measure import agree, finite_or_inf, unusable_reason
+from .measure import agree, finite_or_inf, summed, unusable_reason
 
 
 def relative_error(coefficients: Sequence[float], bound: float, points: int = 2001) -> float:
@@ -60,6 +60,17 @@ def paper_degree(bound: float, budget: float, max_degree: int = 64) -> int:
 
 
 @dataclass
+class HeadStats:
+    """One query head of a calibrated site: how approximable it is on the example inputs."""
+
+    head: int
+    logit_std: float  # std of scale * q.k over the sampled queries' allowed keys
+    logit_max: float  # max |scale * q.k| there
+    effective_keys: float  # exp(entropy) of the exact attention, mean over the sampled queries
+    sampled_error: float  # relative output error of the chosen polynomial on this head (sampled queries)
+
+
+@dataclass
 class Calibration:
     sampled_error: float  # relative output error of the op vs exact on sampled queries (all their keys)
     logit_bound: float  # B: max |scale * q.k| on a sample of the example inputs
@@ -69,17 +80,32 @@ class Calibration:
     degree: int
     coefficients: tuple[float, ...]
     fitted: bool
+    fit: str = "Taylor"  # "Taylor", "range" (fitted on [-B, B]) or "mass" (weighted by the attention mass)
+    heads: list[HeadStats] = field(default_factory=list)  # per query head
+    group_errors: list[float] = field(default_factory=list)  # sampled error per key/value head (its query heads)
 
 
-def sampled_output_error(q, k, v, scale: float, coefficients: Sequence[float], causal: bool, window: int,
-                         index: torch.Tensor, key_weight: torch.Tensor | None = None,
-                         alibi_slopes: torch.Tensor | None = None) -> float:
-    """||A_poly V - A_exp V|| / ||A_exp V|| for the sampled queries against all their keys (no n x n), with
-    the site's masks: causal/window, the per-key weight [B, S] and ALiBi slopes [Hq] (the op's semantics).
-    Rows with no allowed key are left out (both sides are undefined there).
+@dataclass
+class Sample:
+    """Exact attention of a site on sampled queries against all their keys, with the site's masks.
 
-    inf where it is not a number (logits that overflow float32 make both sides NaN).
-    """
+    logits [B, H, m, S] (scale * q.k; GQA repeated to H query heads), allowed (bool, same shape), bias
+    (log key weight + ALiBi, -inf where not allowed), rows [B, H, m, 1] (the query has an allowed key),
+    exact (softmax weights), v [B, H, S, Dv] and reference = exact @ v (all float32)."""
+
+    logits: torch.Tensor
+    allowed: torch.Tensor
+    bias: torch.Tensor
+    rows: torch.Tensor
+    exact: torch.Tensor
+    v: torch.Tensor
+    reference: torch.Tensor
+
+
+def sample_attention(q, k, v, scale: float, causal: bool, window: int, index: torch.Tensor,
+                     key_weight: torch.Tensor | None = None, alibi_slopes: torch.Tensor | None = None) -> Sample:
+    """The Sample of queries `index` (k/v already repeated to q's heads), with the op's mask semantics:
+    causal/window, the per-key weight [B, S] and ALiBi slopes [Hq]."""
     qs = q.index_select(-2, index).float()
     logits = scale * (qs @ k.float().transpose(-2, -1))  # [B, H, m, S]
     S = k.shape[-2]
@@ -97,22 +123,103 @@ def sampled_output_error(q, k, v, scale: float, coefficients: Sequence[float], c
     allowed = allowed & rows
     bias = bias.masked_fill(~allowed, float("-inf"))
     exact = torch.softmax(torch.where(rows, logits + bias, 0.0), dim=-1) * rows
-    shift = torch.where(rows, bias.amax(-1, keepdim=True), 0.0)
-    weights = evaluate_polynomial(logits, coefficients) * torch.exp(bias - shift) * allowed
-    poly = weights / weights.sum(-1, keepdim=True).clamp_min(1e-30)
     vf = v.float()
-    reference = exact @ vf
-    return finite_or_inf(float((poly @ vf - reference).norm() / reference.norm().clamp_min(1e-30)))
+    return Sample(logits, allowed, bias, rows, exact, vf, exact @ vf)
+
+
+def polynomial_output(sample: Sample, coefficients: Sequence[float]) -> torch.Tensor:
+    """The op's output on the sampled queries: weights P(s) * key factors, normalised (rows with no allowed
+    key: 0, left out of every error)."""
+    shift = torch.where(sample.rows, sample.bias.amax(-1, keepdim=True), 0.0)
+    weights = evaluate_polynomial(sample.logits, coefficients) * torch.exp(sample.bias - shift) * sample.allowed
+    return (weights / weights.sum(-1, keepdim=True).clamp_min(1e-30)) @ sample.v
+
+
+def candidate_error(sample: Sample, coefficients: Sequence[float]) -> float:
+    """||A_poly V - A_exp V|| / ||A_exp V|| on the sample; inf where it is not a number (logits that overflow
+    float32 make both sides NaN)."""
+    diff = polynomial_output(sample, coefficients) - sample.reference
+    return finite_or_inf(float(diff.norm() / sample.reference.norm().clamp_min(1e-30)))
+
+
+def sampled_output_error(q, k, v, scale: float, coefficients: Sequence[float], causal: bool, window: int,
+                         index: torch.Tensor, key_weight: torch.Tensor | None = None,
+                         alibi_slopes: torch.Tensor | None = None) -> float:
+    """candidate_error of the sampled queries `index` against all their keys (no n x n), with the site's masks."""
+    return candidate_error(sample_attention(q, k, v, scale, causal, window, index, key_weight, alibi_slopes),
+                           coefficients)
+
+
+def mass_fitted_coefficients(sample: Sample, degree: int, most: int = 1 << 20) -> tuple[float, ...] | None:
+    """A positive polynomial fitted to exp where the attention is: least squares of P(s) e^-s - 1 weighted by
+    the exact attention mass on the sampled queries (at most `most` (logit, weight) pairs, a seeded random
+    subset), over the union of all ranks' samples. None where no positive fit exists."""
+    s = sample.logits[sample.allowed].double()
+    w = sample.exact[sample.allowed].double()
+    if s.numel() > most:
+        keep = torch.randperm(s.numel(), generator=torch.Generator().manual_seed(1))[:most].to(s.device)
+        s, w = s[keep], w[keep]
+    if s.numel() and float(s.abs().max()) > 600:  # e^-s overflows float64
+        s, w = s[:0], w[:0]
+    basis = torch.stack([s**j * torch.exp(-s) for j in range(degree + 1)], dim=1)
+    weighted = basis * w.unsqueeze(1)
+    # summed over ranks: every rank solves the equations of the union of their samples (a collective, so
+    # every rank takes part even with nothing to add)
+    system = summed(torch.cat([(weighted.T @ basis).flatten(), weighted.sum(0)]))
+    size = degree + 1
+    try:
+        coeffs = torch.linalg.solve(system[:size * size].reshape(size, size), system[size * size:])
+        return validate_polynomial(degree, [float(c) for c in coeffs.cpu()])
+    except (RuntimeError, ValueError):  # singular system, or a fit that is not positive
+        return None
+
+
+def _head_stats(sample: Sample, out: torch.Tensor, groups: int) -> tuple[list[HeadStats], list[float]]:
+    """Per query head: logit std and max, effective number of keys, sampled error; per key/value head: the
+    sampled error of its query heads together."""
+    rows = sample.rows.squeeze(-1)  # [B, H, m]
+    diff2 = ((out - sample.reference) ** 2).sum(-1) * rows
+    ref2 = (sample.reference ** 2).sum(-1) * rows
+    entropy = -(sample.exact * torch.log(sample.exact.clamp_min(1e-30))).sum(-1)
+    stats = []
+    for h in range(sample.logits.shape[1]):
+        s = sample.logits[:, h][sample.allowed[:, h]]
+        used = rows[:, h]
+        stats.append(HeadStats(
+            head=h, logit_std=float(s.std()) if s.numel() > 1 else 0.0,
+            logit_max=float(s.abs().max()) if s.numel() else 0.0,
+            effective_keys=float(entropy[:, h][used].exp().mean()) if bool(used.any()) else 0.0,
+            sampled_error=finite_or_inf(float(diff2[:, h].sum().sqrt() / ref2[:, h].sum().sqrt().clamp_min(1e-30)))))
+    d2, r2 = diff2.sum((0, 2)), ref2.sum((0, 2))
+    group_errors = [finite_or_inf(float(d2[g * groups:(g + 1) * groups].sum().sqrt()
+                                        / r2[g * groups:(g + 1) * groups].sum().sqrt().clamp_min(1e-30)))
+                    for g in range(len(stats) // groups)]
+    return stats, group_errors
 
 
 class CalibrationInputError(ValueError):
     """The example inputs of a site cannot calibrate it (empty, NaN/inf); the message says why."""
 
 
+def _choose(sample: Sample, degree: int, bound: float) -> tuple[tuple[float, ...], str, float]:
+    """(coefficients, fit, sampled error): Taylor, or a fit that measures clearly better (< 0.8x). Every
+    number is agreed across ranks, so all ranks pick the same coefficients."""
+    candidates = {"Taylor": taylor_coefficients(degree), "range": fitted_coefficients(degree, bound),
+                  "mass": mass_fitted_coefficients(sample, degree)}
+    names = list(candidates)
+    errors = agree([candidate_error(sample, c) if c is not None else math.inf for c in candidates.values()])
+    best = min(range(1, len(names)), key=lambda i: errors[i])
+    if candidates[names[best]] is not None and errors[best] < 0.8 * errors[0]:
+        # bit-identical on every rank even if a solver differs in the last ulp
+        return tuple(agree(candidates[names[best]])), names[best], errors[best]
+    return tuple(candidates["Taylor"]), "Taylor", errors[0]
+
+
 def calibrate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, degree: int, budget: float,
               causal: bool = False, window: int = 0, sample: int = 128, key_weight: torch.Tensor | None = None,
               alibi_slopes: torch.Tensor | None = None) -> Calibration:
-    """Logit range and measured error on sampled queries, the polynomial's error bound, the degrees.
+    """Logit range and measured error on sampled queries, the polynomial's error bound, the degrees, the
+    coefficients, and the approximability of each head.
 
     q [B, Hq, L, D], k/v [B, Hk, S, D] (GQA groups are repeated here, on the sample only), key_weight
     [B, S] and alibi_slopes [Hq] as the op takes them (the sampled error is that of the masked site). Raises
@@ -122,40 +229,24 @@ def calibrate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, d
     if reason is not None:
         raise CalibrationInputError(reason)
     generator = torch.Generator(device="cpu").manual_seed(0)
-    L = q.shape[-2]
-    index = torch.randperm(L, generator=generator)[:sample].sort().values.to(q.device)
+    index = torch.randperm(q.shape[-2], generator=generator)[:sample].sort().values.to(q.device)
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    logits = scale * (q.index_select(-2, index).float() @ k.float().transpose(-2, -1))
+    drawn = sample_attention(q, k, v, scale, causal, window, index, key_weight, alibi_slopes)
     # Under torch.distributed every number that chooses the polynomial is agreed (MAX over ranks), so all
     # ranks fit on the same logit range and pick the same coefficients: no rank runs a different graph.
-    bound = agree([max(float(logits.abs().max()), 1e-6)])[0]  # finite inputs, but float32 may overflow: inf
-    taylor = taylor_coefficients(degree)
-    eps = relative_error(taylor, bound)
-    coefficients, fitted = taylor, False
-    candidate = fitted_coefficients(degree, bound)
-    sampled = sampled_output_error(q, k, v, scale, taylor, causal, window, index, key_weight, alibi_slopes)
-    sampled_fit = math.inf
-    if candidate is not None:
-        sampled_fit = sampled_output_error(q, k, v, scale, candidate, causal, window, index, key_weight,
-                                           alibi_slopes)
-    sampled, sampled_fit = agree([sampled, sampled_fit])
-    if candidate is not None and sampled_fit < 0.8 * sampled:
-        candidate = tuple(agree(candidate))  # bit-identical on every rank even if lstsq differs in the last ulp
-        coefficients, fitted, sampled = candidate, True, sampled_fit
-        eps = relative_error(candidate, bound)
+    bound = agree([max(float(drawn.logits.abs().max()), 1e-6)])[0]  # finite inputs, but float32 may overflow
+    coefficients, fit, sampled = _choose(drawn, degree, bound)
+    heads, group_errors = _head_stats(drawn, polynomial_output(drawn, coefficients), groups)
+    group_errors = agree(group_errors)
+    eps = relative_error(coefficients, bound)
     relative = 2 * eps / (1 - eps) if eps < 1 else math.inf
-    return Calibration(
-        sampled_error=sampled,
-        logit_bound=bound,
-        eps=eps,
-        predicted_error=relative * float(v.abs().max()) if float(v.abs().max()) > 0 else 0.0,
-        paper_degree=paper_degree(bound, budget),
-        degree=degree,
-        coefficients=tuple(coefficients),
-        fitted=fitted,
-    )
+    vmax = float(v.abs().max())
+    return Calibration(sampled_error=sampled, logit_bound=bound, eps=eps,
+                       predicted_error=relative * vmax if vmax > 0 else 0.0, paper_degree=paper_degree(bound, budget),
+                       degree=degree, coefficients=coefficients, fitted=fit != "Taylor", fit=fit, heads=heads,
+                       group_errors=group_errors)
 
 
 def key_weight_value(site: AttentionSite, values: dict, q: torch.Tensor) -> torch.Tensor | None:

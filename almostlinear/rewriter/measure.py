@@ -119,6 +119,7 @@ class SiteErrors(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, watch: dict[fx.Node, int] | None = None):
         super().__init__(gm)
         self.local_errors: dict[fx.Node, float] = {}
+        self.head_errors: dict[fx.Node, list[float]] = {}  # per key/value head (its query heads together)
         self.unmeasured: dict[fx.Node, str] = {}
         self.watch = watch or {}
         self.captured: dict[fx.Node, torch.Tensor] = {}
@@ -139,7 +140,7 @@ class SiteErrors(fx.Interpreter):
                 self.env[a] if isinstance(a, fx.Node) else a for a in args
             )
             out = result[0] if isinstance(result, (tuple, list)) else result
-            if active is None or bool(active):
+            if active is None or bool(active.any()):
                 self._measure(n, out, q, k, v, key_weight, alibi, scale, causal, window)
             else:  # the site ran exact on this call (switched, or its key length is below min_seq_len)
                 self.local_errors[n] = math.nan
@@ -155,8 +156,11 @@ class SiteErrors(fx.Interpreter):
                 if not bool(torch.isfinite(exact).all()):
                     reason = "exact attention is not finite on these inputs (NaN/inf)"
                 else:
-                    diff = (out.detach().float() - exact).norm()
-                    self.local_errors[n] = finite_or_inf(float(diff / exact.norm().clamp_min(1e-30)))
+                    diff2 = ((out.detach().float() - exact) ** 2).sum((0, 2, 3))  # per query head
+                    ref2 = (exact ** 2).sum((0, 2, 3))
+                    self.local_errors[n] = finite_or_inf(float(diff2.sum().sqrt() / ref2.sum().sqrt().clamp_min(1e-30)))
+                    groups = diff2.reshape(k.shape[1], -1).sum(1).sqrt() / ref2.reshape(k.shape[1], -1).sum(1).sqrt()
+                    self.head_errors[n] = [finite_or_inf(float(e)) for e in groups]
                     return
         self.local_errors[n] = math.nan
         self.unmeasured[n] = reason
@@ -168,6 +172,7 @@ class Measurement:
     local_errors: dict = field(default_factory=dict)
     captured: dict = field(default_factory=dict)
     unmeasured: dict = field(default_factory=dict)  # node -> why its local error is NaN
+    head_errors: dict = field(default_factory=dict)  # node -> local error per key/value head
 
     def finite(self) -> bool:
         """Whether every gradient is finite (else no gradient error can be measured against it)."""
@@ -190,7 +195,8 @@ def run_with_grads(gm: fx.GraphModule, inputs: Sequence[Any], rng_state: torch.T
         targets = [clones[i] for i in wanted]
         grads = torch.autograd.grad(flat, targets, cotangents, allow_unused=True) if flat else []
     grads = [torch.zeros_like(t) if g is None else g.detach() for g, t in zip(grads, targets)]
-    return Measurement(grads, interpreter.local_errors, interpreter.captured, interpreter.unmeasured)
+    return Measurement(grads, interpreter.local_errors, interpreter.captured, interpreter.unmeasured,
+                       interpreter.head_errors)
 
 
 def agree(values: Sequence[float]) -> list[float]:
@@ -207,6 +213,19 @@ def agree(values: Sequence[float]) -> list[float]:
     tensor = torch.tensor([v if math.isfinite(v) else 1e300 for v in values], dtype=torch.float64, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return [float(v) if v < 1e300 else math.inf for v in tensor.cpu()]
+
+
+def summed(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum over all ranks of a float64 tensor when torch.distributed is initialized (else the tensor): what
+    a statistic over the union of the ranks' batches needs (the mass-weighted fit's normal equations)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return tensor
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    total = tensor.detach().to(device=device, dtype=torch.float64).clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total.to(tensor.device)
 
 
 def gradient_error(grads: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]) -> float:

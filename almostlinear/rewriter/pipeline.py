@@ -174,7 +174,7 @@ def _rewrite_polynomial(gm, site, row: Site, decision: Decision, fake_mode, opti
     try:
         applied.op_nodes[site.id] = rewrite_polynomial(gm, site, fake_mode, coefficients,
                                                        switchable=bool(options.recheck_every),
-                                                       min_seq_len=decision.min_seq_len)
+                                                       min_seq_len=decision.min_seq_len, heads=decision.heads)
     except rewriter.RewriteError as exc:
         fallback = Decision(Method.EXACT, f"fused exact: the polynomial rewrite failed ({exc})")
         applied.decisions[site.id] = fallback
@@ -185,6 +185,10 @@ def _rewrite_polynomial(gm, site, row: Site, decision: Decision, fake_mode, opti
     row.coefficients = tuple(decision.coefficients) if decision.coefficients else None
     kind = "fitted" if decision.coefficients else "Taylor"
     row.reason = f"{decision.reason}; polynomial degree {degree} ({kind}), rank {row.rank}, mask {site.mask.kind}"
+    if decision.heads is not None:
+        groups = concrete_int(shape_of(site.q)[1]) // concrete_int(shape_of(site.op_kv[0])[1])
+        row.approximated_heads = [h * groups + g for h in decision.heads for g in range(groups)]
+        row.reason += f"; heads {row.approximated_heads} approximated, the others exact"
     return True
 
 

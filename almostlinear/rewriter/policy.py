@@ -37,6 +37,7 @@ class Decision:
     degree: int | None = None
     coefficients: tuple[float, ...] | None = None  # None: Taylor coefficients of exp
     min_seq_len: int | None = None  # the op runs from this key length on (dynamic lengths: decided at run time)
+    heads: tuple[int, ...] | None = None  # the key/value heads the op computes (None: all); exact on the others
 
 
 def site_override(module_path: str, options: Options) -> tuple[str, Choice] | None:

@@ -53,7 +53,7 @@ class Rechecker:
         return out
 
     def active(self) -> list[int]:
-        return sorted(sid for sid, switch in self.switches.items() if int(switch) == 1)
+        return sorted(sid for sid, switch in self.switches.items() if bool(switch.any()))
 
     def recheck(self, inputs: Sequence[Any]) -> None:
         # On copies of the inputs: the graph may mutate them in place (BatchNorm's running stats and
@@ -98,13 +98,14 @@ class Rechecker:
         rng = torch.get_rng_state()
         while self.active():
             active = self.active()
+            saved = {sid: self.switches[sid].clone() for sid in active}  # per-head switches keep their heads
             try:
                 for sid in active:
                     self.switches[sid].fill_(0)
                 reference = run_with_grads(self.work, inputs, rng)
             finally:  # the switches are live state of the compiled graph: restored whatever happens
                 for sid in active:
-                    self.switches[sid].fill_(1)
+                    self.switches[sid].copy_(saved[sid])
             if agree([0.0 if reference.finite() else 1.0])[0]:
                 self.report.history.append({"call": self.calls, "grad_error": math.nan, "approximated": active,
                                             "event": "re-check end-to-end gradient error skipped: the exact "

@@ -49,6 +49,8 @@ class Site:
     paper_degree: int | None = None  # the Taylor degree the error bound would need for the budget
     coefficients: tuple | None = None
     region: str = ""  # the higher-order op body the site is in, e.g. "checkpoint wrap_body_0, use_reentrant=False"
+    approximated_heads: list | None = None  # query heads the op computes when not all of them (per-head decisions)
+    heads: list = field(default_factory=list)  # the approximability map: one dict per query head (calibrate.HeadStats)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -118,6 +120,7 @@ class Report:
                              _num(s.sampled_error), _num(s.measured_error), str(s.paper_degree),
                              str(s.degree or "-"), "fitted" if s.coefficients else "Taylor"))
             lines.extend("  " + line for line in _table(rows))
+        lines.extend(approximability_map(self.sites))
         if self.near_misses:
             lines.append("softmax not rewritten (near misses):")
             for m in self.near_misses:
@@ -145,6 +148,24 @@ class Report:
         else:
             lines.append(f"end-to-end gradient error: not measured (no approximated site); budget {self.budget:g}")
         return "\n".join(lines)
+
+
+def approximability_map(sites: list[Site]) -> list[str]:
+    """Per calibrated site, per query head: the sampled degree-2 error, the logit std and the effective
+    number of keys (exp of the attention's entropy); * marks the heads the op computes."""
+    mapped = [s for s in sites if s.heads]
+    if not mapped:
+        return []
+    width = max(len(s.heads) for s in mapped)
+    rows = [("id", "module", *(f"h{h}" for h in range(width)))]
+    for s in mapped:
+        cells = [f"{h['sampled_error']:.2g}/{h['logit_std']:.2g}/{h['effective_keys']:.3g}"
+                 + ("*" if h["approximated"] else "") for h in s.heads]
+        rows.append((str(s.id), s.module_path or "(root)", *cells, *[""] * (width - len(cells))))
+    approximated = sum(h["approximated"] for s in mapped for h in s.heads)
+    total = sum(len(s.heads) for s in mapped)
+    return ([f"approximability map ({approximated} of {total} heads approximated, *; per head: sampled error / "
+             f"logit std / effective keys):"] + ["  " + line for line in _table(rows)])
 
 
 def _num(value) -> str:

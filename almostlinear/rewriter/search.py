@@ -19,6 +19,7 @@ fit on), with the reason noted.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -143,14 +144,20 @@ def _calibrate_all(search: _Search, reference: Measurement) -> None:
     for sid, agreed in zip(ids, agree([search.calibrations[sid].sampled_error for sid in ids])):
         cal = search.calibrations[sid]
         cal.sampled_error = agreed  # the worst rank's number: every rank decides the same
-        if options.method is Choice.AUTO and cal.sampled_error > options.budget:
+        fits = [g for g, e in enumerate(cal.group_errors) if e <= options.budget]
+        if options.method is Choice.AUTO and not fits:
             search.exact(sid, f"fused exact: error on sampled queries {cal.sampled_error:.3g} > budget "
                               f"{options.budget:g} (logits up to B = {cal.logit_bound:.3g}, eps = {cal.eps:.3g}; "
                               f"the bound needs degree {cal.paper_degree})")
-        else:
-            d = search.decisions[sid]
-            search.decisions[sid] = Decision(Method.POLYNOMIAL, d.reason, d.degree or 2,
-                                             cal.coefficients if cal.fitted else None, d.min_seq_len)
+            continue
+        d = search.decisions[sid]
+        heads, reason = None, d.reason
+        if options.method is Choice.AUTO and len(fits) < len(cal.group_errors):
+            heads = tuple(fits)  # per-head decision: the heads whose sampled error fits the budget
+            reason = (f"{d.reason}; per head: {len(fits)} of {len(cal.group_errors)} key/value heads within budget "
+                      f"on sampled queries (errors {', '.join(f'{e:.3g}' for e in cal.group_errors)})")
+        search.decisions[sid] = Decision(Method.POLYNOMIAL, reason, d.degree or 2,
+                                         cal.coefficients if cal.fitted else None, d.min_seq_len, heads)
 
 
 def _keep_uncalibrated(search: _Search, sid: int, reason: str, empty: bool) -> None:
@@ -179,15 +186,35 @@ def _back_off(search: _Search, inputs: list, rng: torch.Tensor, reference: Measu
         if search.unmeasurable:
             error = math.nan  # the exact gradients are not finite: no error to measure against them
         report.history.append({"call": 0, "step": step, "grad_error": error, "approximated": ids,
-                               "site_errors": local})
+                               "site_errors": local, "heads": {sid: search.decisions[sid].heads for sid in ids
+                                                               if search.decisions[sid].heads is not None}})
         log.info("%s: step %d, end-to-end gradient error %.3g with sites %s approximated",
                  report.graph_name, step, error, ids)
         if error <= options.budget or not ids or options.method is Choice.POLYNOMIAL:
             return current, error, local
-        worst = max(local, key=lambda sid: _order(local[sid]))
-        search.exact(worst, f"fused exact: budget {options.budget:g} exceeded ({error:.3g} end-to-end) and this site "
-                            f"had the largest measured error ({local[worst]:.3g})")
+        _back_off_worst(search, current, measured, local, error)
         step += 1
+
+
+def _back_off_worst(search: _Search, current: Applied, measured: Measurement, local: dict[int, float],
+                    error: float) -> None:
+    """The site with the largest measured error goes back to exact; a site whose heads are decided one by one
+    first gives up its worst approximated head (GQA: key/value head)."""
+    budget = search.options.budget
+    worst = max(local, key=lambda sid: _order(local[sid]))
+    decision = search.decisions[worst]
+    per_head = measured.head_errors.get(current.op_nodes[worst], [])
+    heads = list(decision.heads) if decision.heads is not None else list(range(len(per_head)))
+    if len(heads) > 1 and per_head:
+        head = max(heads, key=lambda h: _order(per_head[h]))
+        heads.remove(head)
+        search.decisions[worst] = dataclasses.replace(
+            decision, heads=tuple(heads),
+            reason=f"{decision.reason}; key/value head {head} back to exact (budget {budget:g} exceeded, "
+                   f"{error:.3g} end-to-end; its measured error {per_head[head]:.3g})")
+        return
+    search.exact(worst, f"fused exact: budget {budget:g} exceeded ({error:.3g} end-to-end) and this site "
+                        f"had the largest measured error ({local[worst]:.3g})")
 
 
 def _annotate(current: Applied, search: _Search, local: dict[int, float]) -> None:
@@ -196,6 +223,9 @@ def _annotate(current: Applied, search: _Search, local: dict[int, float]) -> Non
         if cal is not None:
             row.sampled_error, row.logit_bound, row.eps = cal.sampled_error, cal.logit_bound, cal.eps
             row.predicted_error, row.paper_degree = cal.predicted_error, cal.paper_degree
+            on = set(row.approximated_heads) if row.approximated_heads is not None else None
+            row.heads = [dict(dataclasses.asdict(h), approximated=row.method == Method.POLYNOMIAL and
+                              (on is None or h.head in on)) for h in cal.heads]
         if row.id in current.op_nodes:
             value = local.get(row.id)
             row.measured_error = None if value is None or math.isnan(value) else value

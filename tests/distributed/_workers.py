@@ -106,20 +106,20 @@ def prefer_fitted(on: bool):
         yield
         return
     from almostlinear.kernels import taylor_coefficients
-    from almostlinear.rewriter import calibrate as budget
+    from almostlinear.rewriter import calibrate
 
-    real = budget.sampled_output_error
+    real = calibrate.candidate_error
 
-    def patched(q, k, v, scale, coefficients, *args, **kwargs):
-        error = real(q, k, v, scale, coefficients, *args, **kwargs)
+    def patched(sample, coefficients):
+        error = real(sample, coefficients)
         taylor = list(taylor_coefficients(len(coefficients) - 1))
         return error if list(coefficients) == taylor else 0.0
 
-    budget.sampled_output_error = patched
+    calibrate.candidate_error = patched
     try:
         yield
     finally:
-        budget.sampled_output_error = real
+        calibrate.candidate_error = real
 
 
 class _Spy:

@@ -91,3 +91,45 @@ def test_low_precision_and_autocast(dtype, mode, causal, padding):
     for g, g_lo in zip(grads, grads_lo):
         assert g.dtype == torch.float32
         torch.testing.assert_close(g, g_lo.float(), atol=0, rtol=0)
+
+
+def _per_head_reference(q, k, v, kw, alibi, modes, causal, window):
+    """Each key/value head (and its query heads) through its mode's naive reference, then put back together."""
+    groups = q.shape[1] // k.shape[1]
+    outs = []
+    for h, on in enumerate(modes):
+        qh = q[:, h * groups:(h + 1) * groups]
+        slopes = alibi[h * groups:(h + 1) * groups] if alibi is not None else None
+        kwargs = {"coefficients": COEFFS} if on else {}
+        reference = naive_poly_attention if on else naive_exact_attention
+        outs.append(reference(qh, k[:, h:h + 1], v[:, h:h + 1], scale=0.3, causal=causal, key_weight=kw,
+                              alibi_slopes=slopes, window=window, **kwargs))
+    return torch.cat(outs, dim=1)
+
+
+@pytest.mark.parametrize("modes", [(1, 0), (0, 1), (1, 0, 0, 1)])
+@pytest.mark.parametrize("padding", [True, False])
+@pytest.mark.parametrize("causal,window,alibi", [(False, 0, False), (True, 0, False), (True, 7, False),
+                                                 (True, 0, True)])
+def test_per_head_modes_match_each_heads_reference(modes, padding, causal, window, alibi):
+    """A [Hk] switch: the op on the heads whose mode is 1, exact attention on the others (GQA: 2 query heads per
+    key/value head); outputs and all three gradients equal the per-head naive references."""
+    q, k, v, kw = _inputs(hq=2 * len(modes), hk=len(modes))
+    kw = kw if padding else None
+    slopes = torch.linspace(-0.3, -0.05, q.shape[1]) if alibi else None
+    switch = torch.tensor(modes, dtype=torch.int8)
+    out, used, _ = switchable_attention(q, k, v, kw, slopes, switch, 0.3, COEFFS, causal, window)
+    cot = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    grads = torch.autograd.grad(out, (q, k, v), cot)
+    ref = _per_head_reference(q, k, v, kw, slopes, modes, causal, window)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), cot)
+    assert used.tolist() == list(modes)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_per_head_switch_passes_opcheck():
+    q, k, v, kw = _inputs()
+    torch.library.opcheck(torch.ops.almostlinear.switchable_attention.default,
+                          (q, k, v, kw, None, torch.tensor([1, 0], dtype=torch.int8), 0.3, COEFFS, True, 0))
