@@ -138,6 +138,11 @@ class Backend:
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Callable:
         return compile_graph(gm, example_inputs, self.options, self.reports, self.keep_graph_modules)
 
+    def __deepcopy__(self, memo: dict) -> "Backend":
+        """The backend itself: a copy would collect its reports where nobody reads them (Lightning deep-copies
+        torch.compile's arguments once it is imported)."""
+        return self
+
     def __repr__(self) -> str:
         return f"almostlinear.Backend({self.options.as_dict()})"
 

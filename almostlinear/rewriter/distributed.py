@@ -64,9 +64,18 @@ def _copy_dynamo_sources(original: fx.GraphModule, work: fx.GraphModule) -> None
     for old, new in zip(before, after):
         if hasattr(old, "_dynamo_source") and not hasattr(new, "_dynamo_source"):
             new._dynamo_source = old._dynamo_source
-    for name in ("_param_name_to_source", "compile_subgraph_reason"):
-        if hasattr(original, name) and not hasattr(work, name):
-            setattr(work, name, getattr(original, name))
+    if hasattr(original, "compile_subgraph_reason") and not hasattr(work, "compile_subgraph_reason"):
+        work.compile_subgraph_reason = original.compile_subgraph_reason
+    if hasattr(original, "_param_name_to_source"):
+        # AOTAutograd looks up a source for every parameter and buffer of a piece: the rewrite's own buffers
+        # (re-check switches, length gates, static key masks) get a constant source of their own
+        from torch._dynamo.source import ConstantSource
+
+        sources = dict(original._param_name_to_source)
+        for name, _ in work.named_buffers():
+            if name.startswith("_almostlinear_"):
+                sources.setdefault(name, ConstantSource(f"almostlinear.{name}"))
+        work._param_name_to_source = sources
 
 
 def _split(work, example_inputs, inner: str, ddp, original=None) -> tuple[Callable, int]:

@@ -100,6 +100,9 @@ class Options:
         )
         _check(isinstance(self.strict, bool), f"strict must be True or False, got {self.strict!r}")
 
+    def __deepcopy__(self, memo: dict) -> "Options":
+        return self  # immutable (a frozen record with a read-only `sites`)
+
     def as_dict(self) -> dict[str, Any]:
         """A plain dict of the options (`sites` as a new plain dict)."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -202,6 +202,22 @@ def _recheck(rank, options):
     return backend, spy, model, float(loss.detach())
 
 
+def _hf_recheck_split(rank, options):
+    """compile_for_ddp on HF GPT-2 with re-check switches: the rewritten graph is split at DDP's buckets, and
+    AOTAutograd needs a source for the rewrite's own buffers in every piece (it failed at compile before)."""
+    from almostlinear.rewriter import distributed as ald
+    from almostlinear.zoo import build
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(0)
+    model, ids, _ = build("gpt2", layers=2, seq_len=32)
+    backend = ald.DistributedBackend(**options)
+    spy = _Spy(backend)
+    loss = DDP(ald.compile_for_ddp(model, backend=spy), bucket_cap_mb=0.01)(ids, labels=ids).loss
+    loss.backward()
+    return backend, spy, model, float(loss.detach())
+
+
 SCENARIOS = {
     # name: (runner, kwargs)
     "ddp_default_exact": (_ddp, {"options": EXACT}),
@@ -212,6 +228,7 @@ SCENARIOS = {
     "skew_auto": (_ddp, {"options": AUTO, "scaled": True, "skew": True, "mode": False}),
     "skew_poly_fitted": (_ddp, {"options": POLY, "scaled": True, "skew": 2.0, "mode": False, "fitted": True}),
     "recheck": (_recheck, {"options": dict(AUTO, recheck_every=1)}),
+    "hf_recheck_split": (_hf_recheck_split, {"options": dict(POLY, recheck_every=1)}),
     "fsdp2_exact": (_fsdp2, {"options": EXACT}),
     "fsdp2_poly": (_fsdp2, {"options": POLY}),
 }

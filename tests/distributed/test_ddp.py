@@ -119,6 +119,13 @@ def test_rechecks_switch_every_rank_when_one_rank_goes_over_budget(ranks):
         assert extra["loss_vs_eager"] < 1e-5, extra  # the split pieces really run exact attention now
 
 
+def test_compile_for_ddp_with_rechecks_on_hf_gpt2_splits_and_trains(ranks):
+    r0, r1 = _ok(ranks, "hf_recheck_split")
+    assert r0["ddp_pieces"][0] > 1, r0["ddp_pieces"]
+    assert [method for _, method, _ in r0["sites"]] == ["polynomial", "polynomial"], r0["sites"]
+    assert r0["loss"] == r1["loss"]  # the same batch on both ranks
+
+
 def test_fsdp2_fully_shard_then_compile(ranks, refs):
     r0, r1 = _ok(ranks, "fsdp2_exact")
     # Dynamo compiles the (shared) Block graph; FSDP2's hooks and the root forward run outside it

@@ -10,7 +10,6 @@ import os
 import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import almostlinear.integrations  # noqa: E402,F401  - first: it must import none of the optional libraries
 
@@ -61,13 +60,14 @@ def run(route: str) -> dict:
         backend = almostlinear.Backend(method="exact", **OPTIONS)
         lit = LitLM(model, backend)
         fitted, callback = lit, ReportCallback(backend)
-    else:  # Lightning's own route: it unwraps torch.compile's module and compiles forward and training_step
-        # the string form: torch.compile(module, backend=almostlinear.Backend(...)) fails once lightning is
-        # imported (its torch.compile wrapper deep-copies the backend object)
+    else:  # Lightning's own route: it unwraps torch.compile's module and compiles forward and training_step.
+        # Lightning's torch.compile wrapper deep-copies its keyword arguments: a Backend copies as itself, so its
+        # reports are the ones the callback reads
         lit = LitLM(model)
         known = {id(r) for r in almostlinear.last_reports()}
-        fitted = torch.compile(lit, backend="almostlinear", options=dict(method="exact", **OPTIONS))
-        callback = ReportCallback(None)  # reports of the string form: almostlinear.last_reports()
+        backend = almostlinear.Backend(method="exact", **OPTIONS)
+        fitted = torch.compile(lit, backend=backend)
+        callback = ReportCallback(backend)
     trainer, collator = fit(fitted, [callback])
     expected = LitLM(reference)
     fit(expected)

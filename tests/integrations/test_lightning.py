@@ -1,5 +1,5 @@
 """Lightning: a LightningModule whose inner model is compiled in place, and Lightning's own compile route
-(`trainer.fit(torch.compile(lit_module, backend="almostlinear", options=...))`), with the report callback.
+(`trainer.fit(torch.compile(lit_module, backend=almostlinear.Backend(...)))`), with the report callback.
 
 Both run in one fresh interpreter (`_lightning_worker.py`): importing lightning replaces `torch.compile` for the
 whole process, which would change what every later test in this session calls.
