@@ -245,10 +245,10 @@ def _apply_mask_op(facts: MaskFacts, op: MaskOp, ctx: MaskContext) -> None:
             _bool_terms(op.tensor, op.kind == "fill", facts, ctx)
         elif depends_on_data(op.tensor, ctx):
             raise DenseMask(f"masked_fill with a finite value {op.value} rewrites scores")
-        else:
-            torch.as_tensor(static_value(op.tensor, ctx))  # (a condition that cannot be evaluated says so)
-            facts.dense_reason = f"masked_fill with a finite value {float(op.value)} rewrites scores instead of " \
-                                 f"removing keys"
+        else:  # a static condition is still evaluated first: one that cannot be is reported as such
+            torch.as_tensor(static_value(op.tensor, ctx))
+            facts.dense_reason = (f"masked_fill with a finite value {float(op.value)} rewrites scores instead of "
+                                  f"removing keys")
     except DenseMask as exc:
         facts.dense_reason = str(exc)
         facts.data_dependent = True

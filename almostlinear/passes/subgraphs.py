@@ -133,7 +133,7 @@ def find_regions(gm: fx.GraphModule, example_inputs: Sequence[Any] | None, outer
 
     `example_inputs`: the real values of `gm`'s placeholders, or None when they are unknown.
     """
-    found: list[tuple[fx.Node, str, fx.GraphModule, bool]] = []
+    found: list[tuple[fx.Node, str, fx.GraphModule, bool, list]] = []
     for node in list(gm.graph.nodes):
         bodies = _hop_bodies(gm, node)
         for _, name, body in bodies:
@@ -145,26 +145,26 @@ def find_regions(gm: fx.GraphModule, example_inputs: Sequence[Any] | None, outer
             body = copy_graph_module(body)  # normalizing must not touch the captured body
             if ok:
                 _set_submodule(gm, name, body)
-            body.meta["_almostlinear_mha"] = decompose_mha(body)
+            mha_calls = decompose_mha(body)
             normalize(body)
-            found.append((node, name, body, ok))
+            found.append((node, name, body, ok, mha_calls))
     if not found:
         return []
     values: dict[fx.Node, list] = {}
     unknown = "the example inputs are fake"
     if example_inputs is not None:
         try:
-            values = call_inputs(gm, [node for node, _, _, ok in found if ok], example_inputs)
+            values = call_inputs(gm, [node for node, _, _, ok, _ in found if ok], example_inputs)
         except Exception as exc:  # noqa: BLE001 - masks then stay unproved; the rewrite stays exact
             unknown = f"the region's inputs could not be computed ({type(exc).__name__}: {exc})"[:200]
     kinds = placeholder_kinds(gm, example_inputs if example_inputs is not None else [])
     graph = to_networkx(gm)
     regions: list[Region] = []
-    for node, name, body, ok in found:
+    for node, name, body, ok, mha_calls in found:
         if ok:
             align_placeholder_kinds(body, node, graph, kinds)
         region = Region(node, gm, name, body, node.target.name(), _label(node, name), ok, outer=outer)
-        region.mha_calls = body.meta.pop("_almostlinear_mha", [])
+        region.mha_calls = mha_calls
         placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
         inputs = values.get(node) if ok else None
         if inputs is not None and len(inputs) != len(placeholders):
