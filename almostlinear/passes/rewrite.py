@@ -14,8 +14,9 @@ import torch.fx as fx
 
 from .builder import NodeBuilder
 from .graph_utils import is_number, may_erase_unused, tensor_meta
-from .masks import BLOCKED_BELOW
-from .match import SDPA, AttentionSite
+from .mask_ops import BLOCKED_BELOW
+from .match import SDPA
+from .site import AttentionSite
 
 
 class RewriteError(Exception):

@@ -20,7 +20,7 @@ import torch.fx as fx
 
 from .builder import NodeBuilder
 from .graph_utils import concrete_int, is_number, shape_of, tensor_meta
-from .match import AttentionSite
+from .site import AttentionSite
 from .rewrite import RewriteError, replace_output, scaled_query
 
 def alibi_per_query_head(site: AttentionSite) -> list[float] | None:

@@ -17,7 +17,7 @@ import torch
 from ..kernels import evaluate_polynomial, taylor_coefficients, validate_polynomial
 from ..kernels import allowed_keys
 from ..passes.graph_utils import example_value
-from ..passes.match import AttentionSite
+from ..passes.site import AttentionSite
 from ..passes.rewrite_polynomial import alibi_per_query_head, static_key_weight, term_key_weight
 from .measure import agree, finite_or_inf, summed, unusable_reason
 

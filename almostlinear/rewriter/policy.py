@@ -19,7 +19,7 @@ import torch.fx as fx
 from ..kernels import default_min_seq_len
 from ..kinds import Choice, MaskKind, Method
 from ..passes.graph_utils import concrete_int, shape_of, tensor_meta
-from ..passes.match import AttentionSite
+from ..passes.site import AttentionSite
 from ..passes.rewrite import dropout_active
 from ..passes.rewrite_polynomial import alibi_per_query_head, is_dynamic_length
 from .options import Options
