@@ -135,19 +135,17 @@ def _switch(site: AttentionSite, build: NodeBuilder, switchable: bool, min_seq_l
             k: fx.Node, heads: Sequence[int] | None) -> fx.Node | None:
     """The int8 mode of the switchable op (1: polynomial, 0: exact), or None for the plain op.
 
-    switchable (re-checks on) or per-head decisions (`heads`: the key/value heads the op computes): a buffer,
-    0-d or [Hk] with 1 at `heads`, that the re-checks may flip. Dynamic key length (`min_seq_len` given): the
+    switchable (re-checks on) or per-head decisions (`heads`: the key/value heads the op computes): a buffer
+    [Hk] with 1 at `heads` (all heads: every entry), that the re-checks may flip head by head. Dynamic key length (`min_seq_len` given): the
     length is compared in the graph with a 0-d int64 buffer holding min_seq_len (the budget search sets it to 0
     while it measures, so the approximation is measured even on an example shorter than the crossover), so
     one graph serves every length without a guard on it."""
     device = tensor_meta(site.q).device
     switch = None
-    if heads is not None:
+    if heads is not None or switchable:  # one mode per key/value head: re-checks may switch single heads
         modes = torch.zeros(shape_of(k)[1], dtype=torch.int8, device=device)
-        modes[list(heads)] = 1
+        modes[list(heads) if heads is not None else slice(None)] = 1
         switch = build.buffer(switch_name(site.id), modes)
-    elif switchable:
-        switch = build.buffer(switch_name(site.id), torch.ones((), dtype=torch.int8, device=device))
     if min_seq_len is not None:
         minimum = build.buffer(min_len_name(site.id), torch.tensor(min_seq_len, dtype=torch.int64, device=device))
         length = build.method("size", k, -2)

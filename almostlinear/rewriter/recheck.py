@@ -25,8 +25,9 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
-from ..passes.rewrite_polynomial import switch_name
+from ..kinds import Method
 from ..passes.graph_utils import rng_preserved
+from ..passes.rewrite_polynomial import switch_name
 from .measure import SiteErrors, agree, detached_clones, gradient_error, run_with_grads
 from .report import Report, log
 
@@ -75,24 +76,54 @@ class Rechecker:
                 continue
             over = self.gate and error > self.budget
             if over:
-                self._switch(sid, f"measured error {error:.3g} > budget {self.budget:g}")
+                self._switch_over_budget(sid, interpreter, f"measured error {error:.3g} > budget {self.budget:g}")
             self._record(sid, error, over, "local error")
             measured[sid] = error
         self._check_end_to_end(inputs, measured)
 
+    def _switch_over_budget(self, sid: int, interpreter: SiteErrors, why: str) -> None:
+        """Switch the key/value heads whose own error is over budget; the whole site when that is every head
+        still approximated (or the heads' errors are unknown)."""
+        switch = self.switches[sid]
+        errors = interpreter.head_errors.get(self.poly_nodes[sid]) or [math.inf] * switch.numel()
+        errors = agree(errors)  # every rank switches the same heads
+        on = [h for h in range(switch.numel()) if int(switch.reshape(-1)[h]) == 1]
+        over = [h for h in on if errors[h] > self.budget]
+        if switch.dim() == 0 or not over or len(over) == len(on):
+            self._switch(sid, why)
+            return
+        switch[over] = 0
+        self._mark(sid, f"key/value heads {over} switched to exact at call {self.calls}: {why} (their errors "
+                        f"{', '.join(f'{errors[h]:.3g}' for h in over)})")
+        log.warning("almostlinear: site %d heads %s switched to exact at call %d: %s", sid, over, self.calls, why)
+
     def _switch(self, sid: int, why: str) -> None:
         self.switches[sid].fill_(0)
-        for row in self.report.sites:
-            if row.id == sid:
-                row.method = "exact"
-                row.reason = f"switched to exact at call {self.calls}: {why} (was polynomial)"
+        self._mark(sid, f"switched to exact at call {self.calls}: {why} (was polynomial)")
         log.warning("almostlinear: site %d switched to exact at call %d: %s", sid, self.calls, why)
 
+    def _mark(self, sid: int, reason: str) -> None:
+        """The report row follows the switch: method, approximated heads, the map's flags, the reason."""
+        switch = self.switches[sid].reshape(-1)
+        for row in self.report.sites:
+            if row.id != sid:
+                continue
+            query_heads = row.q_shape[1] if row.q_shape and isinstance(row.q_shape[1], int) else switch.numel()
+            groups = max(1, query_heads // switch.numel())
+            on = [h * groups + g for h in range(switch.numel()) if int(switch[h]) == 1 for g in range(groups)]
+            row.method = Method.POLYNOMIAL if on else Method.EXACT
+            row.approximated_heads = on if on and len(on) < groups * switch.numel() else None
+            for head in row.heads:
+                head["approximated"] = head["head"] in on
+            row.reason = reason
+
     def _record(self, sid: int, error: float, over: bool, what: str) -> None:
+        switch = self.switches[sid].reshape(-1)
+        on = bool(switch.any())
+        done = ("switched to exact" if not on else f"heads {switch.tolist()} (1: approximated)") if over else "kept"
         self.report.history.append({"call": self.calls, "site": sid, "measured_error": error,
-                                    "decision": "exact" if over else "polynomial", "grad_error": error,
-                                    "approximated": self.active(),
-                                    "event": f"re-check site {sid} ({what}): {'switched to exact' if over else 'kept'}"})
+                                    "decision": "polynomial" if on else "exact", "grad_error": error,
+                                    "approximated": self.active(), "event": f"re-check site {sid} ({what}): {done}"})
 
     def _check_end_to_end(self, inputs: Sequence[Any], local: dict[int, float]) -> None:
         rng = torch.get_rng_state()

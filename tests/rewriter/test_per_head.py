@@ -87,3 +87,21 @@ def test_mixed_heads_are_within_budget_and_differ_from_all_exact(name):
     mixed_error, full_error = gradient_error(mixed.grads, eager.grads), gradient_error(full.grads, eager.grads)
     assert 0 < mixed_error <= 0.05 and math.isfinite(full_error)
     assert mixed_error < full_error  # half the heads exact: closer to eager than all approximated
+
+
+def test_recheck_switches_only_the_heads_whose_logits_grew():
+    model = _gpt_with_sharp_heads(sharp=())  # every head diffuse at first
+    backend = almostlinear.Backend(budget=0.05, min_seq_len=0, inner="aot_eager", recheck_every=1)
+    compiled = torch.compile(model, backend=backend)
+    x = torch.randint(0, 96, (2, T), generator=torch.Generator().manual_seed(0))
+    compiled(x).sum().backward()
+    report = backend.reports[-1]
+    assert [s.method for s in report.sites] == ["polynomial", "polynomial"] and report.sites[0].approximated_heads is None
+    with torch.no_grad():  # training made heads 0 and 1 of the first layer sharp
+        model.h[0].attn.c_attn.weight[:32].mul_(40.0)
+    compiled(x).sum().backward()
+    first = report.sites[0]
+    assert first.method == "polynomial" and first.approximated_heads == [2, 3], str(report)
+    assert [h["approximated"] for h in first.heads] == [False, False, True, True]
+    assert getattr(compiled, "_orig_mod", None) is model and len(backend.reports) == 1  # no recompile
+    assert any("heads [0, 0, 1, 1]" in h.get("event", "") for h in report.history), report.history
