@@ -171,16 +171,18 @@ class FeatureMap:
                 dx.index_add_(-1, ids[:, t], prod)
         return dx
 
+    def phi_t(self, xT: torch.Tensor, side: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Feature-major :meth:`phi`: xT [..., D, R] -> [..., r, R] (a transposed view; ``out`` is not used)."""
+        return self.phi(xT.transpose(-1, -2), side).transpose(-1, -2)
+
+    def vjp_t(self, xT: torch.Tensor, dphiT: torch.Tensor, side: str, work=None) -> torch.Tensor:
+        """Feature-major :meth:`vjp`: xT [..., D, R], dphiT [..., r, R] -> [..., D, R]."""
+        return self.vjp(xT.transpose(-1, -2), dphiT.transpose(-1, -2), side).transpose(-1, -2)
+
 
 def active_fake_mode():
     """The FakeTensorMode in effect (tracing: dynamo, AOT autograd, fake kernels), or None."""
     return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE)
-
-
-def real_tensors():
-    """Context in which tensors are real even while a FakeTensorMode is active (tables meant to be cached)."""
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-    return unset_fake_temporarily()
 
 
 def feature_map(d: int, degree: int, coeffs: tuple, scale: float, device: str, dtype=torch.float32) -> FeatureMap:
@@ -238,15 +240,37 @@ def _quad2_layout(d: int, leaf: int = 8) -> tuple[list, int]:
     return groups, pos
 
 
-class Quad2Features:
-    """Degree-2 features in a blocked symmetric layout, built with a few broadcast products.
+def _group_size(g) -> int:
+    """Number of features in a group of :func:`_quad2_layout`."""
+    kind = g[1]
+    if kind == "diag":
+        return g[2] * g[3] * g[3]
+    if kind == "off":
+        return g[2] * g[3] * g[3]
+    if kind == "dslice":
+        return (g[3] - g[2]) ** 2
+    return (g[3] - g[2]) * (g[5] - g[4])
 
-    The symmetric square x x^T is split recursively: off-diagonal rectangles x_P x_Q^T (counted once,
-    weight 2 on the query side) and leaf diagonal squares x_t x_t^T of size <= ``leaf`` (kept full,
-    weight 1).  Layout: [1 | x | leaf squares | rectangles, grouped by size]; rank = 1 + d + sum t^2 +
-    sum |P||Q| (d = 64, leaf 8: 2369 vs the fully packed 2145, but far cheaper to build on a CPU: when
-    d = leaf * 2^k every group is one broadcast product).  Same interface as :class:`FeatureMap`.
-    Query side: [c0 | c1 s x | c2 s^2 (x x^T, weighted)].
+
+class Quad2Features:
+    """Degree-2 features in the block-symmetric layout (the CPU path's; described once here).
+
+    Block-symmetric layout: P(s) = c0 + c1 s + c2 s^2 with s = scale q.k, and (q.k)^2 = sum_ab q_a q_b k_a k_b
+    is symmetric in (a, b), so only the tile pairs (I <= J) of the d x d outer product x x^T are kept: the d
+    coordinates are cut into tiles of ``leaf`` (8), a diagonal tile pair (I, I) is kept whole (both orders of
+    each product, weight 1), an off-diagonal pair (I < J) once with weight 2 on the query side.  Off-diagonal
+    pairs are grouped into the rectangles of a recursive halving of the square, so every group is one broadcast
+    product (when d = leaf * 2^k):
+
+        phi_k(x) = [1 | x | x_t x_t^T for each diagonal tile t | x_P x_Q^T for each rectangle (P, Q)]
+        phi_q(x) = [c0 | c1 scale x | c2 scale^2 (x_t x_t^T | 2 x_P x_Q^T)]
+
+    rank = 1 + d + leaf^2 C(d / leaf + 1, 2) (2,369 at d = 64 against 2,145 fully packed and 4,161 for the
+    square; 8,833 at d = 128), and phi_q(q) . phi_k(k) = P(s) exactly.  A state Sum_j phi_k(k_j)^T X_j is then
+    read and updated by plain matmuls on contiguous blocks.  The CPU path builds the features feature-major,
+    [..., r, R] for R tokens (:meth:`phi_t`, :meth:`vjp_t`): every elementwise op then runs along the tokens,
+    a long contiguous axis, instead of along the short rows of a tile.  :meth:`phi` / :meth:`vjp` are the same
+    maps token-major ([..., D] -> [..., r]), the interface of :class:`FeatureMap`.
     """
 
     def __init__(self, d: int, coeffs: Sequence[float], scale: float, leaf: int = 8):
@@ -254,130 +278,76 @@ class Quad2Features:
         self.groups, self.rank = _quad2_layout(d, leaf)
         self.c0, self.c1s = coeffs[0], coeffs[1] * self.scale
         self.r2 = math.sqrt(coeffs[2]) * self.scale  # x' = r2 x on the query side
-        self._maps = {}
-        # (a, b) -> positions of x_a x_b: i1 its own entry, i2 the mirrored one; half: leaf squares (both
-        # orders stored).  Built as lists and turned into tensors once (element-wise tensor writes cost
-        # ~5 us each, ~1 ms under a FakeTensorMode: d = 128 took a minute there).
-        i1, i2, half = [0] * (d * d), [0] * (d * d), [False] * (d * d)
-        covered = 0
-        for g in self.groups:
-            p, kind = g[0], g[1]
-            if kind in ("diag", "dslice"):
-                blocks = ([(b * g[3], g[3]) for b in range(g[2])] if kind == "diag" else [(g[2], g[3] - g[2])])
-                for bi, (lo, t) in enumerate(blocks):
-                    base = p + bi * t * t
-                    covered += t * t
-                    for i in range(t):
-                        for j in range(t):
-                            ab = (lo + i) * d + lo + j
-                            i1[ab], i2[ab], half[ab] = base + i * t + j, base + j * t + i, True
-            else:
-                if kind == "off":
-                    P = g[3]
-                    blocks = [(b * 2 * P, b * 2 * P + P, P, P) for b in range(g[2])]
-                else:
-                    blocks = [(g[2], g[4], g[3] - g[2], g[5] - g[4])]
-                for bi, (p0, q0, P, Q) in enumerate(blocks):
-                    base = p + bi * P * Q
-                    covered += 2 * P * Q
-                    for i in range(P):
-                        for j in range(Q):
-                            pidx = base + i * Q + j
-                            ab, ba = (p0 + i) * d + q0 + j, (q0 + j) * d + p0 + i
-                            i1[ab] = i1[ba] = i2[ab] = i2[ba] = pidx
-        assert covered == d * d
-        with real_tensors():  # device independent CPU tables: real even when built while tracing
-            self._i1 = torch.tensor(i1, dtype=torch.long)
-            self._i2 = torch.tensor(i2, dtype=torch.long)
-            self._half = torch.tensor(half, dtype=torch.bool)
+        self.work_size = max(_group_size(g) for g in self.groups)  # scratch of vjp_t, per token
 
-    def unpack(self, state: torch.Tensor, off_factor: float) -> torch.Tensor:
-        """Quadratic rows of a state [..., r, E] -> symmetric [..., d, d, E] with
-        x^T M x = sum_f w_f monomial_f(x) state_f where w_f = 1 on leaf squares and ``off_factor`` (times 2,
-        as both (a, b) and (b, a) appear in x^T M x) on rectangles."""
-        i1, i2, w1, w2 = self._tables(state.device, state.dtype, off_factor)
-        m = state.index_select(-2, i1) * w1.unsqueeze(-1) + state.index_select(-2, i2) * w2.unsqueeze(-1)
-        return m.unflatten(-2, (self.d, self.d))
-
-    def _tables(self, device, dtype, off_factor):
-        """(i1, i2, w1, w2) for :meth:`unpack` on ``device``/``dtype``: cached for real tensors; while a
-        FakeTensorMode is active made from fake copies of the CPU tables and not cached (a cached fake
-        table would break every later real call)."""
-        mode = active_fake_mode()
-        if mode is None:
-            key = (device, dtype, off_factor)
-            if key not in self._maps:
-                self._maps[key] = self._make_tables(self._i1, self._i2, self._half, device, dtype, off_factor)
-            return self._maps[key]
-        fake = [mode.from_tensor(t) for t in (self._i1, self._i2, self._half)]
-        return self._make_tables(*fake, device, dtype, off_factor)
-
-    @staticmethod
-    def _make_tables(i1, i2, half, device, dtype, off_factor):
-        w1 = torch.where(half, 0.5, off_factor).to(device, dtype)
-        w2 = torch.where(half, 0.5, 0.0).to(device, dtype)
-        return i1.to(device), i2.to(device), w1, w2
-
-    def _views(self, g, x):
-        """(p, size, xP [..., n, P], xQ [..., n, Q], diagonal?) for a group."""
+    def _views(self, g, xT):
+        """(p, n, P, Q, xP [..., n, P, R], xQ [..., n, Q, R], diagonal?) of a group; xT [..., D, R]."""
         p, kind = g[0], g[1]
         if kind == "diag":
             n, t = g[2], g[3]
-            xv = x.unflatten(-1, (n, t))
-            return p, n * t * t, (n, t, t), xv, xv, True
+            xv = xT.unflatten(-2, (n, t))
+            return p, n, t, t, xv, xv, True
         if kind == "off":
             n, P = g[2], g[3]
-            xv = x.unflatten(-1, (n, 2, P))
-            return p, n * P * P, (n, P, P), xv[..., 0, :], xv[..., 1, :], False
+            xv = xT.unflatten(-2, (n, 2, P))
+            return p, n, P, P, xv[..., 0, :, :], xv[..., 1, :, :], False
         if kind == "dslice":
             lo, hi = g[2], g[3]
-            xv = x[..., lo:hi].unsqueeze(-2)
-            return p, (hi - lo) ** 2, (1, hi - lo, hi - lo), xv, xv, True
+            xv = xT[..., lo:hi, :].unsqueeze(-3)
+            return p, 1, hi - lo, hi - lo, xv, xv, True
         p0, p1, q0, q1 = g[2:]
-        return (p, (p1 - p0) * (q1 - q0), (1, p1 - p0, q1 - q0), x[..., p0:p1].unsqueeze(-2),
-                x[..., q0:q1].unsqueeze(-2), False)
+        return (p, 1, p1 - p0, q1 - q0, xT[..., p0:p1, :].unsqueeze(-3), xT[..., q0:q1, :].unsqueeze(-3), False)
 
-    def phi(self, x: torch.Tensor, side: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    def phi_t(self, xT: torch.Tensor, side: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Feature-major features: xT [..., D, R] -> [..., r, R] (side "q" or "k")."""
         if out is None:
-            out = x.new_empty(*x.shape[:-1], self.rank)
+            out = xT.new_empty(*xT.shape[:-2], self.rank, xT.shape[-1])
         d = self.d
         q = side == "q"
-        out[..., 0] = self.c0 if q else 1.0
+        out[..., 0, :] = self.c0 if q else 1.0
         if q:
-            torch.mul(x, self.c1s, out=out[..., 1:1 + d])
-            x = x * self.r2
-            x2 = x * 2.0
+            torch.mul(xT, self.c1s, out=out[..., 1:1 + d, :])
+            xT = xT * self.r2
+            x2 = xT * 2.0
         else:
-            out[..., 1:1 + d] = x
-            x2 = x
+            out[..., 1:1 + d, :] = xT
         for g in self.groups:
-            p, size, shp, xP, xQ, diag = self._views(g, x)
-            if not diag and q:
-                xP = self._views(g, x2)[3]
-            torch.mul(xP.unsqueeze(-1), xQ.unsqueeze(-2), out=out[..., p:p + size].unflatten(-1, shp))
+            p, n, P, Q, xP, xQ, diag = self._views(g, xT)
+            if q and not diag:
+                xP = self._views(g, x2)[4]
+            blk = out[..., p:p + n * P * Q, :].unflatten(-2, (n, P, Q))
+            torch.mul(xP.unsqueeze(-2), xQ.unsqueeze(-3), out=blk)
         return out
 
-    def vjp(self, x: torch.Tensor, dphi: torch.Tensor, side: str) -> torch.Tensor:
+    def vjp_t(self, xT: torch.Tensor, dphiT: torch.Tensor, side: str, work: torch.Tensor | None = None):
+        """J_phi^T dphi, feature-major: xT [..., D, R], dphiT [..., r, R] -> [..., D, R].  ``work``: optional
+        scratch of at least work_size * R elements per leading index."""
         d = self.d
         q = side == "q"
-        dx = torch.zeros_like(x)
-        xs = x * self.r2 if q else x
+        xs = xT * self.r2 if q else xT
         w = 2.0 if q else 1.0
+        dx = torch.zeros_like(xT)
         for g in self.groups:
-            p, size, shp, xP, xQ, diag = self._views(g, xs)
-            _, _, _, dP, dQ, _ = self._views(g, dx)
-            gm = dphi[..., p:p + size].unflatten(-1, shp)
-            if diag:
-                dP += (gm * xQ.unsqueeze(-2)).sum(-1) + (gm * xP.unsqueeze(-1)).sum(-2)
-            else:
-                dP += (gm * xQ.unsqueeze(-2)).sum(-1).mul_(w)
-                dQ += (gm * xP.unsqueeze(-1)).sum(-2).mul_(w)
+            p, n, P, Q, xP, xQ, diag = self._views(g, xs)
+            _, _, _, _, dP, dQ, _ = self._views(g, dx)
+            gm = dphiT[..., p:p + n * P * Q, :].unflatten(-2, (n, P, Q))
+            tmp = None if work is None else work.reshape(-1)[:gm.numel()].view(gm.shape)
+            dP.add_(torch.mul(gm, xQ.unsqueeze(-3), out=tmp).sum(-2), alpha=w if not diag else 1.0)
+            dQ.add_(torch.mul(gm, xP.unsqueeze(-2), out=tmp).sum(-3), alpha=w if not diag else 1.0)
         if q:
-            dx.mul_(self.r2)
-            dx += dphi[..., 1:1 + d] * self.c1s
+            dx.mul_(self.r2).add_(dphiT[..., 1:1 + d, :], alpha=self.c1s)
         else:
-            dx += dphi[..., 1:1 + d]
+            dx += dphiT[..., 1:1 + d, :]
         return dx
+
+    def phi(self, x: torch.Tensor, side: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Token-major features [..., D] -> [..., r]."""
+        res = self.phi_t(x.unsqueeze(-1), side).squeeze(-1)
+        return res if out is None else out.copy_(res)
+
+    def vjp(self, x: torch.Tensor, dphi: torch.Tensor, side: str) -> torch.Tensor:
+        """Token-major J_phi(x)^T dphi: x [..., D], dphi [..., r] -> [..., D]."""
+        return self.vjp_t(x.unsqueeze(-1), dphi.unsqueeze(-1), side).squeeze(-1)
 
 
 def fast_rank(d: int, degree: int) -> int:

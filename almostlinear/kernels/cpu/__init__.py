@@ -4,18 +4,22 @@ Shapes: q [B, Hq, L, D], k [B, Hk, S, D], v [B, Hk, S, Dv], key_weight [B, S] | 
 alibi_slopes [Hq] | None.  All inputs float32 (or float64) and contiguous; outputs in the same dtype.
 GQA: queries are viewed as [B, Hk, G, L, D] (G = Hq // Hk); K/V are never repeated.
 
-Three regimes, each O(n) memory and never holding more than one chunk of features, one module each:
+Three regimes, each O(n) memory and never holding more than one block of features, one module each:
 
 * global (non-causal, no window; global_regime.py): state Saug = phi_k(K)^T [f*V | f] ([r, Dv+1],
   f = key factor), out = phi_q(Q) Saug[:, :Dv] / phi_q(Q) Saug[:, Dv].
 * causal (no window; causal.py): chunks of ``chunk`` tokens; inside a chunk P(scale q.k) directly in d-space
-  with a tril mask, across chunks the running (ALiBi-decayed) state; degree 2 without ALiBi keeps the running
-  states in the square d-space layout (M, S1, S0), updated and consumed by plain matmuls, no features.
+  with a tril mask, across chunks the running (ALiBi-decayed) state; g chunks per block, whose chunk states,
+  prefix states and reads are batched matmuls.
 * banded (window > 0; banded.py): every query chunk against the key band it can see, P(s) directly in
   d-space: O(L * (chunk + 2 * window) * D), linear in n for a fixed window.
 
-Shared: context.py (per-call setup, weight factors, chunking), direct.py (P(s) on a block of scores),
-states.py (reading states on the query and key sides, packed or in d-space).
+Degree 2 uses the block-symmetric feature layout (features.Quad2Features; rank 2,369 at d = 64), built
+feature-major ([r, tokens]) so that every elementwise op runs along the tokens.  Blocks of about
+context.BLOCK_ROWS rows (B * Hq * tokens) keep each op large enough for all intra-op threads.
+
+Shared: context.py (per-call setup, weight factors, blocking), direct.py (P(s) on a block of scores),
+states.py (the state products, all plain matmuls).
 
 Weights: W_ij = P(s_ij) * key_weight_j * exp(m_h (j - i)) * valid_ij.  The ALiBi factor is split into a
 key part and a query part that cancels in the normalisation, so exponents never exceed 0
@@ -68,10 +72,9 @@ def forward(q, k, v, key_weight=None, alibi_slopes=None, *, scale, coeffs, causa
     """Returns out [B, Hq, L, Dv], den [B, Hq, L] (den = sum_j W_ij) and the global state Saug
     [B, Hk, r, Gs*(Dv+1)] in the non-causal, unwindowed case (None otherwise): passing it to
     :func:`backward` saves rebuilding it (one of the backward's [n, r] x [r, Dv+1] products).
-    ``square_states=False`` makes degree 2 causal without ALiBi use the packed running states (as ALiBi and
-    higher degrees do) instead of the faster square ones; the result is the same up to round-off."""
-    cx = CallContext(q, k, v, key_weight, alibi_slopes, scale, coeffs, causal, window, chunk or CHUNK,
-                     square_states)
+    ``square_states`` is accepted and ignored: the square d-space causal states were replaced by the
+    block-symmetric ones (issue 14), which every regime and degree now uses."""
+    cx = CallContext(q, k, v, key_weight, alibi_slopes, scale, coeffs, causal, window, chunk or CHUNK)
     out = q.new_empty(cx.B, cx.Hk, cx.G, cx.L, cx.Dv)
     den = q.new_empty(cx.B, cx.Hk, cx.G, cx.L)
     state = None
@@ -88,9 +91,9 @@ def forward(q, k, v, key_weight=None, alibi_slopes=None, *, scale, coeffs, causa
 def backward(grad, q, k, v, out, key_weight=None, alibi_slopes=None, *, scale, coeffs, causal=False,
              window=0, chunk=None, state=None, square_states=True):
     """Analytic backward. grad, out: [B, Hq, L, Dv] (same dtype as q); state: the global state the
-    non-causal :func:`forward` returned (rebuilt when None). Returns dq, dk, dv."""
-    cx = CallContext(q, k, v, key_weight, alibi_slopes, scale, coeffs, causal, window, chunk or CHUNK,
-                     square_states)
+    non-causal :func:`forward` returned (rebuilt when None); ``square_states`` is ignored (see :func:`forward`).
+    Returns dq, dk, dv."""
+    cx = CallContext(q, k, v, key_weight, alibi_slopes, scale, coeffs, causal, window, chunk or CHUNK)
     cx.start_backward(grad, out)
     dq = torch.zeros_like(cx.q5)
     dk = torch.zeros_like(k)

@@ -9,7 +9,7 @@ def banded_forward(cx, out, den):
     """Fills out [B, Hk, G, L, Dv] and den [B, Hk, G, L]."""
     for i0, i1 in cx.spans(cx.L):
         _, _, va, _, _, W = direct_block(cx, i0, i1, *cx.band(i0, i1))
-        cx.store_normalised(block_numerator(W, va), out, den, i0, i1)
+        cx.store_normalised(block_numerator(W, va), out[:, :, :, i0:i1], den[:, :, :, i0:i1])
 
 
 def banded_backward(cx, dq, dk, dv):
@@ -17,7 +17,7 @@ def banded_backward(cx, dq, dk, dv):
     for i0, i1 in cx.spans(cx.L):
         j0, j1 = cx.band(i0, i1)
         qc, kc, va, M, s, W = direct_block(cx, i0, i1, j0, j1)
-        gd = cx.grad_augmented(i0, i1, block_numerator(W, va)[..., cx.Dv])
+        gd = cx.grad_augmented(cx.g5[:, :, :, i0:i1], cx.o5[:, :, :, i0:i1], block_numerator(W, va)[..., cx.Dv])
         a, b, c = block_backward(cx, qc, kc, va, M, gd, s, W)
         dq[:, :, :, i0:i1] += a
         dk[:, :, j0:j1] += b

@@ -1,18 +1,26 @@
-"""Shared per-call setup of the CPU path: shapes, the feature map, scratch buffers, chunking, and the factors
+"""Shared per-call setup of the CPU path: shapes, the feature map, scratch buffers, blocking, and the factors
 each weight W_ij = P(s_ij) * key_weight_j * exp(m_h (j - i)) * valid_ij is split into.
 
 Layouts: queries are viewed as q5 [B, Hk, G, L, D] (G = Hq // Hk query heads per key head; K/V are never
-repeated).  A state in the "cat layout" [B, Hk, r, Gs*E] holds Gs column blocks of width E side by side: Gs = G
+repeated).  A state in the "cat layout" [..., r, Gs*E] holds Gs column blocks of width E side by side: Gs = G
 with ALiBi (the key factor differs per query head), else 1.
+
+Blocks: the regimes walk the sequence in blocks of about BLOCK_ROWS rows (B * Hq * tokens), so that every op
+is large enough to keep all intra-op threads busy and the Python loop stays short.  A causal block is g chunks
+of ``chunk`` tokens, held chunk-first: queries [g, B, Hk, G, C, D], keys [g, B, Hk, C, D] (see
+:meth:`CallContext.rows`); a global block is one run of tokens.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
-from ..features import Quad2Features, fast_feature_map
+from ..features import fast_feature_map
 from ..key_mask import allowed_key_block
 
 TINY = 1e-30
+BLOCK_ROWS = 1024  # rows (B * Hq * tokens) per block; 512-2048 measured within a few % on 2 cores at n = 32k
 
 
 def feature_map_for(q, scale, coeffs):
@@ -26,48 +34,32 @@ def safe_reciprocal(den):
 
 
 def augment_values(v, f):
-    """X = [f v | f] per group: v [B, Hk, C, Dv], f [B, Hk, Gs, C] | None -> [B, Hk, C, Gs*(Dv+1)] (cat layout;
+    """X = [f v | f] per group: v [..., C, Dv], f [..., Gs, C] | None -> [..., C, Gs*(Dv+1)] (cat layout;
     f None: [v | 1])."""
     ones = torch.ones(*v.shape[:-1], 1, dtype=v.dtype, device=v.device)
-    va = torch.cat([v, ones], -1)  # [B, Hk, C, Dv+1]
+    va = torch.cat([v, ones], -1)  # [..., C, Dv+1]
     if f is None:
         return va
-    B, Hk, Gs, C = f.shape
-    x = f.unsqueeze(-1) * va.unsqueeze(2)  # [B, Hk, Gs, C, Dv+1]
-    return x.permute(0, 1, 3, 2, 4).reshape(B, Hk, C, Gs * va.shape[-1])
+    x = f.unsqueeze(-1) * va.unsqueeze(-3)  # [..., Gs, C, Dv+1]
+    return x.transpose(-3, -2).flatten(-2)
 
 
-def split_groups(state, Gs):
-    """cat layout [B, Hk, r, Gs*E] -> [B, Hk, Gs, r, E]."""
-    B, Hk, r, GE = state.shape
-    return state.reshape(B, Hk, r, Gs, GE // Gs).permute(0, 1, 3, 2, 4)
+class Block(NamedTuple):
+    """Tokens [i0, i1) as g chunks of C tokens each."""
 
-
-def join_groups(st):
-    """[B, Hk, Gs, r, E] -> cat layout [B, Hk, r, Gs*E]."""
-    B, Hk, Gs, r, E = st.shape
-    return st.permute(0, 1, 3, 2, 4).reshape(B, Hk, r, Gs * E)
-
-
-def accumulate_outer(state, a, b):
-    """state += a^T b over the last two dims (in place; None: allocated and returned)."""
-    if state is None:
-        return a.transpose(-1, -2) @ b
-    r, e = state.shape[-2:]
-    state.view(-1, r, e).baddbmm_(a.reshape(-1, *a.shape[-2:]).transpose(-1, -2), b.reshape(-1, *b.shape[-2:]))
-    return state
+    i0: int
+    i1: int
+    g: int
+    C: int
 
 
 class CallContext:
     """One forward or backward call: shapes, the feature map, reused scratch buffers and the weight factors.
 
     q [B, Hq, L, D], k [B, Hk, S, D], v [B, Hk, S, Dv], key_weight [B, S] | None, alibi [Hq] | None.
-    ``square_states``: degree 2, causal, no window, no ALiBi: keep the running states in the square d-space
-    layout (see states.square_accumulate; faster) instead of the packed feature layout that ALiBi and higher
-    degrees use.
     """
 
-    def __init__(self, q, k, v, key_weight, alibi, scale, coeffs, causal, window, chunk, square_states=True):
+    def __init__(self, q, k, v, key_weight, alibi, scale, coeffs, causal, window, chunk):
         self.B, self.Hq, self.L, self.D = q.shape
         self.Hk, self.S, self.Dv = k.shape[1], k.shape[2], v.shape[-1]
         self.G = self.Hq // self.Hk
@@ -77,8 +69,6 @@ class CallContext:
         self.scale, self.coeffs, self.causal, self.window = scale, tuple(coeffs), causal, window
         self.chunk = chunk
         self.fm = feature_map_for(q, scale, coeffs)
-        self.quad = isinstance(self.fm, Quad2Features)  # degree 2: states can be consumed in d-space
-        self.square = square_states and self.quad and causal and not window and alibi is None
         self.dt, self.dev = q.dtype, q.device
         self._bufs = {}
         if alibi is not None:
@@ -90,8 +80,28 @@ class CallContext:
         for i0 in range(0, n, self.chunk):
             yield i0, min(n, i0 + self.chunk)
 
+    def blocks(self, n, chunked):
+        """The blocks of [0, n), about BLOCK_ROWS rows each.  chunked (causal): g full chunks of ``chunk`` tokens
+        per block, a partial last chunk alone; else (global) runs of whole chunks, g = 1."""
+        C = self.chunk
+        g = max(1, BLOCK_ROWS // (self.B * self.Hq * C))
+        if not chunked:
+            step = g * C
+            return [Block(i0, min(n, i0 + step), 1, min(n, i0 + step) - i0) for i0 in range(0, n, step)]
+        full = n // C
+        out = [Block(c0 * C, (c0 + h) * C, h, C) for c0 in range(0, full, g) for h in [min(g, full - c0)]]
+        if n % C:
+            out.append(Block(full * C, n, 1, n - full * C))
+        return out
+
+    @staticmethod
+    def rows(t, blk, dim=3):
+        """View of the block's tokens of t ([B, Hk, G, L, ...] with dim 3, [B, Hk, S, ...] with dim 2) chunk-first:
+        [g, B, Hk, (G,) C, ...].  Writing into the view writes into t."""
+        return t.narrow(dim, blk.i0, blk.i1 - blk.i0).unflatten(dim, (blk.g, blk.C)).movedim(dim, 0)
+
     def buf(self, name, shape):
-        """A contiguous scratch tensor reused across chunks (fresh multi-MB allocations page-fault)."""
+        """A contiguous scratch tensor reused across blocks (fresh multi-MB allocations page-fault)."""
         n = 1
         for x in shape:
             n *= x
@@ -100,9 +110,26 @@ class CallContext:
             b = self._bufs[name] = torch.empty(n, dtype=self.dt, device=self.dev)
         return b[:n].view(shape)
 
-    def phi(self, x, side):
-        """Features of x [..., D] -> [..., r] (side "q" or "k") in a reused scratch buffer."""
-        return self.fm.phi(x, side, out=self.buf("phi" + side, (*x.shape[:-1], self.fm.rank)))
+    def phi(self, xT, side):
+        """Feature-major features of xT [..., D, R] -> [..., r, R] (side "q" or "k") in a reused scratch buffer."""
+        return self.fm.phi_t(xT, side, out=self.buf("phi" + side, (*xT.shape[:-2], self.fm.rank, xT.shape[-1])))
+
+    def vjp(self, xT, dphi, side):
+        """J_phi^T dphi, feature-major: xT [..., D, R], dphi [..., r, R] -> [..., D, R]."""
+        work = self.buf("vjp", (getattr(self.fm, "work_size", 0) * dphi[..., 0, :].numel(),))
+        return self.fm.vjp_t(xT, dphi, side, work=work)
+
+    def grouped(self, t):
+        """Query rows [..., G, C, X] -> [..., Gs, (G / Gs) * C, X], the rows each state group reads."""
+        return t.reshape(*t.shape[:-3], self.Gs, -1, t.shape[-1])
+
+    def ungrouped(self, t, C):
+        """Inverse of :meth:`grouped`: [..., Gs, (G / Gs) * C, X] -> [..., G, C, X]."""
+        return t.reshape(*t.shape[:-3], self.G, C, t.shape[-1])
+
+    def queries_t(self, qc):
+        """Query rows [..., G, C, D] -> grouped and feature-major [..., Gs, D, (G / Gs) * C] (contiguous)."""
+        return self.grouped(qc).transpose(-1, -2).contiguous()
 
     def positions(self, lo, hi):
         return torch.arange(lo, hi, device=self.dev, dtype=self.dt)
@@ -116,18 +143,18 @@ class CallContext:
         self.g5 = grad.view(self.B, self.Hk, self.G, self.L, self.Dv)
         self.o5 = out.view(self.B, self.Hk, self.G, self.L, self.Dv)
 
-    def grad_augmented(self, i0, i1, den):
-        """Gd = [G / den | -Delta / den] of queries i0..i1 (Delta = G . out): [B, Hk, G, C, Dv+1]."""
-        grad_c, out_c = self.g5[:, :, :, i0:i1], self.o5[:, :, :, i0:i1]
+    def grad_augmented(self, grad_c, out_c, den):
+        """Gd = [G / den | -Delta / den] (Delta = G . out) from grad and out rows [..., C, Dv], den [..., C]."""
         inv = safe_reciprocal(den).unsqueeze(-1)
         delta = (grad_c * out_c).sum(-1, keepdim=True)
         return torch.cat([grad_c * inv, -delta * inv], -1)
 
-    def store_normalised(self, num, out, den_out, i0, i1):
-        """out = num[:Dv] / den and den_out = den (num's last column) for queries i0..i1."""
+    def store_normalised(self, num, out, den_out):
+        """out = num[:Dv] / den and den_out = den (num's last column) into the views out [..., C, Dv] and
+        den_out [..., C]."""
         den = num[..., self.Dv]
-        out[:, :, :, i0:i1] = num[..., :self.Dv] * safe_reciprocal(den).unsqueeze(-1)
-        den_out[:, :, :, i0:i1] = den
+        out.copy_(num[..., :self.Dv] * safe_reciprocal(den).unsqueeze(-1))
+        den_out.copy_(den)
 
     # ---- key factors (the part of the weight that depends on j only) [B, Hk, Gs, C] | None
     def global_key_factor(self, j0, j1):
@@ -139,13 +166,15 @@ class CallContext:
             f = f.unsqueeze(0)
         return self._with_key_weight(f, j0, j1)
 
-    def causal_key_factor(self, j0, j1, c1):
-        """exp(a (j - c1) + (m - a) j) * key_weight_j (a = max(m, 0)): the decayed state's key part."""
+    def causal_key_factor(self, blk):
+        """[B, Hk, Gs, i1 - i0] | None: exp(a (j - c1) + (m - a) j) * key_weight_j (a = max(m, 0), c1 the end of
+        j's chunk): the decayed state's key part, for the block's keys."""
         f = None
         if self.alibi is not None:
-            j = self.positions(j0, j1)
+            j = self.positions(blk.i0, blk.i1)
+            c1 = blk.i0 + (torch.div(j - blk.i0, blk.C, rounding_mode="floor") + 1) * blk.C
             f = torch.exp(self.a.unsqueeze(-1) * (j - c1) + (self.m - self.a).unsqueeze(-1) * j).unsqueeze(0)
-        return self._with_key_weight(f, j0, j1)
+        return self._with_key_weight(f, blk.i0, blk.i1)
 
     def _with_key_weight(self, f, j0, j1):
         """Multiply a key factor (or None) by the key weights of keys j0..j1; [B, Hk, Gs, C] | None."""
@@ -157,39 +186,56 @@ class CallContext:
             f = f.expand(self.B, self.Hk, self.Gs, j1 - j0)
         return f
 
-    def causal_query_factor(self, i0, i1):
-        """[1, Hk, G, C, 1] | None: exp(-a (i - i0)), the query part of the causal ALiBi factor."""
+    def causal_query_factor(self, C):
+        """[Hk, G, C, 1] | None: exp(-a (i - i0)) for the C queries of a chunk starting at i0, the query part of
+        the causal ALiBi factor."""
         if self.alibi is None:
             return None
-        return torch.exp(-self.a.unsqueeze(-1) * (self.positions(i0, i1) - i0)).unsqueeze(0).unsqueeze(-1)
+        return torch.exp(-self.a.unsqueeze(-1) * self.positions(0, C)).unsqueeze(-1)
 
-    # ---- a block of queries i0..i1 against keys j0..j1, weighted directly (causal diagonal blocks, bands)
+    def chunk_decay(self, C):
+        """[Hk, Gs*(Dv+1)] | None: exp(-a C) per column of a cat-layout state, the decay over a chunk of C tokens."""
+        if self.alibi is None:
+            return None
+        return torch.exp(-self.a * C).unsqueeze(-1).expand(self.Hk, self.G, self.Dv + 1).reshape(self.Hk, -1)
+
+    # ---- a block of queries against keys, weighted directly (causal diagonal chunks, bands)
+    def diagonal_multiplier(self, blk):
+        """M [g, B|1, Hk|1, G|1, C, C] = causal mask * ALiBi factor * key weight of the block's diagonal chunks."""
+        r = torch.arange(blk.C, device=self.dev)
+        M = allowed_key_block(r.unsqueeze(-1), r.unsqueeze(0), True, 0).to(self.dt)  # the same in every chunk
+        M = M.expand(blk.g, 1, 1, 1, blk.C, blk.C)
+        if self.alibi is not None:
+            rel = (r.unsqueeze(0) - r.unsqueeze(-1)).to(self.dt)  # j - i
+            j = self.rows(self.positions(0, self.S).view(1, 1, 1, -1), blk)  # [g, 1, 1, 1, C]
+            a, m = self.a[..., None, None], self.m[..., None, None]  # [Hk, G, 1, 1]
+            lf = (a * rel + (m - a) * j.unsqueeze(-2)).masked_fill(M == 0, float("-inf"))
+            M = torch.exp(lf) * M
+        if self.kw is not None:
+            M = M * self.rows(self.kw.to(self.dt).view(self.B, 1, 1, -1), blk).unsqueeze(-2)
+        return M
+
     def block_multiplier(self, i0, i1, j0, j1):
         """M [B|1, Hk|1, G|1, Ci, Cj] = valid * ALiBi factor * key weight of a directly weighted block."""
         i = torch.arange(i0, i1, device=self.dev).unsqueeze(-1)
         j = torch.arange(j0, j1, device=self.dev).unsqueeze(0)
         M = allowed_key_block(i, j, self.causal, self.window).to(self.dt)
         if self.alibi is not None:
-            lf = self._alibi_log_factor(i, j).masked_fill(M == 0, float("-inf"))
+            lf = self._band_alibi_log_factor(i, j).masked_fill(M == 0, float("-inf"))
             M = torch.exp(lf).unsqueeze(0) * M
         kw = self.key_weights(j0, j1)
         if kw is not None:
             M = M * kw[:, None, None, None, :]
         return M
 
-    def _alibi_log_factor(self, i, j):
-        """[Hk, G, Ci, Cj] log of the ALiBi factor: causal regime exp(a (j - i) + (m - a) j), consistent with
-        the decayed state; banded m (j - i) minus the row maximum over the valid range."""
+    def _band_alibi_log_factor(self, i, j):
+        """[Hk, G, Ci, Cj] log of the banded ALiBi factor: m (j - i) minus the row maximum over the valid range."""
         m = self.m[..., None, None]  # [Hk, G, 1, 1]
-        rel = (j - i).to(self.dt)
-        if not self.window:
-            a = self.a[..., None, None]
-            return a * rel + (m - a) * j.to(self.dt)
         ii = i.to(self.dt)
         lo = (ii - self.window + 1).clamp_min(0)
         hi = ii if self.causal else (ii + self.window - 1).clamp_max(self.S - 1)
         off = torch.maximum(m * (lo - ii), m * (hi - ii))
-        return m * rel - off
+        return m * (j - i).to(self.dt) - off
 
     def band(self, i0, i1):
         """The keys [j0, j1) that queries i0..i1 can see in the banded regime."""
