@@ -89,3 +89,17 @@ def test_usage_errors_name_the_valid_choices(argv, needle, capsys):
 def test_console_entry_point_runs():
     result = subprocess.run([sys.executable, "-m", "almostlinear", "inspect", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--factory" in result.stdout
+
+
+def test_inspect_writes_the_approximability_map(tmp_path, capsys):
+    """--min-seq-len 0 calibrates every site: the map is printed and written per site and head."""
+    assert main(["inspect", "--model", "gpt", "--layers", "2", "--seq-len", "32", "--min-seq-len", "0",
+                 "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "approximability map" in printed
+    rows = (tmp_path / "approximability.csv").read_text().splitlines()
+    assert rows[0] == "site,module,head,logit_std,logit_max,effective_keys,sampled_error,approximated"
+    assert len(rows) == 1 + 2 * 4  # 2 layers x 4 heads
+    for row in rows[1:]:
+        fields = row.split(",")
+        assert float(fields[6]) >= 0 and fields[7] in ("0", "1") and 1 <= float(fields[5]) <= 32

@@ -150,28 +150,64 @@ def sampled_output_error(q, k, v, scale: float, coefficients: Sequence[float], c
                            coefficients)
 
 
-def mass_fitted_coefficients(sample: Sample, degree: int, most: int = 1 << 20) -> tuple[float, ...] | None:
-    """A positive polynomial fitted to exp where the attention is: least squares of P(s) e^-s - 1 weighted by
-    the exact attention mass on the sampled queries (at most `most` (logit, weight) pairs, a seeded random
-    subset), over the union of all ranks' samples. None where no positive fit exists."""
+def _mass_points(sample: Sample, most: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, exact attention weights) of the allowed pairs, float64, at most `most` (a seeded random subset);
+    none where e^-s would overflow float64."""
     s = sample.logits[sample.allowed].double()
     w = sample.exact[sample.allowed].double()
     if s.numel() > most:
         keep = torch.randperm(s.numel(), generator=torch.Generator().manual_seed(1))[:most].to(s.device)
         s, w = s[keep], w[keep]
-    if s.numel() and float(s.abs().max()) > 600:  # e^-s overflows float64
+    if s.numel() and float(s.abs().max()) > 600:
         s, w = s[:0], w[:0]
-    basis = torch.stack([s**j * torch.exp(-s) for j in range(degree + 1)], dim=1)
-    weighted = basis * w.unsqueeze(1)
-    # summed over ranks: every rank solves the equations of the union of their samples (a collective, so
-    # every rank takes part even with nothing to add)
-    system = summed(torch.cat([(weighted.T @ basis).flatten(), weighted.sum(0)]))
-    size = degree + 1
+    return s, w
+
+
+def _normal_equations(basis: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum over points (and over ranks: the union of their samples) of w b bᵀ and w b, for basis [..., N, k]."""
+    weighted = basis * w.unsqueeze(-1)
+    gram, rhs = weighted.transpose(-2, -1) @ basis, weighted.sum(-2)
+    size = basis.shape[-1]
+    system = summed(torch.cat([gram.flatten(-2), rhs], dim=-1))  # a collective: every rank takes part
+    return system[..., :size * size].unflatten(-1, (size, size)), system[..., size * size:]
+
+
+def _positive_quadratic(s: torch.Tensor, w: torch.Tensor, centers: int = 65) -> tuple[float, ...] | None:
+    """The best P(s) = c (s - m)^2 + b with c > 0, b > 0 (positive for every s) over a grid of vertices m: for
+    each m the fit is linear in (c, b); the weighted residual picks m."""
+    bound = agree([float(s.abs().max()) if s.numel() else 1e-6])[0]  # one grid on every rank (summed below)
+    m = torch.linspace(-bound, bound, centers, dtype=torch.float64, device=s.device).unsqueeze(-1)  # [M, 1]
+    decay = torch.exp(-s)
+    basis = torch.stack([(s - m) ** 2 * decay, decay.expand_as(s - m)], dim=-1)  # [M, N, 2]
+    gram, rhs = _normal_equations(basis, w)
     try:
-        coeffs = torch.linalg.solve(system[:size * size].reshape(size, size), system[size * size:])
-        return validate_polynomial(degree, [float(c) for c in coeffs.cpu()])
-    except (RuntimeError, ValueError):  # singular system, or a fit that is not positive
+        x = torch.linalg.solve(gram, rhs)  # [M, 2]
+    except RuntimeError:
         return None
+    residual = -2 * (x * rhs).sum(-1) + (x.unsqueeze(-2) @ gram @ x.unsqueeze(-1)).flatten()
+    ok = (x[:, 0] > 0) & (x[:, 1] > 1e-9)
+    if not bool(ok.any()):
+        return None
+    best = int(torch.where(ok, residual, torch.full_like(residual, math.inf)).argmin())
+    c, b, vertex = float(x[best, 0]), float(x[best, 1]), float(m[best, 0])
+    try:
+        return validate_polynomial(2, [c * vertex * vertex + b, -2 * c * vertex, c])
+    except ValueError:
+        return None
+
+
+def mass_fitted_coefficients(sample: Sample, degree: int, most: int = 1 << 20) -> tuple[float, ...] | None:
+    """A positive polynomial fitted to exp where the attention is: least squares of P(s) e^-s - 1 weighted by
+    the exact attention mass on the sampled queries (at most `most` (logit, weight) pairs, a seeded random
+    subset), over the union of all ranks' samples. Degree 2: where the unconstrained fit is not positive, the
+    best fit of the positive form c (s - m)^2 + b. None where no positive fit exists."""
+    s, w = _mass_points(sample, most if degree != 2 else min(most, 1 << 17))
+    gram, rhs = _normal_equations(torch.stack([s**j * torch.exp(-s) for j in range(degree + 1)], dim=1), w)
+    try:
+        return validate_polynomial(degree, [float(c) for c in torch.linalg.solve(gram, rhs).cpu()])
+    except (RuntimeError, ValueError):  # singular system, or a fit that is not positive
+        pass
+    return _positive_quadratic(s, w) if degree == 2 else None
 
 
 def _head_stats(sample: Sample, out: torch.Tensor, groups: int) -> tuple[list[HeadStats], list[float]]:

@@ -1,0 +1,61 @@
+"""Calibration: coefficients fitted where the attention is, positive, and never worse than Taylor."""
+import pytest
+import torch
+
+from almostlinear.kernels import taylor_coefficients, validate_polynomial
+from almostlinear.rewriter.calibrate import calibrate, candidate_error, mass_fitted_coefficients, sample_attention
+
+
+def _qkv(logit_std, seed=0, heads=4, L=256, d=16):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, heads, L, d, generator=g) * logit_std ** 0.5
+    k = torch.randn(2, heads, L, d, generator=g) * logit_std ** 0.5 / d ** 0.5
+    v = torch.randn(2, heads, L, d, generator=g)
+    return q, k, v
+
+
+@pytest.mark.parametrize("logit_std", [0.5, 1.0, 1.5, 3.0])
+@pytest.mark.parametrize("causal", [False, True])
+def test_mass_fit_is_positive(logit_std, causal):
+    """Where the unconstrained weighted fit dips below zero (larger logits), the positive form c (s - m)^2 + b
+    is fitted instead: the op's denominators need P > 0."""
+    q, k, v = _qkv(logit_std)
+    sample = sample_attention(q, k, v, 1.0, causal, 0, torch.arange(0, 256, 2))
+    fitted = mass_fitted_coefficients(sample, 2)
+    assert fitted is not None and validate_polynomial(2, fitted) == fitted  # P(s) > 0 for every real s
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_mass_fit_beats_taylor_on_small_logits(causal):
+    q, k, v = _qkv(0.5)
+    sample = sample_attention(q, k, v, 1.0, causal, 0, torch.arange(0, 256, 2))
+    taylor = candidate_error(sample, taylor_coefficients(2))
+    assert candidate_error(sample, mass_fitted_coefficients(sample, 2)) < 0.95 * taylor
+
+
+@pytest.mark.parametrize("logit_std", [0.5, 1.5, 3.0])
+def test_calibration_is_never_worse_than_taylor(logit_std):
+    q, k, v = _qkv(logit_std)
+    cal = calibrate(q, k, v, 1.0, 2, budget=0.05)
+    index = torch.randperm(256, generator=torch.Generator().manual_seed(0))[:128].sort().values
+    taylor = candidate_error(sample_attention(q, k, v, 1.0, False, 0, index), taylor_coefficients(2))
+    assert cal.sampled_error <= taylor
+    assert (cal.fit == "Taylor") == (not cal.fitted) and validate_polynomial(2, cal.coefficients)
+
+
+def test_calibration_maps_every_head():
+    q, k, v = _qkv(1.5)
+    cal = calibrate(q, k, v, 1.0, 2, budget=0.05)
+    assert [h.head for h in cal.heads] == [0, 1, 2, 3] and len(cal.group_errors) == 4
+    assert all(1 <= h.effective_keys <= 256 and h.logit_std > 0 for h in cal.heads)
+
+
+def test_sharper_heads_have_fewer_effective_keys_and_larger_errors():
+    q, k, v = _qkv(0.3, heads=2)
+    q[:, 1] *= 6.0  # head 1: logits 6x larger
+    cal = calibrate(q, k, v, 1.0, 2, budget=0.05)
+    diffuse, sharp = cal.heads
+    assert sharp.logit_std > 4 * diffuse.logit_std
+    assert sharp.effective_keys < diffuse.effective_keys
+    assert sharp.sampled_error > diffuse.sampled_error
+    assert cal.group_errors[1] > cal.group_errors[0]
