@@ -211,11 +211,22 @@ def _blocks(lo: int, hi: int, leaf: int, diag: list, off: list) -> None:
     off.append((lo, mid, mid, hi))
 
 
-def _quad2_layout(d: int, leaf: int = 8) -> tuple[list, int]:
+def default_leaf(d: int) -> int:
+    """The tile size of :class:`Quad2Features` for head dim d: the smallest of 1, 2, 4, 8 with d = tile * 2^k
+    (every group is then one broadcast product; the rank falls with the tile: 2,145 / 2,177 / 2,241 / 2,369 at
+    d = 64, while building and differentiating the features feature-major cost the same, measured), else 8."""
+    for leaf in (1, 2, 4, 8):
+        if d % leaf == 0 and (d // leaf) & (d // leaf - 1) == 0:
+            return leaf
+    return 8
+
+
+def _quad2_layout(d: int, leaf: int | None = None) -> tuple[list, int]:
     """(groups, rank) of :class:`Quad2Features`' blocked layout; plain integers, no tensors (the op's fake
     kernel gets its state shape from here).  A group is (position, "diag", n, t) for n leaf squares of size
     t, (position, "off", n, P) for n P x P rectangles, or the "dslice" (position, lo, hi) / "oslice"
     (position, p0, p1, q0, q1) single blocks when d is not leaf * 2^k."""
+    leaf = leaf or default_leaf(d)
     diag, off = [], []
     _blocks(0, d, leaf, diag, off)
     off.sort(key=lambda b: (-(b[1] - b[0]), b[0]))
@@ -243,9 +254,7 @@ def _quad2_layout(d: int, leaf: int = 8) -> tuple[list, int]:
 def _group_size(g) -> int:
     """Number of features in a group of :func:`_quad2_layout`."""
     kind = g[1]
-    if kind == "diag":
-        return g[2] * g[3] * g[3]
-    if kind == "off":
+    if kind in ("diag", "off"):
         return g[2] * g[3] * g[3]
     if kind == "dslice":
         return (g[3] - g[2]) ** 2
@@ -257,23 +266,26 @@ class Quad2Features:
 
     Block-symmetric layout: P(s) = c0 + c1 s + c2 s^2 with s = scale q.k, and (q.k)^2 = sum_ab q_a q_b k_a k_b
     is symmetric in (a, b), so only the tile pairs (I <= J) of the d x d outer product x x^T are kept: the d
-    coordinates are cut into tiles of ``leaf`` (8), a diagonal tile pair (I, I) is kept whole (both orders of
-    each product, weight 1), an off-diagonal pair (I < J) once with weight 2 on the query side.  Off-diagonal
-    pairs are grouped into the rectangles of a recursive halving of the square, so every group is one broadcast
-    product (when d = leaf * 2^k):
+    coordinates are cut into tiles of t = ``leaf`` (:func:`default_leaf`), a diagonal tile pair (I, I) is kept
+    whole (both orders of each product, weight 1), an off-diagonal pair (I < J) once with weight 2 on the query
+    side.  Off-diagonal pairs are grouped into the rectangles of a recursive halving of the square, so that
+    every group is one broadcast product (when d = t * 2^k):
 
-        phi_k(x) = [1 | x | x_t x_t^T for each diagonal tile t | x_P x_Q^T for each rectangle (P, Q)]
-        phi_q(x) = [c0 | c1 scale x | c2 scale^2 (x_t x_t^T | 2 x_P x_Q^T)]
+        phi_k(x) = [1 | x | x_I x_I^T for each diagonal tile I | x_P x_Q^T for each rectangle (P, Q)]
+        phi_q(x) = [c0 | c1 scale x | c2 scale^2 (x_I x_I^T | 2 x_P x_Q^T)]
 
-    rank = 1 + d + leaf^2 C(d / leaf + 1, 2) (2,369 at d = 64 against 2,145 fully packed and 4,161 for the
-    square; 8,833 at d = 128), and phi_q(q) . phi_k(k) = P(s) exactly.  A state Sum_j phi_k(k_j)^T X_j is then
-    read and updated by plain matmuls on contiguous blocks.  The CPU path builds the features feature-major,
-    [..., r, R] for R tokens (:meth:`phi_t`, :meth:`vjp_t`): every elementwise op then runs along the tokens,
-    a long contiguous axis, instead of along the short rows of a tile.  :meth:`phi` / :meth:`vjp` are the same
-    maps token-major ([..., D] -> [..., r]), the interface of :class:`FeatureMap`.
+    rank r = 1 + d + t^2 C(d / t + 1, 2) and phi_q(q) . phi_k(k) = P(s) exactly.  At d = 64: 2,145 with t = 1
+    (the default: every pair once, the fully packed count), 2,369 with t = 8, 2,625 with t = 16, against 4,161
+    for the square d x (d + 1); at d = 128: 8,385 (t = 1).  A state Sum_j phi_k(k_j)^T X_j is read and updated
+    by plain matmuls on contiguous blocks.  Features are built feature-major, [..., r, R] for R tokens
+    (:meth:`phi_t`, :meth:`vjp_t`): every elementwise op runs along the tokens, a long contiguous axis, so that
+    building and differentiating cost the same for any tile size (measured for t = 1..16 at d = 64).
+    :meth:`phi` / :meth:`vjp` are the same maps token-major ([..., D] -> [..., r]), the interface of
+    :class:`FeatureMap`.  A GPU kernel can share the layout: the groups of :func:`_quad2_layout` are plain
+    (offset, shape) integers.
     """
 
-    def __init__(self, d: int, coeffs: Sequence[float], scale: float, leaf: int = 8):
+    def __init__(self, d: int, coeffs: Sequence[float], scale: float, leaf: int | None = None):
         self.d, self.degree, self.coeffs, self.scale = d, 2, tuple(coeffs), float(scale)
         self.groups, self.rank = _quad2_layout(d, leaf)
         self.c0, self.c1s = coeffs[0], coeffs[1] * self.scale
@@ -351,7 +363,7 @@ class Quad2Features:
 
 
 def fast_rank(d: int, degree: int) -> int:
-    """Rank of the layout :func:`fast_feature_map` builds (2369 for d = 64, degree 2): arithmetic only, no
+    """Rank of the layout :func:`fast_feature_map` builds (2145 for d = 64, degree 2): arithmetic only, no
     feature tables (fake kernels call it)."""
     return _quad2_layout(d)[1] if degree == 2 else feature_rank(d, degree)
 

@@ -14,7 +14,7 @@ Three regimes, each O(n) memory and never holding more than one block of feature
 * banded (window > 0; banded.py): every query chunk against the key band it can see, P(s) directly in
   d-space: O(L * (chunk + 2 * window) * D), linear in n for a fixed window.
 
-Degree 2 uses the block-symmetric feature layout (features.Quad2Features; rank 2,369 at d = 64), built
+Degree 2 uses the block-symmetric feature layout (features.Quad2Features; rank 2,145 at d = 64), built
 feature-major ([r, tokens]) so that every elementwise op runs along the tokens.  Blocks of about
 context.BLOCK_ROWS rows (B * Hq * tokens) keep each op large enough for all intra-op threads.
 
