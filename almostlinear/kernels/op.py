@@ -33,12 +33,13 @@ __all__ = ["poly_attention", "DEFAULT_MIN_SEQ_LEN", "DEFAULT_MIN_SEQ_LEN_CAUSAL"
            "default_min_seq_len", "mask_kind", "exact_attention", "allowed_keys"]
 
 # Key length below which exact attention is faster (fwd+bwd, d=64, B=H=1), measured with
-# benchmarks/attention.py (CPU: AMD EPYC 2 cores, torch 2.13, 1 thread: non-causal 0.96-1.5x at 4k over three
-# runs and 1.9-2.3x at 8k, causal 0.4-0.8x at 8k and 1.1-1.7x at 16k) and benchmarks/gpu_check.py (H200, bf16
-# inputs, vs flash SDPA: non-causal d=64 wins 1.65x at 65536 and loses 0.52x at 32768; d=128 and causal still
-# lose at 65536).  See benchmarks/results/attention*.  Non-causal values; causal ones in
+# benchmarks/attention.py at the default thread count (CPU: AMD EPYC 2 cores, torch 2.13, 2 threads, op and
+# SDPA interleaved, issue 14's op: non-causal 1.18x (min) / 1.46x (median) at 4k, 2.2x at 8k; causal 0.97x at
+# 8k, 2.2x at 16k; one thread: non-causal 1.29x at 4k, causal 1.03x / 0.98x at 8k) and benchmarks/gpu_check.py
+# (H200, bf16 inputs, vs flash SDPA: non-causal d=64 wins 1.65x at 65536 and loses 0.52x at 32768; d=128 and
+# causal still lose at 65536).  See benchmarks/results/attention*.  Non-causal values; causal ones in
 # DEFAULT_MIN_SEQ_LEN_CAUSAL.
-DEFAULT_MIN_SEQ_LEN = {"cpu": 8192, "cuda": 65536}
+DEFAULT_MIN_SEQ_LEN = {"cpu": 4096, "cuda": 65536}
 DEFAULT_MIN_SEQ_LEN_CAUSAL = {"cpu": 16384, "cuda": 131072}
 
 
