@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import almostlinear
 from almostlinear.kernels import cpu, naive_poly_attention, poly_attention
 
-from kernel_helpers import make_inputs, rms_ratio
+from tests.kernels.kernel_helpers import make_inputs, rms_ratio
 
 OP = torch.ops.almostlinear.poly_attention.default
 LOW = [torch.bfloat16, torch.float16]

@@ -6,8 +6,8 @@ import torch
 from almostlinear.kernels import cpu, naive_poly_attention
 from almostlinear.kernels.cpu import context
 
-from kernel_helpers import make_inputs, rms_ratio
-from test_cpu_path import MASKS  # kind -> (causal, key_padding, alibi, window)
+from tests.kernels.kernel_helpers import make_inputs, rms_ratio
+from tests.kernels.test_cpu_path import MASKS  # kind -> (causal, key_padding, alibi, window)
 
 KINDS = ["none", "causal", "causal+key_padding", "causal+alibi", "alibi", "causal+window"]
 

@@ -4,7 +4,7 @@ import torch
 
 from almostlinear.kernels import cpu, naive_poly_attention, poly_attention
 
-from kernel_helpers import make_inputs, rms_ratio
+from tests.kernels.kernel_helpers import make_inputs, rms_ratio
 
 MASKS = {  # kind -> (causal, key_padding, alibi, window)
     "none": (False, False, False, 0),

@@ -12,7 +12,7 @@ from almostlinear.kernels.features import FeatureMap, Quad2Features, fast_featur
 from almostlinear.kernels import switchable  # noqa: F401  (registers the switchable op)
 from almostlinear.kernels.cpu import context as cpu_context
 
-from kernel_helpers import make_inputs
+from tests.kernels.kernel_helpers import make_inputs
 
 OP = torch.ops.almostlinear.poly_attention.default
 BWD = torch.ops.almostlinear.poly_attention_backward.default

@@ -6,7 +6,7 @@ from almostlinear.kernels import (DEFAULT_MIN_SEQ_LEN, default_min_seq_len, mask
                                   naive_poly_attention, poly_attention)
 from almostlinear.kinds import APPROXIMABLE_MASK_KINDS, MaskKind
 
-from kernel_helpers import make_inputs, rms_ratio
+from tests.kernels.kernel_helpers import make_inputs, rms_ratio
 
 OP = torch.ops.almostlinear.poly_attention.default
 

@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 from almostlinear.kernels import cpu, naive_exact_attention, poly_attention, taylor_coefficients
 from almostlinear.kernels.features import evaluate_polynomial
 
-from kernel_helpers import make_inputs
+from tests.kernels.kernel_helpers import make_inputs
 
 KINDS = ["none", "causal", "key_padding", "causal+key_padding", "alibi", "window", "causal+window"]
 
