@@ -21,7 +21,7 @@ MASKS = {  # kind -> (causal, key_padding, alibi, window)
 
 
 def _check(kind, *, B=2, Hq=4, Hk=2, L=37, S=None, D=8, Dv=6, chunk=8, dtype=torch.float64, tol=1e-10,
-           coeffs=(1.0, 1.0, 0.5), scale=0.3, square_states=True):
+           coeffs=(1.0, 1.0, 0.5), scale=0.3):
     causal, kw, alibi, window = MASKS[kind]
     q, k, v, key_weight, slopes = make_inputs(B, Hq, Hk, L, S, D, Dv, dtype=dtype, kw=kw, alibi=alibi)
     ref = naive_poly_attention(q, k, v, scale=scale, degree=len(coeffs) - 1, coefficients=coeffs, causal=causal,
@@ -30,11 +30,11 @@ def _check(kind, *, B=2, Hq=4, Hk=2, L=37, S=None, D=8, Dv=6, chunk=8, dtype=tor
     rq, rk, rv = torch.autograd.grad(ref, (q, k, v), grad)
     with torch.no_grad():
         out, den, state = cpu.forward(q, k, v, key_weight, slopes, scale=scale, coeffs=coeffs, causal=causal,
-                                      window=window, chunk=chunk, square_states=square_states)
+                                      window=window, chunk=chunk)
         dq, dk, dv = cpu.backward(grad, q, k, v, out, key_weight, slopes, scale=scale, coeffs=coeffs,
-                                  causal=causal, window=window, chunk=chunk, state=state, square_states=square_states)
+                                  causal=causal, window=window, chunk=chunk, state=state)
         rebuilt = cpu.backward(grad, q, k, v, out, key_weight, slopes, scale=scale, coeffs=coeffs,
-                               causal=causal, window=window, chunk=chunk, square_states=square_states)
+                               causal=causal, window=window, chunk=chunk)
     assert (state is None) == (causal or window > 0)  # only the global (non-causal) state is kept
     assert torch.isfinite(out).all()
     for name, a, b in (("out", out, ref), ("dq", dq, rq), ("dk", dk, rk), ("dv", dv, rv)):
@@ -121,11 +121,3 @@ def test_gradcheck(kind):
                               window=window // 3)
 
     assert torch.autograd.gradcheck(f, (q, k, v))
-
-
-@pytest.mark.parametrize("kind", ["causal", "causal+key_padding"])
-def test_causal_packed_states(kind):
-    """The packed-state causal recurrences (ALiBi and degree > 2 use them) also without ALiBi at degree 2,
-    where the square states are the default."""
-    _check(kind, square_states=False)
-    _check(kind, Hq=4, Hk=1, L=19, square_states=False)

@@ -68,12 +68,10 @@ def _no_autocast(fn):
 
 @_no_autocast
 def forward(q, k, v, key_weight=None, alibi_slopes=None, *, scale, coeffs, causal=False, window=0,
-            chunk=None, square_states=True):
+            chunk=None):
     """Returns out [B, Hq, L, Dv], den [B, Hq, L] (den = sum_j W_ij) and the global state Saug
     [B, Hk, r, Gs*(Dv+1)] in the non-causal, unwindowed case (None otherwise): passing it to
-    :func:`backward` saves rebuilding it (one of the backward's [n, r] x [r, Dv+1] products).
-    ``square_states`` is accepted and ignored: the square d-space causal states were replaced by the
-    block-symmetric ones (issue 14), which every regime and degree now uses."""
+    :func:`backward` saves rebuilding it (one of the backward's [n, r] x [r, Dv+1] products)."""
     cx = CallContext(q, k, v, key_weight, alibi_slopes, scale, coeffs, causal, window, chunk or CHUNK)
     out = q.new_empty(cx.B, cx.Hk, cx.G, cx.L, cx.Dv)
     den = q.new_empty(cx.B, cx.Hk, cx.G, cx.L)
@@ -89,10 +87,9 @@ def forward(q, k, v, key_weight=None, alibi_slopes=None, *, scale, coeffs, causa
 
 @_no_autocast
 def backward(grad, q, k, v, out, key_weight=None, alibi_slopes=None, *, scale, coeffs, causal=False,
-             window=0, chunk=None, state=None, square_states=True):
+             window=0, chunk=None, state=None):
     """Analytic backward. grad, out: [B, Hq, L, Dv] (same dtype as q); state: the global state the
-    non-causal :func:`forward` returned (rebuilt when None); ``square_states`` is ignored (see :func:`forward`).
-    Returns dq, dk, dv."""
+    non-causal :func:`forward` returned (rebuilt when None). Returns dq, dk, dv."""
     cx = CallContext(q, k, v, key_weight, alibi_slopes, scale, coeffs, causal, window, chunk or CHUNK)
     cx.start_backward(grad, out)
     dq = torch.zeros_like(cx.q5)
