@@ -50,7 +50,9 @@ class NodeBuilder:
         with self.gm.graph.inserting_before(self.before):
             node = self.gm.graph.get_attr(name)
         held = self.gm.get_buffer(name)
-        fake = self.fake_mode.from_tensor(held) if self.fake_mode is not None else held
+        # static: a buffer the rewrite adds has its own fixed shape (a symbol for its size would be bound by no
+        # input, and splitting the graph at DDP buckets looks every symbol up)
+        fake = self.fake_mode.from_tensor(held, static_shapes=True) if self.fake_mode is not None else held
         node.meta["example_value"] = node.meta["val"] = fake
         self.created.append(node)
         return node
