@@ -85,11 +85,19 @@ def _hop_bodies(gm: fx.GraphModule, node: fx.Node) -> list[tuple[fx.Node, str, f
     return bodies
 
 
+def copy_with_node_map(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node]]:
+    """A copy of `gm` (new graph and nodes, meta copied; the same attributes and submodules) and the map from
+    each node of `gm` to its copy."""
+    memo: dict[Any, Any] = {id(gm): gm}  # non-empty: fx.Graph.__deepcopy__ then fills this dict as its node map
+    graph = copy.deepcopy(gm.graph, memo)
+    work = fx.GraphModule(gm, graph)
+    work.meta = dict(getattr(gm, "meta", {}))
+    return work, {old: new for old, new in memo.items() if isinstance(old, fx.Node)}
+
+
 def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     """New graph and nodes (meta copied), the same attributes (submodules stay shared)."""
-    work = fx.GraphModule(gm, copy.deepcopy(gm.graph))
-    work.meta = dict(getattr(gm, "meta", {}))
-    return work
+    return copy_with_node_map(gm)[0]
 
 
 def copy_with_bodies(gm: fx.GraphModule) -> fx.GraphModule:
@@ -305,4 +313,5 @@ def code_with_bodies(gm: fx.GraphModule, prefix: str = "") -> str:
     return "".join(parts)
 
 
-__all__ = ["Region", "find_regions", "call_inputs", "copy_with_bodies", "code_with_bodies", "CHECKPOINT"]
+__all__ = ["Region", "find_regions", "call_inputs", "copy_graph_module", "copy_with_node_map", "copy_with_bodies",
+           "code_with_bodies", "CHECKPOINT"]

@@ -27,7 +27,7 @@ from ..passes.graph_utils import concrete_int, fake_mode_of, shape_of
 from ..passes.mha import decompose_mha
 from ..passes.normalize import normalize
 from ..passes.rewrite_polynomial import rewrite_polynomial
-from ..passes.subgraphs import Region, find_regions
+from ..passes.subgraphs import Region, copy_graph_module, copy_with_node_map, find_regions
 from .options import Options
 from .policy import Decision
 from .report import Site, log, near_miss_rows, site_row
@@ -57,16 +57,6 @@ class Applied:
     sites: list = field(default_factory=list)  # the sites as rewritten (nodes of graph_module)
 
 
-def copy_with_node_map(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node]]:
-    """A copy of `gm` (new graph and nodes, meta copied; the same attributes and submodules) and the map from
-    each node of `gm` to its copy."""
-    memo: dict[Any, Any] = {id(gm): gm}  # non-empty: fx.Graph.__deepcopy__ then fills this dict as its node map
-    graph = copy.deepcopy(gm.graph, memo)
-    work = fx.GraphModule(gm, graph)
-    work.meta = dict(getattr(gm, "meta", {}))
-    return work, {old: new for old, new in memo.items() if isinstance(old, fx.Node)}
-
-
 def remap_nodes(value: Any, node_map: dict[fx.Node, fx.Node]) -> Any:
     """`value` with every fx.Node it holds replaced through `node_map`: dataclasses are copied field by field,
     lists, tuples, sets and dicts rebuilt; anything else (tensors, numbers, strings) is shared."""
@@ -87,7 +77,7 @@ def remap_nodes(value: Any, node_map: dict[fx.Node, fx.Node]) -> Any:
 
 
 def _match(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[fx.GraphModule, list, list, list]:
-    work, _ = copy_with_node_map(gm)
+    work = copy_graph_module(gm)
     mha_calls = decompose_mha(work)  # nn.MultiheadAttention arrives as one opaque call
     normalize(work)
     sites, misses = matcher.find_sites(work, example_inputs)
@@ -210,4 +200,4 @@ def _prefix_region(row: Site, region: Region) -> None:
         row.reason += f" [mask values unknown: {region.values_note}]"
 
 
-__all__ = ["Prepared", "Applied", "prepare", "apply", "copy_with_node_map", "remap_nodes"]
+__all__ = ["Prepared", "Applied", "prepare", "apply", "remap_nodes"]

@@ -10,7 +10,7 @@ from torch.utils.checkpoint import checkpoint
 
 import almostlinear
 from almostlinear.passes.subgraphs import find_regions
-from almostlinear.rewriter.pipeline import copy_with_node_map
+from almostlinear.passes.subgraphs import copy_with_node_map
 from tests.oracle import assert_exact_oracle
 
 T, C, H = 8, 16, 2
