@@ -99,12 +99,13 @@ def slope(ns, ts):
 
 
 def flop_limit(n, d, causal, rank, dv=None, chunk=128):
-    """SDPA fwd+bwd FLOPs (4 n^2 d fwd, 2x that bwd; half if causal) over the op's [n, r] x [r, dv+1] matmuls
+    """SDPA fwd+bwd FLOPs (4 n^2 d fwd, 2x that bwd; half if causal) over the op's [n, r] x [r, dv] matmuls
     (non-causal 6: state and query forward, then dphi_q, dstate, dX, dphi_k with the forward's state kept;
-    causal 7: the running states are rebuilt) plus the intra-chunk work: the speed-up at equal FLOP rates."""
+    causal 7: the running states are rebuilt; the denominator's moments are d-space products, not counted)
+    plus the intra-chunk work: the speed-up at equal FLOP rates."""
     dv = dv or d
     sdpa = 12 * n * n * d * (0.5 if causal else 1.0)
-    ours = (7 if causal else 6) * 2 * n * rank * (dv + 1) + (2 * 6 * n * chunk * d if causal else 0)
+    ours = (7 if causal else 6) * 2 * n * rank * dv + (2 * 6 * n * chunk * d if causal else 0)
     return sdpa / ours
 
 

@@ -68,8 +68,11 @@ def test_blocked_features_d64_and_negative_coefficients():
     _check("none", D=20, Dv=5, coeffs=(1.0, -1.0, 1.0))
 
 
-def test_degree4():
-    _check("causal+key_padding", D=4, L=23, coeffs=(1.0, 1.0, 0.5, 1 / 6, 1 / 24))
+@pytest.mark.parametrize("kind", ["none", "causal+key_padding", "alibi", "causal+alibi"])
+def test_degree4(kind):
+    # degree 4 keeps the denominator's moments in feature space (moments.FeatureMoments), per query-head group
+    # under ALiBi
+    _check(kind, D=4, L=23, coeffs=(1.0, 1.0, 0.5, 1 / 6, 1 / 24))
 
 
 @pytest.mark.parametrize("kind", ["none", "causal", "causal+key_padding", "alibi", "causal+window"])

@@ -56,7 +56,7 @@ def test_fake_kernels_build_no_feature_tables(no_feature_tables, d, degree, caus
         sout, used, lse = SWITCHABLE(q, k, v, None, None, switch, 0.1, coeffs, causal, 0)
         sgrads = SWITCHABLE_BWD(sout, q, k, v, sout, None, None, used, lse, 0.1, coeffs, causal, 0)
     assert isinstance(out, FakeTensor) and out.shape == q.shape and out.dtype == q.dtype
-    assert tuple(state.shape) == ((0,) if causal else (1, 2, fast_rank(d, degree), d + 1))
+    assert tuple(state.shape) == ((0,) if causal else (1, 2, fast_rank(d, degree), d))
     assert state.dtype == torch.float32
     assert [t.shape for t in (dq, dk, dv)] == [q.shape, k.shape, v.shape]
     assert sout.shape == q.shape and [t.shape for t in sgrads] == [q.shape, k.shape, v.shape]

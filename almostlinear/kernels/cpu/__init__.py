@@ -6,8 +6,8 @@ GQA: queries are viewed as [B, Hk, G, L, D] (G = Hq // Hk); K/V are never repeat
 
 Three regimes, each O(n) memory and never holding more than one block of features, one module each:
 
-* global (non-causal, no window; global_regime.py): state Saug = phi_k(K)^T [f*V | f] ([r, Dv+1],
-  f = key factor), out = phi_q(Q) Saug[:, :Dv] / phi_q(Q) Saug[:, Dv].
+* global (non-causal, no window; global_regime.py): state S = phi_k(K)^T (f*V) ([r, Dv], f = key factor) and
+  the keys' moments (kernels/moments.py), out = phi_q(Q) S / den with den = sum_j f_j P(s q.k_j) read from them.
 * causal (no window; causal.py): chunks of ``chunk`` tokens; inside a chunk P(scale q.k) directly in d-space
   with a tril mask, across chunks the running (ALiBi-decayed) state; g chunks per block, whose chunk states,
   prefix states and reads are batched matmuls.
@@ -27,9 +27,10 @@ key part and a query part that cancels in the normalisation, so exponents never 
 exp(a (j - i) + (m - a) j) with a = max(m, 0) (a decayed state); banded subtracts the row maximum.
 A row whose weights are all zero (all keys masked) gives 0.
 
-The backward is analytic (see docs/architecture.md, "The op's math"): Gd = [G / den | -Delta / den],
-dphi_q = Gd Saug^T, dSaug = phi_q^T Gd, dphi_k = X dSaug^T, dX = phi_k dSaug, then through phi's Jacobian
-(FeatureMap.vjp); causal uses reverse prefix sums over chunks; intra-chunk terms via P'(s).
+The backward is analytic (see docs/architecture.md, "The op's math"): Gd = [Gv | gden] = [G / den | -Delta / den],
+dphi_q = Gv S^T, dS = phi_q^T Gv, dphi_k = X dS^T, dX = phi_k dS, then through phi's Jacobian (FeatureMap.vjp);
+the denominator's share goes through the moments (the queries' moments weighted gden, read by the keys);
+causal uses reverse prefix sums over chunks; intra-chunk terms via P'(s).
 """
 from __future__ import annotations
 
@@ -69,9 +70,9 @@ def _no_autocast(fn):
 @_no_autocast
 def forward(q, k, v, key_weight=None, alibi_slopes=None, *, scale, coeffs, causal=False, window=0,
             chunk=None):
-    """Returns out [B, Hq, L, Dv], den [B, Hq, L] (den = sum_j W_ij) and the global state Saug
-    [B, Hk, r, Gs*(Dv+1)] in the non-causal, unwindowed case (None otherwise): passing it to
-    :func:`backward` saves rebuilding it (one of the backward's [n, r] x [r, Dv+1] products)."""
+    """Returns out [B, Hq, L, Dv], den [B, Hq, L] (den = sum_j W_ij) and the global value state S
+    [B, Hk, r, Gs*Dv] in the non-causal, unwindowed case (None otherwise): passing it to :func:`backward` saves
+    rebuilding it (one of the backward's [n, r] x [r, Dv] products)."""
     cx = CallContext(q, k, v, key_weight, alibi_slopes, scale, coeffs, causal, window, chunk or CHUNK)
     out = q.new_empty(cx.B, cx.Hk, cx.G, cx.L, cx.Dv)
     den = q.new_empty(cx.B, cx.Hk, cx.G, cx.L)
@@ -110,4 +111,4 @@ def state_shape(B, Hq, Hk, D, Dv, degree, alibi: bool, causal: bool, window: int
     if causal or window > 0:
         return (0,)
     Gs = Hq // Hk if alibi else 1
-    return (B, Hk, fast_rank(int(D), degree), Gs * (Dv + 1))
+    return (B, Hk, fast_rank(int(D), degree), Gs * Dv)

@@ -9,7 +9,8 @@ def banded_forward(cx, out, den):
     """Fills out [B, Hk, G, L, Dv] and den [B, Hk, G, L]."""
     for i0, i1 in cx.spans(cx.L):
         _, _, va, _, _, W = direct_block(cx, i0, i1, *cx.band(i0, i1))
-        cx.store_normalised(block_numerator(W, va), out[:, :, :, i0:i1], den[:, :, :, i0:i1])
+        num = block_numerator(W, va)
+        cx.store_normalised(num[..., :cx.Dv], num[..., cx.Dv], out[:, :, :, i0:i1], den[:, :, :, i0:i1])
 
 
 def banded_backward(cx, dq, dk, dv):

@@ -2,8 +2,8 @@
 each weight W_ij = P(s_ij) * key_weight_j * exp(m_h (j - i)) * valid_ij is split into.
 
 Layouts: queries are viewed as q5 [B, Hk, G, L, D] (G = Hq // Hk query heads per key head; K/V are never
-repeated).  A state in the "cat layout" [..., r, Gs*E] holds Gs column blocks of width E side by side: Gs = G
-with ALiBi (the key factor differs per query head), else 1.
+repeated).  A value state in the "cat layout" [..., r, Gs*Dv] holds Gs column blocks of width Dv side by side:
+Gs = G with ALiBi (the key factor differs per query head), else 1; its moments are [..., Gs, M] (states.py).
 
 Blocks: the regimes walk the sequence in blocks of about BLOCK_ROWS rows (B * Hq * tokens), so that every op
 is large enough to keep all intra-op threads busy and the Python loop stays short.  A causal block is g chunks
@@ -18,6 +18,7 @@ import torch
 
 from ..features import fast_feature_map
 from ..key_mask import allowed_key_block
+from ..moments import moments_for
 
 TINY = 1e-30
 BLOCK_ROWS = 2048  # rows (B * Hq * tokens) per block: 1024-4096 within ~5% at n = 32k, d = 64 (1 thread, causal)
@@ -33,15 +34,9 @@ def safe_reciprocal(den):
     return torch.where(den > TINY, 1.0 / den.clamp_min(TINY), torch.zeros_like(den))
 
 
-def augment_values(v, f):
-    """X = [f v | f] per group: v [..., C, Dv], f [..., Gs, C] | None -> [..., C, Gs*(Dv+1)] (cat layout;
-    f None: [v | 1])."""
-    ones = torch.ones(*v.shape[:-1], 1, dtype=v.dtype, device=v.device)
-    va = torch.cat([v, ones], -1)  # [..., C, Dv+1]
-    if f is None:
-        return va
-    x = f.unsqueeze(-1) * va.unsqueeze(-3)  # [..., Gs, C, Dv+1]
-    return x.transpose(-3, -2).flatten(-2)
+def augment_values(v):
+    """[v | 1]: v [..., C, Dv] -> [..., C, Dv+1] (a directly weighted block's numerator and denominator at once)."""
+    return torch.cat([v, torch.ones(*v.shape[:-1], 1, dtype=v.dtype, device=v.device)], -1)
 
 
 class Block(NamedTuple):
@@ -69,6 +64,7 @@ class CallContext:
         self.scale, self.coeffs, self.causal, self.window = scale, tuple(coeffs), causal, window
         self.chunk = chunk
         self.fm = feature_map_for(q, scale, coeffs)
+        self.mom = moments_for(self.fm)
         self.dt, self.dev = q.dtype, q.device
         self._bufs = {}
         if alibi is not None:
@@ -149,11 +145,16 @@ class CallContext:
         delta = (grad_c * out_c).sum(-1, keepdim=True)
         return torch.cat([grad_c * inv, -delta * inv], -1)
 
-    def store_normalised(self, num, out, den_out):
-        """out = num[:Dv] / den and den_out = den (num's last column) into the views out [..., C, Dv] and
-        den_out [..., C]."""
-        den = num[..., self.Dv]
-        out.copy_(num[..., :self.Dv] * safe_reciprocal(den).unsqueeze(-1))
+    def weighted_values(self, v, f):
+        """X = f v per group: v [..., C, Dv], f [..., Gs, C] | None -> [..., C, Gs*Dv] (cat layout; f None: v)."""
+        if f is None:
+            return v
+        return (f.unsqueeze(-1) * v.unsqueeze(-3)).transpose(-3, -2).flatten(-2)
+
+    @staticmethod
+    def store_normalised(num, den, out, den_out):
+        """out = num / den and den_out = den into the views out [..., C, Dv] and den_out [..., C]."""
+        out.copy_(num * safe_reciprocal(den).unsqueeze(-1))
         den_out.copy_(den)
 
     # ---- key factors (the part of the weight that depends on j only) [B, Hk, Gs, C] | None
@@ -194,10 +195,12 @@ class CallContext:
         return torch.exp(-self.a.unsqueeze(-1) * self.positions(0, C)).unsqueeze(-1)
 
     def chunk_decay(self, C):
-        """[Hk, Gs*(Dv+1)] | None: exp(-a C) per column of a cat-layout state, the decay over a chunk of C tokens."""
+        """exp(-a C), the decay of a state over a chunk of C tokens, shaped for States(values [..., r, Gs*Dv],
+        moments [..., Gs, M]): ([Hk, 1, Gs*Dv], [Hk, Gs, 1]); None without ALiBi."""
         if self.alibi is None:
             return None
-        return torch.exp(-self.a * C).unsqueeze(-1).expand(self.Hk, self.G, self.Dv + 1).reshape(self.Hk, -1)
+        gamma = torch.exp(-self.a * C).unsqueeze(-1)  # [Hk, G, 1]
+        return gamma.expand(self.Hk, self.G, self.Dv).reshape(self.Hk, 1, -1), gamma
 
     # ---- a block of queries against keys, weighted directly (causal diagonal chunks, bands)
     def diagonal_multiplier(self, blk):

@@ -13,7 +13,7 @@ from .context import augment_values
 
 def direct_block(cx, i0, i1, j0, j1):
     """(qc, kc, vaug, M, s, W) of queries i0..i1 against keys j0..j1 (a band)."""
-    qc, kc, va = cx.q5[:, :, :, i0:i1], cx.k[:, :, j0:j1], augment_values(cx.v[:, :, j0:j1], None)
+    qc, kc, va = cx.q5[:, :, :, i0:i1], cx.k[:, :, j0:j1], augment_values(cx.v[:, :, j0:j1])
     M = cx.block_multiplier(i0, i1, j0, j1)
     s, W = direct_weights(cx, qc, kc, M)
     return qc, kc, va, M, s, W

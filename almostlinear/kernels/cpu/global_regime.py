@@ -1,59 +1,71 @@
 """The global regime (non-causal, no window): one state for all queries.
 
-Saug = phi_k(K)^T [f V | f] ([B, Hk, r, Gs*(Dv+1)], f = the key factor), out = phi_q(Q) Saug[:, :Dv] /
-phi_q(Q) Saug[:, Dv].  Backward, one pass over the queries: den (matrix-vector products), Gd, dphi_q = Gd Saug^T
-through phi's VJP to dq, and dSaug += phi_q^T Gd; then one over the keys: dX = phi_k dSaug, dphi_k = X dSaug^T.
-Blocks of about BLOCK_ROWS rows (context.py), features feature-major (states.py).
+S = phi_k(K)^T (f V) ([B, Hk, r, Gs*Dv], f = the key factor) and the keys' moments (kernels/moments.py);
+out = phi_q(Q) S / den with den read from the moments.  Backward, one pass over the queries: den, Gd, dq (the
+VJP of dphi_q = Gv S^T plus the moments' share), dS += phi_q^T Gv and the queries' moments; then one over the
+keys: dX = phi_k dS, dphi_k = X dS^T, dk through the VJP and the query moments.  Blocks of about BLOCK_ROWS rows
+(context.py), features feature-major (states.py).
 """
 from __future__ import annotations
 
-from .context import augment_values
-from .states import (accumulate_product, apply, apply_denominator, apply_transposed, key_grads, query_state,
+from .states import (States, apply, key_grads, key_moments, key_states, query_grads, query_states, read_denominator,
                      value_grads)
 
 
 def _keys(cx, blk):
-    """(keys^T [B, Hk, D, C], their features [B, Hk, r, C], X = [f v | f] [B, Hk, C, Gs*E], f) of a block."""
-    kT = cx.k[:, :, blk.i0:blk.i1].transpose(-1, -2).contiguous()
-    f = cx.global_key_factor(blk.i0, blk.i1)
-    return kT, cx.phi(kT, "k"), augment_values(cx.v[:, :, blk.i0:blk.i1], f), f
+    """(keys^T [B, Hk, D, C], f [B, Hk, Gs, C] | None) of a block."""
+    return cx.k[:, :, blk.i0:blk.i1].transpose(-1, -2).contiguous(), cx.global_key_factor(blk.i0, blk.i1)
+
+
+def _key_features(cx, blk):
+    """(kT, their features [B, Hk, r, C], X = f v [B, Hk, C, Gs*Dv], f) of a block."""
+    kT, f = _keys(cx, blk)
+    return kT, cx.phi(kT, "k"), cx.weighted_values(cx.v[:, :, blk.i0:blk.i1], f), f
 
 
 def global_state(cx):
-    """Saug = sum_j phi_k(k_j)^T [f_j v_j | f_j]: [B, Hk, r, Gs*(Dv+1)]."""
+    """The keys' States: values sum_j phi_k(k_j)^T f_j v_j [B, Hk, r, Gs*Dv] and moments [B, Hk, Gs, M]."""
     state = None
     for blk in cx.blocks(cx.S, chunked=False):
-        _, phk, X, _ = _keys(cx, blk)
-        state = accumulate_product(state, phk, X)
+        state = key_states(cx, *_key_features(cx, blk), into=state)
     return state
 
 
 def global_forward(cx, out, den):
-    """Fills out [B, Hk, G, L, Dv] and den [B, Hk, G, L]; returns the state (the backward may reuse it)."""
+    """Fills out [B, Hk, G, L, Dv] and den [B, Hk, G, L]; returns the value state (the backward reuses it)."""
     state = global_state(cx)
     for blk in cx.blocks(cx.L, chunked=False):
         i0, i1 = blk.i0, blk.i1
-        num = apply(cx, cx.phi(cx.queries_t(cx.q5[:, :, :, i0:i1]), "q"), state)
-        cx.store_normalised(cx.ungrouped(num, blk.C), out[:, :, :, i0:i1], den[:, :, :, i0:i1])
-    return state
+        qT = cx.queries_t(cx.q5[:, :, :, i0:i1])
+        num = apply(cx, cx.phi(qT, "q"), state.values)
+        z, _ = read_denominator(cx, qT, state.moments)
+        cx.store_normalised(cx.ungrouped(num, blk.C), cx.ungrouped(z.unsqueeze(-1), blk.C).squeeze(-1),
+                            out[:, :, :, i0:i1], den[:, :, :, i0:i1])
+    return state.values
 
 
-def global_backward(cx, dq, dk, dv, state):
-    """Fills dq, adds to dk and dv; ``state`` from :func:`global_forward` (None: rebuilt)."""
-    if state is None:
+def global_backward(cx, dq, dk, dv, values):
+    """Fills dq, adds to dk and dv; ``values`` is the value state :func:`global_forward` returned (None:
+    rebuilt); the moments are rebuilt from the keys (d-space products, cheap)."""
+    if values is None:
         state = global_state(cx)
+    else:
+        moments = None
+        for blk in cx.blocks(cx.S, chunked=False):
+            moments = key_moments(cx, *_keys(cx, blk), into=moments)
+        state = States(values, moments)
     dstate = None
     for blk in cx.blocks(cx.L, chunked=False):
         i0, i1 = blk.i0, blk.i1
         qT = cx.queries_t(cx.q5[:, :, :, i0:i1])
-        phq = cx.phi(qT, "q")
-        den = apply_denominator(cx, phq, state).view(cx.B, cx.Hk, cx.G, blk.C)
+        z, cache = read_denominator(cx, qT, state.moments)
+        den = cx.ungrouped(z.unsqueeze(-1), blk.C).squeeze(-1)
         gd = cx.grouped(cx.grad_augmented(cx.g5[:, :, :, i0:i1], cx.o5[:, :, :, i0:i1], den))
-        dqT = cx.vjp(qT, apply_transposed(cx, gd, state), "q")
+        dqT = query_grads(cx, qT, state, gd, cache)
         dq[:, :, :, i0:i1] = cx.ungrouped(dqT.transpose(-1, -2), blk.C)
-        dstate = query_state(cx, phq, gd, into=dstate)
+        dstate = query_states(cx, qT, cx.phi(qT, "q"), gd, into=dstate)
     for blk in cx.blocks(cx.S, chunked=False):
-        kT, phk, X, f = _keys(cx, blk)
-        dX, dkT = key_grads(cx, kT, phk, X, dstate)
+        kT, phk, X, f = _key_features(cx, blk)
+        dX, dkT = key_grads(cx, kT, phk, X, f, dstate)
         dk[:, :, blk.i0:blk.i1] += dkT.transpose(-1, -2)
         dv[:, :, blk.i0:blk.i1] += value_grads(cx, dX, f)

@@ -1,21 +1,33 @@
-"""The low-rank states and how they are read: every product is a plain matmul, on features built feature-major
-([..., r, R] for R tokens; for degree 2 in the block-symmetric layout of features.Quad2Features).
+"""The low-rank states and how they are read: every feature-space product is a plain matmul with Dv columns, on
+features built feature-major ([..., r, R] for R tokens; for degree 2 in the block-symmetric layout of
+features.Quad2Features).  The denominator's share lives apart, in moments (kernels/moments.py).
 
-A key state is S = sum_j phi_k(k_j)^T X_j with X = [f v | f] (f = key factor), a query dstate is
-dS = sum_i phi_q(q_i)^T Gd_i; both in the cat layout [..., r, Gs*E] (E = Dv + 1, see context).  The leading dims
-"..." are [B, Hk] for the global regime and [g, B, Hk] (one state per chunk) for causal blocks.  Query rows come
-grouped as [..., Gs, R, .] (CallContext.grouped: R = G / Gs query heads x C tokens), their features as
-[..., Gs, r, R]; keys as [..., C, .], their features [..., r, C].  Query side: num = phi_q S, dphi_q = Gd S^T;
-key side: dX = phi_k dS, dphi_k = X dS^T; the feature map's VJP turns dphi into dq / dk.
+A key state is :class:`States` (values S = sum_j phi_k(k_j)^T (f_j v_j), moments of the keys weighted f, f =
+key factor); a query dstate is the same pair for dS = sum_i phi_q(q_i)^T Gv_i and the queries' moments weighted
+gden, where Gd = [Gv | gden] = [G / den | -Delta / den] (CallContext.grad_augmented).  Values are in the cat
+layout [..., r, Gs*Dv] (see context), moments [..., Gs, M].  The leading dims "..." are [B, Hk] for the global
+regime and [g, B, Hk] (one state per chunk) for causal blocks.  Query rows come grouped as [..., Gs, R, .]
+(CallContext.grouped: R = G / Gs query heads x C tokens), their features as [..., Gs, r, R]; keys as
+[..., C, .], their features [..., r, C].  Query side: num = phi_q S, dphi_q = Gv S^T; key side: dX = phi_k dS,
+dphi_k = X dS^T; the feature map's VJP turns dphi into dq / dk.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
 
-def _per_group(cx, state):
-    """Cat layout [..., r, Gs*E] -> [..., Gs, r, E] (a view)."""
-    return state.unflatten(-1, (cx.Gs, -1)).transpose(-3, -2)
+class States(NamedTuple):
+    """values [..., r, Gs*Dv] and moments [..., Gs, M] (see the module docstring)."""
+
+    values: torch.Tensor
+    moments: torch.Tensor
+
+
+def _per_group(cx, values):
+    """Cat layout [..., r, Gs*Dv] -> [..., Gs, r, Dv] (a view)."""
+    return values.unflatten(-1, (cx.Gs, -1)).transpose(-3, -2)
 
 
 def accumulate_product(state, a, b):
@@ -27,47 +39,64 @@ def accumulate_product(state, a, b):
     return state
 
 
-def query_state(cx, phq, gd, into=None):
-    """phi_q^T Gd summed over the rows of each group: phq [..., Gs, r, R], gd [..., Gs, R, E] -> [..., r, Gs*E],
-    added to ``into`` in place when given."""
+def _added(into, t):
+    return t if into is None else into.add_(t)
+
+
+def key_states(cx, kT, phk, X, f, into=None):
+    """The keys' States: kT [..., D, C], features phk [..., r, C], X = f v [..., C, Gs*Dv] (weighted_values),
+    f [..., Gs, C] | None; added to ``into`` in place when given."""
+    values = accumulate_product(None if into is None else into.values, phk, X)
+    return States(values, _added(None if into is None else into.moments, cx.mom.accumulate(kT.unsqueeze(-3), f)))
+
+
+def key_moments(cx, kT, f, into=None):
+    """The keys' moments alone (the backward's den when the forward's value state is reused)."""
+    return _added(into, cx.mom.accumulate(kT.unsqueeze(-3), f))
+
+
+def query_states(cx, qT, phq, gd, into=None):
+    """The queries' dstates: qT [..., Gs, D, R], features phq [..., Gs, r, R], gd [..., Gs, R, Dv+1]."""
+    gv = gd[..., :cx.Dv]
     if cx.Gs == 1:
-        return accumulate_product(into, phq.squeeze(-3), gd.squeeze(-3))
-    upd = (phq @ gd).transpose(-3, -2).flatten(-2)
-    return upd if into is None else into.add_(upd)
+        values = accumulate_product(None if into is None else into.values, phq.squeeze(-3), gv.squeeze(-3))
+    else:
+        values = _added(None if into is None else into.values, (phq @ gv).transpose(-3, -2).flatten(-2))
+    return States(values, _added(None if into is None else into.moments, cx.mom.accumulate(qT, gd[..., cx.Dv])))
 
 
-def apply(cx, phq, state):
-    """phi_q S: phq [..., Gs, r, R], state [..., r, Gs*E] -> [..., Gs, R, E]."""
-    return phq.transpose(-1, -2) @ _per_group(cx, state)
+def apply(cx, phq, values):
+    """phi_q S: phq [..., Gs, r, R], values [..., r, Gs*Dv] -> [..., Gs, R, Dv]."""
+    return phq.transpose(-1, -2) @ _per_group(cx, values)
 
 
-def apply_transposed(cx, gd, state):
-    """dphi_q = Gd S^T, feature-major: gd [..., Gs, R, E], state [..., r, Gs*E] -> [..., Gs, r, R] (scratch)."""
-    sg = _per_group(cx, state)
-    out = cx.buf("dphi", (*gd.shape[:-2], sg.shape[-2], gd.shape[-2]))
-    return torch.matmul(sg, gd.transpose(-1, -2), out=out)
+def read_denominator(cx, qT, moments):
+    """(den [..., Gs, R] of the queries qT [..., Gs, D, R] against the keys' moments, the cache query_grads
+    reuses)."""
+    return cx.mom.read(qT, moments)
 
 
-def apply_denominator(cx, phq, state):
-    """The den column of phi_q S alone (matrix-vector products): [..., Gs, R]."""
-    cols = _per_group(cx, state)[..., cx.Dv]  # [..., Gs, r]
-    return (cols.unsqueeze(-2) @ phq).squeeze(-2)
+def query_grads(cx, qT, states, gd, cache):
+    """dq^T [..., Gs, D, R] of the queries qT against the key states, from Gd [..., Gs, R, Dv+1] (already times
+    any query factor) and the cache of :func:`read_denominator`: the VJP of dphi_q = Gv S^T plus the moments'
+    share through gden."""
+    sg = _per_group(cx, states.values)
+    gv = gd[..., :cx.Dv]
+    dphi = torch.matmul(sg, gv.transpose(-1, -2), out=cx.buf("dphi", (*gv.shape[:-2], sg.shape[-2], gv.shape[-2])))
+    return cx.vjp(qT, dphi, "q").add_(cx.mom.vjp(qT, states.moments, gd[..., cx.Dv], cache))
 
 
-def key_grads(cx, kT, phk, X, dstate):
-    """dX = phi_k dS [..., C, Gs*E] (Gs == 1: [..., C, Dv], the den column is never used) and
-    dk^T = J^T (X dS^T) [..., D, C] of keys kT [..., D, C] with features phk [..., r, C]."""
-    dX = phk.transpose(-1, -2) @ (dstate[..., :cx.Dv] if cx.Gs == 1 else dstate)
-    dphi = torch.matmul(dstate, X.transpose(-1, -2), out=cx.buf("dphi", phk.shape))
-    return dX, cx.vjp(kT, dphi, "k")
+def key_grads(cx, kT, phk, X, f, dstates):
+    """dX = phi_k dS [..., C, Gs*Dv] and dk^T [..., D, C] of keys kT [..., D, C] (features phk [..., r, C],
+    X = f v, key factor f) against the query dstates."""
+    dX = phk.transpose(-1, -2) @ dstates.values
+    dphi = torch.matmul(dstates.values, X.transpose(-1, -2), out=cx.buf("dphi", phk.shape))
+    dkT = cx.vjp(kT, dphi, "k").add_(cx.mom.vjp(kT.unsqueeze(-3), dstates.moments, f).squeeze(-3))
+    return dX, dkT
 
 
 def value_grads(cx, dX, f):
-    """dv [..., C, Dv] from dX (see :func:`key_grads`) and the key factor f [..., Gs, C] | None."""
-    Dv, Gs = cx.Dv, cx.Gs
-    if dX.shape[-1] == Dv and f is None:
-        return dX
-    dXv = dX.unsqueeze(-2) if dX.shape[-1] == Dv else dX.unflatten(-1, (Gs, Dv + 1))[..., :Dv]  # [..., C, Gs, Dv]
-    if f is not None:
-        dXv = dXv * f.transpose(-1, -2).unsqueeze(-1)
-    return dXv.sum(-2)
+    """dv [..., C, Dv] from dX [..., C, Gs*Dv] (see :func:`key_grads`) and the key factor f [..., Gs, C] | None."""
+    if f is None:
+        return dX if cx.Gs == 1 else dX.unflatten(-1, (cx.Gs, cx.Dv)).sum(-2)
+    return (dX.unflatten(-1, (cx.Gs, cx.Dv)) * f.transpose(-1, -2).unsqueeze(-1)).sum(-2)
