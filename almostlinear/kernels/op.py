@@ -34,13 +34,13 @@ __all__ = ["poly_attention", "DEFAULT_MIN_SEQ_LEN", "DEFAULT_MIN_SEQ_LEN_CAUSAL"
 
 # Key length below which exact attention is faster (fwd+bwd, d=64, B=H=1), measured with
 # benchmarks/attention.py at the default thread count (CPU: AMD EPYC 2 cores, torch 2.13, 2 threads, op and
-# SDPA interleaved, issue 14's op: non-causal 1.18x (min) / 1.46x (median) at 4k, 2.2x at 8k; causal 0.97x at
-# 8k, 2.2x at 16k; one thread: non-causal 1.29x at 4k, causal 1.03x / 0.98x at 8k) and benchmarks/gpu_check.py
-# (H200, bf16 inputs, vs flash SDPA: non-causal d=64 wins 1.65x at 65536 and loses 0.52x at 32768; d=128 and
-# causal still lose at 65536).  See benchmarks/results/attention*.  Non-causal values; causal ones in
-# DEFAULT_MIN_SEQ_LEN_CAUSAL.
+# SDPA interleaved, the op with the denominator in moments (kernels/moments.py): non-causal 1.11x (min) / 1.43x
+# (median) at 4k, 2.8x at 8k; causal 0.55x at 4k, 1.29x / 1.28x at 8k; one thread: non-causal 1.21x at 4k,
+# causal 1.08x / 1.05x at 8k) and benchmarks/gpu_check.py (H200, bf16 inputs, vs flash SDPA: non-causal d=64
+# wins 1.65x at 65536 and loses 0.52x at 32768; d=128 and causal still lose at 65536).  See
+# benchmarks/results/attention*.  Non-causal values; causal ones in DEFAULT_MIN_SEQ_LEN_CAUSAL.
 DEFAULT_MIN_SEQ_LEN = {"cpu": 4096, "cuda": 65536}
-DEFAULT_MIN_SEQ_LEN_CAUSAL = {"cpu": 16384, "cuda": 131072}
+DEFAULT_MIN_SEQ_LEN_CAUSAL = {"cpu": 8192, "cuda": 131072}
 
 
 def default_min_seq_len(device, causal: bool = False) -> int:
