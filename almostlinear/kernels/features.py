@@ -281,8 +281,9 @@ class Quad2Features:
     (:meth:`phi_t`, :meth:`vjp_t`): every elementwise op runs along the tokens, a long contiguous axis, so that
     building and differentiating cost the same for any tile size (measured for t = 1..16 at d = 64).
     :meth:`phi` / :meth:`vjp` are the same maps token-major ([..., D] -> [..., r]), the interface of
-    :class:`FeatureMap`.  A GPU kernel can share the layout: the groups of :func:`_quad2_layout` are plain
-    (offset, shape) integers.
+    :class:`FeatureMap`.  The redesigned Triton path (kernels/triton/symmetric.py) uses the same block-symmetric
+    pairs with t = 16 (tensor-core tiles), one 256-wide block per pair I <= J built in registers; the groups of
+    :func:`_quad2_layout` are plain (offset, shape) integers a kernel can share.
     """
 
     def __init__(self, d: int, coeffs: Sequence[float], scale: float, leaf: int | None = None):
