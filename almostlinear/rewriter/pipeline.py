@@ -30,7 +30,7 @@ from ..passes.rewrite_polynomial import rewrite_polynomial
 from ..passes.subgraphs import Region, copy_graph_module, copy_with_node_map, find_regions
 from .options import Options
 from .policy import Decision
-from .report import Site, log, near_miss_rows, site_row
+from .report import Site, log, near_miss_rows, query_heads_of, site_row
 
 
 @dataclass(frozen=True)
@@ -177,7 +177,7 @@ def _rewrite_polynomial(gm, site, row: Site, decision: Decision, fake_mode, opti
     row.reason = f"{decision.reason}; polynomial degree {degree} ({kind}), rank {row.rank}, mask {site.mask.kind}"
     if decision.heads is not None:
         groups = concrete_int(shape_of(site.q)[1]) // concrete_int(shape_of(site.op_kv[0])[1])
-        row.approximated_heads = [h * groups + g for h in decision.heads for g in range(groups)]
+        row.approximated_heads = query_heads_of(decision.heads, groups)
         row.reason += f"; heads {row.approximated_heads} approximated, the others exact"
     return True
 

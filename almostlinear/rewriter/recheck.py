@@ -29,7 +29,7 @@ from ..kinds import Method
 from ..passes.graph_utils import rng_preserved
 from ..passes.rewrite_polynomial import switch_name
 from .measure import SiteErrors, agree, detached_clones, gradient_error, run_with_grads
-from .report import Report, log
+from .report import Report, log, query_heads_of
 
 
 class Rechecker:
@@ -110,7 +110,7 @@ class Rechecker:
                 continue
             query_heads = row.q_shape[1] if row.q_shape and isinstance(row.q_shape[1], int) else switch.numel()
             groups = max(1, query_heads // switch.numel())
-            on = [h * groups + g for h in range(switch.numel()) if int(switch[h]) == 1 for g in range(groups)]
+            on = query_heads_of([h for h in range(switch.numel()) if int(switch[h]) == 1], groups)
             row.method = Method.POLYNOMIAL if on else Method.EXACT
             row.approximated_heads = on if on and len(on) < groups * switch.numel() else None
             for head in row.heads:

@@ -150,6 +150,12 @@ class Report:
         return "\n".join(lines)
 
 
+def query_heads_of(kv_heads, groups: int) -> list[int]:
+    """The query heads computed by the key/value heads ``kv_heads`` when ``groups`` query heads share each (GQA):
+    the form Site.approximated_heads takes."""
+    return [h * groups + g for h in kv_heads for g in range(groups)]
+
+
 def approximability_map(sites: list[Site]) -> list[str]:
     """Per calibrated site, per query head: the sampled degree-2 error, the logit std and the effective
     number of keys (exp of the attention's entropy); * marks the heads the op computes."""
