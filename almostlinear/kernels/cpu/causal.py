@@ -39,7 +39,7 @@ def _keys(cx, blk):
 
 def _decayed_add(cx, prev, local, out):
     """out = exp(-a chunk) prev + local, field by field (States; no ALiBi: prev + local)."""
-    gammas = cx.chunk_decay(cx.chunk) or (None, None)
+    gammas = cx.chunk_decay or (None, None)
     for p, x, o, gamma in zip(prev, local, out, gammas):
         torch.add(p, x, out=o) if gamma is None else torch.addcmul(x, p, gamma, out=o)
 
@@ -47,7 +47,7 @@ def _decayed_add(cx, prev, local, out):
 def _decay_in_place(cx, states):
     """states *= exp(-a chunk) (ALiBi only)."""
     if cx.alibi is not None:
-        for t, gamma in zip(states, cx.chunk_decay(cx.chunk)):
+        for t, gamma in zip(states, cx.chunk_decay):
             t.mul_(gamma)
 
 
@@ -66,6 +66,16 @@ def _index(states, i):
     return States(*(t[i] for t in states))
 
 
+def _as_block(run):
+    """A running States [B, Hk, ...] as a block of one chunk [1, B, Hk, ...] (None stays None)."""
+    return None if run is None else States(*(t.unsqueeze(0) for t in run))
+
+
+def _empty_run(local):
+    """An uninitialised running States shaped like one chunk of ``local``."""
+    return States(*(torch.empty_like(t[0]) for t in local))
+
+
 class _KeyStates:
     """The running key States, block by block in forward order: :meth:`before` gives the States before each chunk
     of a block, :meth:`advance` moves past the block."""
@@ -77,7 +87,7 @@ class _KeyStates:
         """States [g, B, Hk, ...], or None where all are zero."""
         cx, self.blk, self.local = self.cx, blk, None
         if blk.g == 1:
-            return None if self.run is None else States(*(t.unsqueeze(0) for t in self.run))
+            return _as_block(self.run)
         self.local = key_states(cx, *_keys(cx, blk))  # each chunk's own keys
         sb = self.sb = _buffers(cx, self.local)
         _fill(_index(sb, 0), self.run)
@@ -94,7 +104,7 @@ class _KeyStates:
             self.run = key_states(cx, kT[0], phk[0], X[0], None if f is None else f[0], into=self.run)
             return
         if self.run is None:
-            self.run = States(*(torch.empty_like(t[0]) for t in self.local))
+            self.run = _empty_run(self.local)
         _decayed_add(cx, _index(self.sb, -1), _index(self.local, -1), self.run)
 
 
@@ -110,7 +120,7 @@ class _QueryStates:
         and Gd."""
         cx, self.blk, self.local, self.pending = self.cx, blk, None, (qT, phq, gd)
         if blk.g == 1:
-            return None if self.run is None else States(*(t.unsqueeze(0) for t in self.run))
+            return _as_block(self.run)
         self.local = query_states(cx, qT, phq, gd)
         sa = self.sa = _buffers(cx, self.local)
         _fill(_index(sa, -1), self.run)
@@ -127,7 +137,7 @@ class _QueryStates:
             self.run = query_states(cx, qT[0], phq[0], gd[0], into=self.run)
             return
         if self.run is None:
-            self.run = States(*(torch.empty_like(t[0]) for t in self.local))
+            self.run = _empty_run(self.local)
         _decayed_add(cx, _index(self.sa, 0), _index(self.local, 0), self.run)
 
 

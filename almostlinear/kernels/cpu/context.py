@@ -12,6 +12,7 @@ of ``chunk`` tokens, held chunk-first: queries [g, B, Hk, G, C, D], keys [g, B, 
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -194,12 +195,14 @@ class CallContext:
             return None
         return torch.exp(-self.a.unsqueeze(-1) * self.positions(0, C)).unsqueeze(-1)
 
-    def chunk_decay(self, C):
-        """exp(-a C), the decay of a state over a chunk of C tokens, shaped for States(values [..., r, Gs*Dv],
-        moments [..., Gs, M]): ([Hk, 1, Gs*Dv], [Hk, Gs, 1]); None without ALiBi."""
+    @functools.cached_property
+    def chunk_decay(self):
+        """exp(-a chunk), the decay of a state over one chunk, shaped for States(values [..., r, Gs*Dv],
+        moments [..., Gs, M]): ([Hk, 1, Gs*Dv], [Hk, Gs, 1]); None without ALiBi.  Computed once per call (the
+        causal scans use it for every chunk)."""
         if self.alibi is None:
             return None
-        gamma = torch.exp(-self.a * C).unsqueeze(-1)  # [Hk, G, 1]
+        gamma = torch.exp(-self.a * self.chunk).unsqueeze(-1)  # [Hk, G, 1]
         return gamma.expand(self.Hk, self.G, self.Dv).reshape(self.Hk, 1, -1), gamma
 
     # ---- a block of queries against keys, weighted directly (causal diagonal chunks, bands)
