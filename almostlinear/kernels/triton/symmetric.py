@@ -119,17 +119,20 @@ def _pair(p, NT: tl.constexpr):
 
 
 @triton.jit
-def _program_pair(p, c1s, c2s, NT: tl.constexpr, LIN: tl.constexpr):
-    """(I, J, query-side weight) of sweep program p: a tile pair (weight c2 scale^2, doubled off the diagonal), or
-    for LIN (p == NP) the linear part (weight c1 scale; I, J unused)."""
+def _program_start(p, c1s, c2s, D: tl.constexpr, T: tl.constexpr, BLOCK_E: tl.constexpr, LIN: tl.constexpr):
+    """A sweep program's start: (kv head, value block, I, J, query-side weight, state [F, BLOCK_E] = 0,
+    den vector [F] = 0, constant's state [BLOCK_E] = 0) for program p: a tile pair (weight c2 scale^2, doubled off
+    the diagonal, F = T*T), or for LIN (p == NP) the linear part (weight c1 scale, F = D; I, J unused)."""
     if LIN:
         I = p * 0
         J = p * 0
         w = c1s + p * 0.0
     else:
-        I, J = _pair(p, NT)
+        I, J = _pair(p, D // T)
         w = tl.where(I == J, c2s, 2.0 * c2s)
-    return I, J, w
+    F: tl.constexpr = D if LIN else T * T
+    return (tl.program_id(0), tl.program_id(2), I, J, w, tl.zeros((F, BLOCK_E), dtype=tl.float32),
+            tl.zeros((F,), dtype=tl.float32), tl.zeros((BLOCK_E,), dtype=tl.float32))
 
 
 @triton.jit
@@ -247,13 +250,7 @@ def _kv_sweep(Q, K, V, KW, GV, GDEN, NUM, DEN, DQ, p, L, S, Hk, G, NC, c0, c1s, 
               D: tl.constexpr, E: tl.constexpr, T: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, CAUSAL: tl.constexpr, HAS_KW: tl.constexpr,
               BWD: tl.constexpr, LIN: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    bkv = tl.program_id(0)
-    eb = tl.program_id(2)
-    I, J, w = _program_pair(p, c1s, c2s, D // T, LIN)
-    F: tl.constexpr = D if LIN else T * T
-    st = tl.zeros((F, BLOCK_E), dtype=tl.float32)
-    z = tl.zeros((F,), dtype=tl.float32)
-    s0 = tl.zeros((BLOCK_E,), dtype=tl.float32)
+    bkv, eb, I, J, w, st, z, s0 = _program_start(p, c1s, c2s, D, T, BLOCK_E, LIN)
     z0 = tl.sum(s0, 0)
     if CAUSAL:
         for c in range(0, NC):
@@ -356,13 +353,7 @@ def _q_sweep(Q, K, V, KW, GV, GDEN, DK, DV, p, L, S, Hk, G, NC, c0, c1s, c2s,
              D: tl.constexpr, E: tl.constexpr, T: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
              BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, CAUSAL: tl.constexpr, HAS_KW: tl.constexpr,
              LIN: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    bkv = tl.program_id(0)
-    eb = tl.program_id(2)
-    I, J, w = _program_pair(p, c1s, c2s, D // T, LIN)
-    F: tl.constexpr = D if LIN else T * T
-    dst = tl.zeros((F, BLOCK_E), dtype=tl.float32)
-    dz = tl.zeros((F,), dtype=tl.float32)
-    ds0 = tl.zeros((BLOCK_E,), dtype=tl.float32)
+    bkv, eb, I, J, w, dst, dz, ds0 = _program_start(p, c1s, c2s, D, T, BLOCK_E, LIN)
     if CAUSAL:
         for cc in range(0, NC):
             lo = (NC - 1 - cc) * CHUNK
