@@ -18,7 +18,12 @@ from __future__ import annotations
 
 import torch
 
-from .features import Quad2Features
+from .features import Quad2Features, fast_rank
+
+
+def moment_size(d: int, degree: int) -> int:
+    """M, the length of one group's moments (arithmetic only: fake kernels call it)."""
+    return 1 + d + d * d if degree == 2 else fast_rank(d, degree)
 
 
 def moments_for(fm):

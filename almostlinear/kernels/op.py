@@ -1,7 +1,7 @@
 """Custom op glue, public entry point, device dispatch and the exact fallback.
 
 ``torch.ops.almostlinear.poly_attention(q, k, v, key_weight, alibi_slopes, scale, coefficients, causal,
-window) -> (out, state)`` is the low-rank op (degree = len(coefficients) - 1), with an analytic backward op
+window, keep_states=False) -> (out, state)`` is the low-rank op (degree = len(coefficients) - 1), with an analytic backward op
 ``torch.ops.almostlinear.poly_attention_backward``; ``state`` (non-differentiable) carries what the
 backward would otherwise recompute, like the logsumexp of aten's flash attention.  :func:`poly_attention`
 validates the arguments, normalises them and either calls the op or, when the key length is below
@@ -93,10 +93,12 @@ def _prep(*ts):
 @torch.library.custom_op("almostlinear::poly_attention", mutates_args=())
 def _poly_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_weight: Optional[torch.Tensor],
                        alibi_slopes: Optional[torch.Tensor], scale: float, coefficients: Sequence[float],
-                       causal: bool, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+                       causal: bool, window: int, keep_states: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (out [B, Hq, L, Dv] in q's dtype, state): state is what the backward reuses instead of
-    recomputing (the non-causal global state of the torch path or the Triton path's flat state; empty when
-    causal or windowed)."""
+    recomputing (the non-causal global state of the torch path or the Triton path's flat state; causal on the
+    torch path, with ``keep_states`` and within cpu.KEEP_STATES_MIB, the key states before each chunk; else
+    empty).  ``keep_states``: a backward will follow (set by :func:`poly_attention` and the rewriter from
+    whether the output needs grad); it only trades memory for the backward's time, never the result."""
     coeffs = tuple(coefficients)
     q32, k32, v32, kw, al = _prep(q, k, v, key_weight, alibi_slopes)
     with cpu.autocast_disabled(q):  # called with autocast on (no rule for this device): still compute in fp32
@@ -105,23 +107,24 @@ def _poly_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_we
             out, state = tr.forward(q32, k32, v32, kw, scale=scale, coeffs=coeffs, causal=causal)
         else:
             out, _, state = cpu.forward(q32, k32, v32, kw, al, scale=scale, coeffs=coeffs, causal=causal,
-                                        window=window)
+                                        window=window, keep_states=keep_states)
     return out.to(q.dtype), q32.new_empty(0) if state is None else state
 
 
 @_poly_attention_op.register_fake
-def _(q, k, v, key_weight, alibi_slopes, scale, coefficients, causal, window):
+def _(q, k, v, key_weight, alibi_slopes, scale, coefficients, causal, window, keep_states=False):
     # shapes only: the state shape is arithmetic (building feature tables here, under the FakeTensorMode, made
     # the first compile take minutes at d = 128)
     B, Hq, L, D = q.shape
     degree = len(coefficients) - 1
+    dtype = _compute_dtype(q)
     if _use_triton(q, v, degree, key_weight, alibi_slopes, window):
         from .triton import poly_attention as tr
         shape = (0,) if causal else (tr.state_size(B, k.shape[1], D, v.shape[-1]),)
     else:
         shape = cpu.state_shape(B, Hq, k.shape[1], D, v.shape[-1], degree, alibi_slopes is not None, causal,
-                                window)
-    return q.new_empty(B, Hq, L, v.shape[-1]), q.new_empty(shape, dtype=_compute_dtype(q))
+                                window, L=L, keep_states=keep_states, itemsize=dtype.itemsize)
+    return q.new_empty(B, Hq, L, v.shape[-1]), q.new_empty(shape, dtype=dtype)
 
 
 @torch.library.custom_op("almostlinear::poly_attention_backward", mutates_args=())
@@ -150,7 +153,7 @@ def _(grad, q, k, v, out, state, key_weight, alibi_slopes, scale, coefficients, 
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key_weight, alibi_slopes, scale, coefficients, causal, window = inputs
+    q, k, v, key_weight, alibi_slopes, scale, coefficients, causal, window, _keep_states = inputs
     out, state = output
     ctx.mark_non_differentiable(state)
     ctx.save_for_backward(q, k, v, out, state, key_weight, alibi_slopes)
@@ -162,7 +165,7 @@ def _backward(ctx, grad, _grad_state):
     scale, coefficients, causal, window = ctx.args
     dq, dk, dv = _poly_attention_bwd_op(grad.contiguous(), q, k, v, out, state, key_weight, alibi_slopes, scale,
                                         coefficients, causal, window)
-    return dq, dk, dv, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 _poly_attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -256,8 +259,9 @@ def poly_attention(q, k, v, *, scale: float, degree: int = 2, coefficients=None,
     if S < min_seq_len:
         return exact_attention(q, k, v, scale=scale, causal=causal, key_weight=key_weight,
                                alibi_slopes=alibi_slopes, window=window)
+    keep_states = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     return _poly_attention_op(q, k, v, key_weight, alibi_slopes, float(scale), list(coeffs), bool(causal),
-                              int(window))[0]
+                              int(window), keep_states)[0]
 
 
 def exact_attention(q, k, v, *, scale: float, causal: bool = False, key_weight=None, alibi_slopes=None,

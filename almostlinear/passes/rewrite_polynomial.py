@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 
 from .builder import NodeBuilder
-from .graph_utils import concrete_int, is_number, shape_of, tensor_meta
+from .graph_utils import concrete_int, example_value, is_number, shape_of, tensor_meta
 from .site import AttentionSite
 from .rewrite import RewriteError, replace_output, scaled_query
 
@@ -189,7 +189,11 @@ def rewrite_polynomial(gm: fx.GraphModule, site: AttentionSite, fake_mode, coeff
         op_node = build.call(torch.ops.almostlinear.switchable_attention.default, q, k, v, key_weight, alibi, switch,
                              scale, *tail)
     else:
-        op_node = build.call(torch.ops.almostlinear.poly_attention.default, q, k, v, key_weight, alibi, scale, *tail)
+        # keep_states: the causal op keeps its per-chunk states for a backward that will come (the site's output
+        # needs grad in the traced example); a memory-for-time trade only, the result is the same
+        keep = bool(getattr(example_value(site.output), "requires_grad", False))
+        op_node = build.call(torch.ops.almostlinear.poly_attention.default, q, k, v, key_weight, alibi, scale, *tail,
+                             keep_states=keep)
     out = build.getitem(op_node, 0)
     if mask.empty_rows_possible and key_weight is not None:
         out = _eager_empty_rows(site, out, key_weight, v, build)

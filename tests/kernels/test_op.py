@@ -24,14 +24,14 @@ def test_public_constants():
 
 @pytest.mark.parametrize("args", [
     dict(causal=True), dict(kw=True), dict(alibi=True), dict(window=4), dict(causal=True, window=3, kw=True),
-    dict(gqa=True), dict(cross=True),
+    dict(gqa=True), dict(cross=True), dict(causal=True, keep=True), dict(causal=True, kw=True, gqa=True, keep=True),
 ], ids=str)
 def test_opcheck(args):
     q, k, v, key_weight, slopes = make_inputs(2, 4 if args.get("gqa") else 2, 2 if args.get("gqa") else 2, 11,
                                               13 if args.get("cross") else None, D=4, Dv=3,
                                               kw=args.get("kw", False), alibi=args.get("alibi", False))
     torch.library.opcheck(OP, (q, k, v, key_weight, slopes, 0.4, [1.0, 1.0, 0.5], args.get("causal", False),
-                               args.get("window", 0)))
+                               args.get("window", 0), args.get("keep", False)))
 
 
 def test_noncontiguous_grad_output():

@@ -36,18 +36,27 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 
 import torch
 
 from ..features import fast_rank
+from ..moments import moment_size
 from .banded import banded_backward, banded_forward
 from .causal import causal_backward, causal_forward
 from .context import CallContext
 from .global_regime import global_backward, global_forward
+from .states import States
 
 __all__ = ["CHUNK", "forward", "backward", "state_shape", "autocast_disabled"]
 
 CHUNK = 128
+
+# The causal forward keeps the key States before each chunk for the backward (saving it one [n, r] x [r, Dv]
+# product, a feature build and a scan: ~10% of fwd+bwd at n = 32k, d = 64) when they take at most this many MiB
+# per call: ~4.3 KB per token and key head at d = 64 (fp32), so 256 MiB covers B * Hk * n <= ~60k.  0: always
+# recompute.
+KEEP_STATES_MIB = float(os.environ.get("ALMOSTLINEAR_KEEP_STATES_MIB", 256))
 
 
 def autocast_disabled(t: torch.Tensor):
@@ -67,12 +76,38 @@ def _no_autocast(fn):
     return wrapper
 
 
+def _kept_sizes(B, Hq, Hk, L, D, Dv, degree, alibi: bool, chunk: int):
+    """(NC, values' numel per chunk, moments' numel per chunk) of the causal per-chunk States
+    ([NC, B, Hk, r, Gs*Dv] and [NC, B, Hk, Gs, M])."""
+    Gs = Hq // Hk if alibi else 1
+    per_head = fast_rank(D, degree) * Gs * Dv, Gs * moment_size(D, degree)
+    return (L + chunk - 1) // chunk, B * Hk * per_head[0], B * Hk * per_head[1]
+
+
+def _keeps_states(causal, window, keep_states, sizes, itemsize) -> bool:
+    nc, nv, nm = sizes
+    return bool(causal and not window and keep_states and nc * (nv + nm) * itemsize <= KEEP_STATES_MIB * 2 ** 20)
+
+
+def _kept_views(flat, cx):
+    """States views [NC, B, Hk, ...] of a flat kept-states tensor."""
+    nc, nv, nm = _kept_sizes(cx.B, cx.Hq, cx.Hk, cx.L, cx.D, cx.Dv, len(cx.coeffs) - 1, cx.alibi is not None,
+                             cx.chunk)
+    if flat.shape != (nc * (nv + nm),):
+        raise ValueError(f"state of shape {tuple(flat.shape)} is not the causal forward's kept states for these "
+                         f"inputs and chunk {cx.chunk} (expected ({nc * (nv + nm)},)); pass the forward's state "
+                         "with the same chunk, or None")
+    values = flat[:nc * nv].view(nc, cx.B, cx.Hk, -1, cx.Gs * cx.Dv)
+    return States(values, flat[nc * nv:].view(nc, cx.B, cx.Hk, cx.Gs, -1))
+
+
 @_no_autocast
 def forward(q, k, v, key_weight=None, alibi_slopes=None, *, scale, coeffs, causal=False, window=0,
-            chunk=None):
-    """Returns out [B, Hq, L, Dv], den [B, Hq, L] (den = sum_j W_ij) and the global value state S
-    [B, Hk, r, Gs*Dv] in the non-causal, unwindowed case (None otherwise): passing it to :func:`backward` saves
-    rebuilding it (one of the backward's [n, r] x [r, Dv] products)."""
+            chunk=None, keep_states=False):
+    """Returns out [B, Hq, L, Dv], den [B, Hq, L] (den = sum_j W_ij) and the state :func:`backward` reuses
+    (None where there is none): the global value state S [B, Hk, r, Gs*Dv] in the non-causal, unwindowed case
+    (saves rebuilding it, one of the backward's [n, r] x [r, Dv] products); causal, with ``keep_states`` and
+    within KEEP_STATES_MIB, the key States before each chunk, flat (see :func:`state_shape`)."""
     cx = CallContext(q, k, v, key_weight, alibi_slopes, scale, coeffs, causal, window, chunk or CHUNK)
     out = q.new_empty(cx.B, cx.Hk, cx.G, cx.L, cx.Dv)
     den = q.new_empty(cx.B, cx.Hk, cx.G, cx.L)
@@ -80,7 +115,11 @@ def forward(q, k, v, key_weight=None, alibi_slopes=None, *, scale, coeffs, causa
     if window > 0:
         banded_forward(cx, out, den)
     elif causal:
-        causal_forward(cx, out, den)
+        shape = state_shape(cx.B, cx.Hq, cx.Hk, cx.D, cx.Dv, len(coeffs) - 1, alibi_slopes is not None, True, 0,
+                            L=cx.L, keep_states=keep_states, itemsize=q.element_size(), chunk=cx.chunk)
+        if shape != (0,):
+            state = q.new_empty(shape)
+        causal_forward(cx, out, den, None if state is None else _kept_views(state, cx))
     else:
         state = global_forward(cx, out, den)
     return out.view(cx.B, cx.Hq, cx.L, cx.Dv), den.view(cx.B, cx.Hq, cx.L), state
@@ -99,16 +138,21 @@ def backward(grad, q, k, v, out, key_weight=None, alibi_slopes=None, *, scale, c
     if window > 0:
         banded_backward(cx, dq, dk, dv)
     elif causal:
-        causal_backward(cx, dq, dk, dv)
+        causal_backward(cx, dq, dk, dv, None if state is None else _kept_views(state, cx))
     else:
         global_backward(cx, dq, dk, dv, state)
     return dq.view_as(q), dk, dv
 
 
-def state_shape(B, Hq, Hk, D, Dv, degree, alibi: bool, causal: bool, window: int) -> tuple:
+def state_shape(B, Hq, Hk, D, Dv, degree, alibi: bool, causal: bool, window: int, *, L=0, keep_states=False,
+                itemsize=4, chunk=None) -> tuple:
     """Shape of the state :func:`forward` returns; (0,) where it returns None.  Arithmetic only (the op's fake
     kernel calls it): no feature map or table is built."""
     if causal or window > 0:
-        return (0,)
+        if not (causal and not window and keep_states):
+            return (0,)
+        sizes = _kept_sizes(B, Hq, Hk, L, int(D), int(Dv), degree, alibi, chunk or CHUNK)
+        keep = _keeps_states(causal, window, keep_states, sizes, itemsize)
+        return (sizes[0] * (sizes[1] + sizes[2]),) if keep else (0,)
     Gs = Hq // Hk if alibi else 1
     return (B, Hk, fast_rank(int(D), degree), Gs * Dv)

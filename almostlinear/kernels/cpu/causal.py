@@ -5,7 +5,8 @@ the States of the keys before the chunk (values in the block-symmetric feature l
 moments, states.py): the block's chunk states come from one batched matmul, a scan over the chunks gives the
 states before each chunk, and one batched matmul reads them all.  With ALiBi the states decay by exp(-a chunk)
 per chunk (a = max(m, 0); key factor exp(a (j - c1) + (m - a) j) with c1 the end of j's chunk, query factor
-exp(-a (i - i0))).  The backward recomputes the prefix states in forward order (dq, Gd, the diagonal chunks) and
+exp(-a (i - i0))).  The backward recomputes the prefix states in forward order (dq, Gd, the diagonal chunks), or
+reads the ones the forward kept (``keep``: per-chunk States [NC, B, Hk, ...], see cpu.KEEP_STATES_MIB), and
 then the suffix sums of the query dstates in reverse order (dk, dv).
 """
 from __future__ import annotations
@@ -76,20 +77,29 @@ def _empty_run(local):
     return States(*(torch.empty_like(t[0]) for t in local))
 
 
+def _chunks_of(states, blk, C):
+    """The block's chunks [g, B, Hk, ...] of per-chunk States [NC, B, Hk, ...] (a view)."""
+    c0 = blk.i0 // C
+    return States(*(t[c0:c0 + blk.g] for t in states))
+
+
 class _KeyStates:
     """The running key States, block by block in forward order: :meth:`before` gives the States before each chunk
-    of a block, :meth:`advance` moves past the block."""
+    of a block, :meth:`advance` moves past the block.  With ``keep`` (per-chunk States [NC, B, Hk, ...]) the
+    States before every chunk are written there for the backward."""
 
-    def __init__(self, cx):
-        self.cx, self.run = cx, None  # run: States [B, Hk, ...], the keys before the current block
+    def __init__(self, cx, keep=None):
+        self.cx, self.run, self.keep = cx, None, keep  # run: States [B, Hk, ...], the keys before the current block
 
     def before(self, blk):
         """States [g, B, Hk, ...], or None where all are zero."""
         cx, self.blk, self.local = self.cx, blk, None
         if blk.g == 1:
+            if self.keep is not None:
+                _fill(_index(_chunks_of(self.keep, blk, cx.chunk), 0), self.run)
             return _as_block(self.run)
         self.local = key_states(cx, *_keys(cx, blk))  # each chunk's own keys
-        sb = self.sb = _buffers(cx, self.local)
+        sb = self.sb = _buffers(cx, self.local) if self.keep is None else _chunks_of(self.keep, blk, cx.chunk)
         _fill(_index(sb, 0), self.run)
         for c in range(1, blk.g):
             _decayed_add(cx, _index(sb, c - 1), _index(self.local, c - 1), _index(sb, c))
@@ -106,6 +116,19 @@ class _KeyStates:
         if self.run is None:
             self.run = _empty_run(self.local)
         _decayed_add(cx, _index(self.sb, -1), _index(self.local, -1), self.run)
+
+
+class _KeptKeyStates:
+    """The key States before each chunk as the forward kept them (:class:`_KeyStates` with ``keep``)."""
+
+    def __init__(self, cx, kept):
+        self.cx, self.kept = cx, kept
+
+    def before(self, blk):
+        return None if blk.i0 == 0 and blk.g == 1 else _chunks_of(self.kept, blk, self.cx.chunk)
+
+    def advance(self):
+        pass
 
 
 class _QueryStates:
@@ -147,9 +170,10 @@ def _with_query_factor(cx, t, C):
     return t if qf is None else t * qf
 
 
-def causal_forward(cx, out, den):
-    """Fills out [B, Hk, G, L, Dv] and den [B, Hk, G, L]."""
-    keys = _KeyStates(cx)
+def causal_forward(cx, out, den, keep=None):
+    """Fills out [B, Hk, G, L, Dv] and den [B, Hk, G, L]; with ``keep`` (States [NC, B, Hk, ...], NC the number
+    of chunks) also the key States before each chunk, which the backward then reuses."""
+    keys = _KeyStates(cx, keep)
     for blk in cx.blocks(cx.L, chunked=True):
         qc, _, va, _, _, W = _diagonal(cx, blk)
         num = block_numerator(W, va)
@@ -164,17 +188,17 @@ def causal_forward(cx, out, den):
             keys.advance()
 
 
-def causal_backward(cx, dq, dk, dv):
-    """Fills dq [B, Hk, G, L, D], adds to dk and dv."""
+def causal_backward(cx, dq, dk, dv, kept=None):
+    """Fills dq [B, Hk, G, L, D], adds to dk and dv; ``kept``: the forward's per-chunk key States (None:
+    recomputed)."""
     gds = cx.q5.new_empty(cx.B, cx.Hk, cx.G, cx.L, cx.Dv + 1)
-    _backward_forward_order(cx, dq, dk, dv, gds)
+    _backward_forward_order(cx, dq, dk, dv, gds, _KeyStates(cx) if kept is None else _KeptKeyStates(cx, kept))
     _backward_reverse_order(cx, dk, dv, gds)
 
 
-def _backward_forward_order(cx, dq, dk, dv, gds):
-    """Pass A, blocks in forward order with the prefix states recomputed: dq, the diagonal chunks' dk and dv,
-    and Gd [B, Hk, G, L, Dv+1] into gds."""
-    keys = _KeyStates(cx)
+def _backward_forward_order(cx, dq, dk, dv, gds, keys):
+    """Pass A, blocks in forward order over the prefix States ``keys`` (recomputed or kept): dq, the diagonal
+    chunks' dk and dv, and Gd [B, Hk, G, L, Dv+1] into gds."""
     for blk in cx.blocks(cx.L, chunked=True):
         qc, kc, va, M, s, W = _diagonal(cx, blk)
         den_c = W.sum(-1)
