@@ -76,10 +76,18 @@ def feature_rank(d: int, degree: int) -> int:
 
 
 def evaluate_polynomial(s: torch.Tensor, coefficients: Sequence[float]) -> torch.Tensor:
-    """P(s) = c_0 + c_1 s + c_2 s^2 + ... elementwise, by Horner (coefficients in increasing degree)."""
-    out = torch.full_like(s, coefficients[-1])
-    for c in reversed(coefficients[:-1]):
-        out = out * s + c
+    """P(s) = c_0 + c_1 s + c_2 s^2 + ... elementwise, by Horner (coefficients in increasing degree).  Without
+    autograd the steps run in place on one new tensor (the kernels' diagonal blocks: a full_like and two
+    temporaries per step cost ~2x); the arithmetic, and so the result, is the same either way."""
+    if len(coefficients) == 1:
+        return torch.full_like(s, coefficients[0])
+    in_place = not (torch.is_grad_enabled() and s.requires_grad)
+    lower = list(reversed(coefficients[:-1]))  # c_{n-1}, ..., c_0
+    out = torch.mul(s, coefficients[-1])
+    for i, c in enumerate(lower):
+        out = out.add_(c) if in_place else out + c
+        if i + 1 < len(lower):
+            out = out.mul_(s) if in_place else out * s
     return out
 
 

@@ -65,3 +65,19 @@ def test_poly_derivative():
     c = (1.0, 1.0, 0.5)
     assert torch.allclose(evaluate_polynomial_derivative(s, c), 1 + s)
     assert math.isclose(evaluate_polynomial(torch.tensor(2.0), c).item(), 5.0)
+
+
+@pytest.mark.parametrize("coeffs", [(0.7,), (1.0, 2.0), (1.0, 1.0, 0.5), (1.0, -0.3, 0.5, 1 / 6, 1 / 24)])
+def test_evaluate_polynomial_is_horner_with_and_without_autograd(coeffs):
+    """In place without autograd, out of place with it: the same numbers (bitwise), and differentiable."""
+    s = torch.randn(257, dtype=torch.float64)
+    expected = torch.full_like(s, coeffs[-1])
+    for c in reversed(coeffs[:-1]):
+        expected = expected * s + c
+    assert torch.equal(evaluate_polynomial(s, coeffs), expected)
+    sg = s.clone().requires_grad_()
+    out = evaluate_polynomial(sg, coeffs)
+    assert torch.equal(out.detach(), expected)
+    if len(coeffs) > 1:
+        (grad,) = torch.autograd.grad(out.sum(), sg)
+        assert torch.allclose(grad, evaluate_polynomial_derivative(s, coeffs), rtol=1e-12, atol=1e-12)
