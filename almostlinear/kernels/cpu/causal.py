@@ -98,7 +98,7 @@ class _KeyStates:
             if self.keep is not None:
                 _fill(_index(_chunks_of(self.keep, blk, cx.chunk), 0), self.run)
             return _as_block(self.run)
-        self.local = key_states(cx, *_keys(cx, blk))  # each chunk's own keys
+        self.local = key_states(cx, *_keys(cx, blk), scratch=True)  # each chunk's own keys
         sb = self.sb = _buffers(cx, self.local) if self.keep is None else _chunks_of(self.keep, blk, cx.chunk)
         _fill(_index(sb, 0), self.run)
         for c in range(1, blk.g):
@@ -144,7 +144,7 @@ class _QueryStates:
         cx, self.blk, self.local, self.pending = self.cx, blk, None, (qT, phq, gd)
         if blk.g == 1:
             return _as_block(self.run)
-        self.local = query_states(cx, qT, phq, gd)
+        self.local = query_states(cx, qT, phq, gd, scratch=True)
         sa = self.sa = _buffers(cx, self.local)
         _fill(_index(sa, -1), self.run)
         for c in range(blk.g - 2, -1, -1):
