@@ -41,7 +41,7 @@ class Quad2Moments:
 
     def __init__(self, fm: Quad2Features):
         self.d = fm.d
-        self.size = 1 + fm.d + fm.d * fm.d
+        self.size = moment_size(fm.d, 2)
         self.c0, self.c1s, self.c2s2 = fm.c0, fm.c1s, fm.r2 * fm.r2
 
     def accumulate(self, xT, w=None):

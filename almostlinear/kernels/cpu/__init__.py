@@ -84,11 +84,6 @@ def _kept_sizes(B, Hq, Hk, L, D, Dv, degree, alibi: bool, chunk: int):
     return (L + chunk - 1) // chunk, B * Hk * per_head[0], B * Hk * per_head[1]
 
 
-def _keeps_states(causal, window, keep_states, sizes, itemsize) -> bool:
-    nc, nv, nm = sizes
-    return bool(causal and not window and keep_states and nc * (nv + nm) * itemsize <= KEEP_STATES_MIB * 2 ** 20)
-
-
 def _kept_views(flat, cx):
     """States views [NC, B, Hk, ...] of a flat kept-states tensor."""
     nc, nv, nm = _kept_sizes(cx.B, cx.Hq, cx.Hk, cx.L, cx.D, cx.Dv, len(cx.coeffs) - 1, cx.alibi is not None,
@@ -128,8 +123,9 @@ def forward(q, k, v, key_weight=None, alibi_slopes=None, *, scale, coeffs, causa
 @_no_autocast
 def backward(grad, q, k, v, out, key_weight=None, alibi_slopes=None, *, scale, coeffs, causal=False,
              window=0, chunk=None, state=None):
-    """Analytic backward. grad, out: [B, Hq, L, Dv] (same dtype as q); state: the global state the
-    non-causal :func:`forward` returned (rebuilt when None). Returns dq, dk, dv."""
+    """Analytic backward. grad, out: [B, Hq, L, Dv] (same dtype as q); state: what :func:`forward` returned (the
+    non-causal global state, or the causal kept states with the same chunk; rebuilt when None). Returns dq, dk,
+    dv."""
     cx = CallContext(q, k, v, key_weight, alibi_slopes, scale, coeffs, causal, window, chunk or CHUNK)
     cx.start_backward(grad, out)
     dq = torch.zeros_like(cx.q5)
@@ -151,8 +147,8 @@ def state_shape(B, Hq, Hk, D, Dv, degree, alibi: bool, causal: bool, window: int
     if causal or window > 0:
         if not (causal and not window and keep_states):
             return (0,)
-        sizes = _kept_sizes(B, Hq, Hk, L, int(D), int(Dv), degree, alibi, chunk or CHUNK)
-        keep = _keeps_states(causal, window, keep_states, sizes, itemsize)
-        return (sizes[0] * (sizes[1] + sizes[2]),) if keep else (0,)
+        nc, nv, nm = _kept_sizes(B, Hq, Hk, L, int(D), int(Dv), degree, alibi, chunk or CHUNK)
+        numel = nc * (nv + nm)
+        return (numel,) if numel * itemsize <= KEEP_STATES_MIB * 2 ** 20 else (0,)
     Gs = Hq // Hk if alibi else 1
     return (B, Hk, fast_rank(int(D), degree), Gs * Dv)
