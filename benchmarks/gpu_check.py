@@ -50,6 +50,21 @@ def check(torch, poly_attention, naive_poly_attention, *, n, d, causal, kw, gqa,
     return ok, errs
 
 
+def run_check(torch, label, run):
+    """One correctness case: run() -> (ok, errors); logs OK / FAIL / ERROR (the case raised: keep going) under
+    ``label`` and returns the number of failures (0 or 1)."""
+    try:
+        ok, errs = run()
+        log(f"{'OK  ' if ok else 'FAIL'} {label} errs={['%.2e' % e for e in errs]}")
+        return int(not ok)
+    except Exception as e:  # keep going
+        log(f"ERROR {label}: {type(e).__name__}: {e}")
+        traceback.print_exc()
+        return 1
+    finally:
+        torch.cuda.empty_cache()
+
+
 def bench(torch, fn, reps=5):
     fn()
     torch.cuda.synchronize()
@@ -89,15 +104,8 @@ def main():
     cases.append(dict(n=4096, d=64, causal=True, kw=True, gqa=True, prec="tf32x3" if prec0 == "tf32" else "tf32"))
     for c in cases:
         tr._PREC = c.pop("prec", prec0)
-        try:
-            ok, errs = check(torch, poly_attention, naive_poly_attention, **c)
-            n_fail += not ok
-            log(f"{'OK  ' if ok else 'FAIL'} {c} precision={tr._PREC} errs={['%.2e' % e for e in errs]}")
-        except Exception as e:  # keep going
-            n_fail += 1
-            log(f"ERROR {c}: {type(e).__name__}: {e}")
-            traceback.print_exc()
-        torch.cuda.empty_cache()
+        n_fail += run_check(torch, f"{c} precision={tr._PREC}",
+                            lambda: check(torch, poly_attention, naive_poly_attention, **c))
     tr._PREC = prec0
     log("== fwd+bwd time, B=H=1, bf16 inputs; SDPA = flash ==")
     alt = "tf32x3" if tr._PREC == "tf32" else "tf32"

@@ -17,9 +17,8 @@ import argparse
 import math
 import os
 import time
-import traceback
 
-from gpu_check import T0, log, rms  # benchmarks/ is this script's directory: the same log clock and error measure
+from gpu_check import T0, log, rms, run_check  # benchmarks/ is this script's directory: the same log clock and error measure
 
 
 def inputs(torch, B, Hq, Hk, n, d, dtype, kw, seed=0):
@@ -78,15 +77,8 @@ def main():
         for c in (dict(n=2048, d=64, causal=False, kw=False, gqa=False), dict(n=2048, d=64, causal=True, kw=True, gqa=True),
                   dict(n=1024, d=128, causal=True, kw=False, gqa=False), dict(n=1024, d=128, causal=False, kw=True, gqa=True),
                   dict(n=1000, d=64, causal=True, kw=False, gqa=False)):
-            try:
-                ok, errs = check(torch, sym, naive_poly_attention, dtype=dtype, **c)
-                n_fail += not ok
-                log(f"{'OK  ' if ok else 'FAIL'} {dtype} {c} errs={['%.2e' % e for e in errs]}")
-            except Exception as e:  # keep going
-                n_fail += 1
-                log(f"ERROR {dtype} {c}: {type(e).__name__}: {e}")
-                traceback.print_exc()
-            torch.cuda.empty_cache()
+            n_fail += run_check(torch, f"{dtype} {c}",
+                                lambda: check(torch, sym, naive_poly_attention, dtype=dtype, **c))
     rows = [f"| d | causal | n | symmetric (ms) | current op (ms) | flash SDPA (ms) | symmetric vs flash | "
             f"symmetric peak GB | current peak GB |", "|---|---|---|---|---|---|---|---|---|"]
     H = a.heads
