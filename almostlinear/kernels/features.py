@@ -323,43 +323,71 @@ class Quad2Features:
         """Feature-major features: xT [..., D, R] -> [..., r, R] (side "q" or "k")."""
         if out is None:
             out = xT.new_empty(*xT.shape[:-2], self.rank, xT.shape[-1])
-        d = self.d
-        q = side == "q"
-        out[..., 0, :] = self.c0 if q else 1.0
-        if q:
-            torch.mul(xT, self.c1s, out=out[..., 1:1 + d, :])
-            xT = xT * self.r2
-            x2 = xT * 2.0
-        else:
-            out[..., 1:1 + d, :] = xT
+        return self.bind_phi_t(xT, side, out)()
+
+    def bind_phi_t(self, xT: torch.Tensor, side: str, out: torch.Tensor):
+        """A function of no arguments that fills ``out`` [..., r, R] with the features of xT [..., D, R] (as xT
+        holds them when it is called) and returns it.  The views of every group are made once: on buffers
+        reused block after block (CallContext) that saves their Python cost, ~0.4 ms a call at d = 64, a third
+        of building the features of 2,048 tokens."""
+        d, q = self.d, side == "q"
+        head, lin = out[..., 0, :], out[..., 1:1 + d, :]
+        xs, x2 = (torch.empty_like(xT), torch.empty_like(xT)) if q else (xT, xT)  # r2 x and 2 r2 x on the q side
+        products = []
         for g in self.groups:
-            p, n, P, Q, xP, xQ, diag = self._views(g, xT)
-            if q and not diag:
+            p, n, P, Q, xP, xQ, diag = self._views(g, xs)
+            if not diag:
                 xP = self._views(g, x2)[4]
-            blk = out[..., p:p + n * P * Q, :].unflatten(-2, (n, P, Q))
-            torch.mul(xP.unsqueeze(-2), xQ.unsqueeze(-3), out=blk)
-        return out
+            products.append((xP.unsqueeze(-2), xQ.unsqueeze(-3), out[..., p:p + n * P * Q, :].unflatten(-2, (n, P, Q))))
+
+        def run():
+            if q:
+                head.fill_(self.c0)
+                torch.mul(xT, self.c1s, out=lin)
+                torch.mul(xT, self.r2, out=xs)
+                torch.mul(xT, 2.0 * self.r2, out=x2)
+            else:
+                head.fill_(1.0)
+                lin.copy_(xT)
+            for a, b, blk in products:
+                torch.mul(a, b, out=blk)
+            return out
+        return run
 
     def vjp_t(self, xT: torch.Tensor, dphiT: torch.Tensor, side: str, work: torch.Tensor | None = None):
         """J_phi^T dphi, feature-major: xT [..., D, R], dphiT [..., r, R] -> [..., D, R].  ``work``: optional
         scratch of at least work_size * R elements per leading index."""
-        d = self.d
-        q = side == "q"
-        xs = xT * self.r2 if q else xT
+        return self.bind_vjp_t(xT, dphiT, side, torch.empty_like(xT), work)()
+
+    def bind_vjp_t(self, xT: torch.Tensor, dphiT: torch.Tensor, side: str, dx: torch.Tensor,
+                   work: torch.Tensor | None = None):
+        """A function of no arguments that writes J_phi^T dphi into ``dx`` [..., D, R] (from xT and dphiT as they
+        are when it is called) and returns it; the views made once, as in :meth:`bind_phi_t`."""
+        d, q = self.d, side == "q"
+        xs = torch.empty_like(xT) if q else xT  # r2 x on the q side
         w = 2.0 if q else 1.0
-        dx = torch.zeros_like(xT)
+        terms = []
         for g in self.groups:
             p, n, P, Q, xP, xQ, diag = self._views(g, xs)
             _, _, _, _, dP, dQ, _ = self._views(g, dx)
             gm = dphiT[..., p:p + n * P * Q, :].unflatten(-2, (n, P, Q))
             tmp = None if work is None else work.reshape(-1)[:gm.numel()].view(gm.shape)
-            dP.add_(torch.mul(gm, xQ.unsqueeze(-3), out=tmp).sum(-2), alpha=w if not diag else 1.0)
-            dQ.add_(torch.mul(gm, xP.unsqueeze(-2), out=tmp).sum(-3), alpha=w if not diag else 1.0)
-        if q:
-            dx.mul_(self.r2).add_(dphiT[..., 1:1 + d, :], alpha=self.c1s)
-        else:
-            dx += dphiT[..., 1:1 + d, :]
-        return dx
+            terms.append((gm, xP.unsqueeze(-2), xQ.unsqueeze(-3), tmp, dP, dQ, 1.0 if diag else w))
+        lin = dphiT[..., 1:1 + d, :]
+
+        def run():
+            if q:
+                torch.mul(xT, self.r2, out=xs)
+            dx.zero_()
+            for gm, xp, xq, tmp, dP, dQ, alpha in terms:
+                dP.add_(torch.mul(gm, xq, out=tmp).sum(-2), alpha=alpha)
+                dQ.add_(torch.mul(gm, xp, out=tmp).sum(-3), alpha=alpha)
+            if q:
+                dx.mul_(self.r2).add_(lin, alpha=self.c1s)
+            else:
+                dx.add_(lin)
+            return dx
+        return run
 
     def phi(self, x: torch.Tensor, side: str, out: torch.Tensor | None = None) -> torch.Tensor:
         """Token-major features [..., D] -> [..., r]."""

@@ -5,6 +5,7 @@ import torch
 
 from almostlinear.kernels import cpu, naive_poly_attention
 from almostlinear.kernels.cpu import context
+from almostlinear.kernels.features import Quad2Features
 
 from tests.kernels.kernel_helpers import make_inputs, rms_ratio
 from tests.kernels.test_cpu_path import MASKS  # kind -> (causal, key_padding, alibi, window)
@@ -44,3 +45,23 @@ def test_blocks_cover_the_sequence_in_whole_chunks():
             assert all(b.i1 - b.i0 == b.g * b.C for b in blocks)
             if chunked:
                 assert all(b.C == 8 for b in blocks[:-1]) and all(b.g == 1 for b in blocks if b.C != 8)
+
+
+def test_bound_feature_maps_are_made_once_per_buffer_and_never_reused_for_another_tensor(monkeypatch):
+    """CallContext.phi binds its views to the input's address: a reused buffer gets the same bound function and
+    fresh values, a different tensor of the same shape a new one (never stale views)."""
+    q, k, v, _, _ = make_inputs(1, 2, 2, 64, D=16, Dv=4, requires_grad=False)
+    cx = context.CallContext(q, k, v, None, None, 0.25, (1.0, 1.0, 0.5), False, 0, 32)
+    ref = Quad2Features(cx.fm.d, cx.fm.coeffs, cx.fm.scale).phi_t  # not counted
+    binds = []
+    bind = cx.fm.bind_phi_t
+    monkeypatch.setattr(cx.fm, "bind_phi_t", lambda *a: binds.append(a) or bind(*a))
+    xT = cx.feature_major(q[0, :, :32], "qT")
+    first = cx.phi(xT, "q").clone()
+    assert torch.equal(first, ref(xT, "q")) and len(binds) == 1
+    xT2 = cx.feature_major(q[0, :, 32:], "qT")  # the same buffer, new rows
+    assert xT2.data_ptr() == xT.data_ptr()
+    second = cx.phi(xT2, "q")
+    assert torch.equal(second, ref(xT2, "q")) and not torch.equal(second, first) and len(binds) == 1
+    other = torch.randn_like(xT2)  # not a buffer: bound anew
+    assert torch.equal(cx.phi(other, "q"), ref(other, "q")) and len(binds) == 2

@@ -81,3 +81,21 @@ def test_evaluate_polynomial_is_horner_with_and_without_autograd(coeffs):
     if len(coeffs) > 1:
         (grad,) = torch.autograd.grad(out.sum(), sg)
         assert torch.allclose(grad, evaluate_polynomial_derivative(s, coeffs), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("side", "qk")
+def test_bound_features_read_their_inputs_when_called(side):
+    """bind_phi_t / bind_vjp_t make the views once; each call computes from the inputs' current values, exactly
+    as phi_t / vjp_t do."""
+    fm = Quad2Features(16, (1.0, -0.4, 0.6), 0.3)
+    g = torch.Generator().manual_seed(1)
+    xT = torch.empty(2, 16, 9, dtype=torch.float64)
+    dphi = torch.empty(2, fm.rank, 9, dtype=torch.float64)
+    out, dx = torch.empty(2, fm.rank, 9, dtype=torch.float64), torch.empty_like(xT)
+    phi, vjp = fm.bind_phi_t(xT, side, out), fm.bind_vjp_t(xT, dphi, side, dx)
+    for _ in range(2):  # new values in the same tensors
+        xT.copy_(torch.randn(xT.shape, generator=g, dtype=torch.float64))
+        dphi.copy_(torch.randn(dphi.shape, generator=g, dtype=torch.float64))
+        assert phi() is out and torch.equal(out, fm.phi_t(xT.clone(), side))
+        assert vjp() is dx and torch.equal(dx, fm.vjp_t(xT.clone(), dphi.clone(), side))
+        assert torch.equal(out.transpose(-1, -2), fm.phi(xT.transpose(-1, -2), side))

@@ -31,7 +31,7 @@ def _diagonal(cx, blk):
 def _keys(cx, blk):
     """(keys^T [g, B, Hk, D, C], their features [g, B, Hk, r, C], X = f v [g, B, Hk, C, Gs*Dv],
     f [g, B, Hk, Gs, C] | None)."""
-    kT = cx.rows(cx.k, blk, 2).transpose(-1, -2).contiguous()
+    kT = cx.feature_major(cx.rows(cx.k, blk, 2), "kT")
     f = cx.causal_key_factor(blk)
     if f is not None:
         f = f.unflatten(-1, (blk.g, blk.C)).movedim(-2, 0)

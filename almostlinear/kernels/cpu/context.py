@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..features import fast_feature_map
+from ..features import active_fake_mode, fast_feature_map
 from ..key_mask import allowed_key_block
 from ..moments import moments_for
 
@@ -28,6 +28,11 @@ BLOCK_ROWS = 2048  # rows (B * Hq * tokens) per block: 1024-4096 within ~5% at n
 def feature_map_for(q, scale, coeffs):
     """The (cached) feature map of P with these coefficients and scale, for q's head dim, device and dtype."""
     return fast_feature_map(q.shape[-1], len(coeffs) - 1, tuple(coeffs), float(scale), str(q.device), q.dtype)
+
+
+def _is_fake(t):
+    from torch._subclasses.fake_tensor import FakeTensor
+    return isinstance(t, FakeTensor)
 
 
 def safe_reciprocal(den):
@@ -67,7 +72,9 @@ class CallContext:
         self.fm = feature_map_for(q, scale, coeffs)
         self.mom = moments_for(self.fm)
         self.dt, self.dev = q.dtype, q.device
-        self._bufs = {}
+        self._bufs, self._bound_fns = {}, {}
+        # bound functions are keyed by tensor addresses: real tensors only (fake and meta ones have none)
+        self._addressable = active_fake_mode() is None and q.device.type != "meta" and not _is_fake(q)
         if alibi is not None:
             self.m = alibi.to(self.dt).view(self.Hk, self.G)  # [Hk, G]
             self.a = self.m.clamp_min(0.0)
@@ -107,14 +114,39 @@ class CallContext:
             b = self._bufs[name] = torch.empty(n, dtype=self.dt, device=self.dev)
         return b[:n].view(shape)
 
+    def feature_major(self, x, name):
+        """x [..., R, D] -> a contiguous copy [..., D, R] in the scratch buffer ``name``: block inputs of the
+        feature maps live in buffers reused across blocks, so that their bound views (:meth:`phi`) are made once."""
+        return self.buf(name, (*x.shape[:-2], x.shape[-1], x.shape[-2])).copy_(x.transpose(-1, -2))
+
+    def _bound(self, key, tensors, bind):
+        """The function ``bind()`` made for these tensors, made once per call.  Keyed by each tensor's address,
+        shape and strides: a bound function keeps its tensors alive, so an address cannot be reused by another
+        tensor while its entry exists."""
+        if not self._addressable:
+            return bind()
+        key = (key, *((t.data_ptr(), t.shape, t.stride()) for t in tensors))
+        fn = self._bound_fns.get(key)
+        if fn is None:
+            if len(self._bound_fns) >= 64:  # inputs that are not reused buffers: do not hold them all
+                self._bound_fns.clear()
+            fn = self._bound_fns[key] = bind()
+        return fn
+
     def phi(self, xT, side):
         """Feature-major features of xT [..., D, R] -> [..., r, R] (side "q" or "k") in a reused scratch buffer."""
-        return self.fm.phi_t(xT, side, out=self.buf("phi" + side, (*xT.shape[:-2], self.fm.rank, xT.shape[-1])))
+        out = self.buf("phi" + side, (*xT.shape[:-2], self.fm.rank, xT.shape[-1]))
+        if not hasattr(self.fm, "bind_phi_t"):
+            return self.fm.phi_t(xT, side, out=out)
+        return self._bound(("phi", side), (xT, out), lambda: self.fm.bind_phi_t(xT, side, out))()
 
     def vjp(self, xT, dphi, side):
-        """J_phi^T dphi, feature-major: xT [..., D, R], dphi [..., r, R] -> [..., D, R]."""
+        """J_phi^T dphi, feature-major: xT [..., D, R], dphi [..., r, R] -> [..., D, R] (a scratch buffer)."""
         work = self.buf("vjp", (getattr(self.fm, "work_size", 0) * dphi[..., 0, :].numel(),))
-        return self.fm.vjp_t(xT, dphi, side, work=work)
+        if not hasattr(self.fm, "bind_vjp_t"):
+            return self.fm.vjp_t(xT, dphi, side, work=work)
+        dx = self.buf("dx" + side, xT.shape)
+        return self._bound(("vjp", side), (xT, dphi, work, dx), lambda: self.fm.bind_vjp_t(xT, dphi, side, dx, work))()
 
     def grouped(self, t):
         """Query rows [..., G, C, X] -> [..., Gs, (G / Gs) * C, X], the rows each state group reads."""
@@ -126,7 +158,7 @@ class CallContext:
 
     def queries_t(self, qc):
         """Query rows [..., G, C, D] -> grouped and feature-major [..., Gs, D, (G / Gs) * C] (contiguous)."""
-        return self.grouped(qc).transpose(-1, -2).contiguous()
+        return self.feature_major(self.grouped(qc), "qT")
 
     def positions(self, lo, hi):
         return torch.arange(lo, hi, device=self.dev, dtype=self.dt)

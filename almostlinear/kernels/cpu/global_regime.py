@@ -14,7 +14,7 @@ from .states import (States, apply, key_grads, key_moments, key_states, query_gr
 
 def _keys(cx, blk):
     """(keys^T [B, Hk, D, C], f [B, Hk, Gs, C] | None) of a block."""
-    return cx.k[:, :, blk.i0:blk.i1].transpose(-1, -2).contiguous(), cx.global_key_factor(blk.i0, blk.i1)
+    return cx.feature_major(cx.k[:, :, blk.i0:blk.i1], "kT"), cx.global_key_factor(blk.i0, blk.i1)
 
 
 def _key_features(cx, blk):
