@@ -234,8 +234,8 @@ def _slopes(rows):
         for causal in (False, True):
             rs = [r for r in rows if r["causal"] == causal and r["d"] == d]
             for impl in ("poly", "sdpa"):
-                pts = [(r["n"], r[impl + "_min"]) for r in rs if r.get(impl + "_min")]
-                if pts:
+                pts = [(r["n"], r[impl + "_min"]) for r in rs if r.get(impl + "_min") and r["n"] >= 4096]
+                if len(pts) >= 2:  # a slope needs two lengths
                     lines.append(f"- d={d} causal={causal} {impl}: fitted log-log slope (n >= 4096, minima) "
                                  f"{slope(*zip(*pts)):.2f}")
     return lines

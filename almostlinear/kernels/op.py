@@ -35,8 +35,9 @@ __all__ = ["poly_attention", "DEFAULT_MIN_SEQ_LEN", "DEFAULT_MIN_SEQ_LEN_CAUSAL"
 # Key length below which exact attention is faster (fwd+bwd, d=64, B=H=1), measured with
 # benchmarks/attention.py at the default thread count (CPU: AMD EPYC 2 cores, torch 2.13, 2 threads, op and
 # SDPA interleaved, the op with the denominator in moments (kernels/moments.py), the kept causal states and the
-# scratch chunk states: non-causal 1.41x (min) / 1.35x (median) at 4k, 2.6x at 8k; causal 0.53x at 4k,
-# 1.15x / 1.15x at 8k, 2.8x at 16k; one thread (d = 64): non-causal 1.22x at 4k, causal 1.04x / 1.13x at 8k) and benchmarks/gpu_check.py (H200, bf16 inputs, vs flash SDPA: non-causal d=64
+# scratch chunk states, the bound feature views: non-causal 1.62x (min) / 1.22x (median) at 4k, 3.1x at 8k;
+# causal 0.62x at 4k, 1.25x / 1.22x at 8k, 2.7x at 16k; one thread (d = 64, before the bound views):
+# non-causal 1.15x at 4k, causal 0.93x / 0.98x at 8k) and benchmarks/gpu_check.py (H200, bf16 inputs, vs flash SDPA: non-causal d=64
 # wins 1.65x at 65536 and loses 0.52x at 32768; d=128 and causal still lose at 65536).  See
 # benchmarks/results/attention*.  Non-causal values; causal ones in DEFAULT_MIN_SEQ_LEN_CAUSAL.
 DEFAULT_MIN_SEQ_LEN = {"cpu": 4096, "cuda": 65536}
