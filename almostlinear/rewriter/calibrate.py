@@ -83,6 +83,7 @@ class Calibration:
     fit: str = "Taylor"  # "Taylor", "range" (fitted on [-B, B]) or "mass" (weighted by the attention mass)
     heads: list[HeadStats] = field(default_factory=list)  # per query head
     group_errors: list[float] = field(default_factory=list)  # sampled error per key/value head (its query heads)
+    fit_groups: tuple[int, ...] | None = None  # the key/value heads the coefficients were chosen on (None: all)
 
 
 @dataclass
@@ -251,14 +252,59 @@ def _choose(sample: Sample, degree: int, bound: float) -> tuple[tuple[float, ...
     return tuple(candidates["Taylor"]), "Taylor", errors[0]
 
 
+def _of_groups(sample: Sample, chosen: Sequence[int], groups: int) -> Sample:
+    """The sample of the query heads of these key/value heads (`groups` query heads each)."""
+    index = torch.tensor([g * groups + i for g in chosen for i in range(groups)], device=sample.logits.device)
+    return Sample(*(t.index_select(1, index) for t in (sample.logits, sample.allowed, sample.bias, sample.rows,
+                                                       sample.exact, sample.v, sample.reference)))
+
+
+def _group_fit(drawn: Sample, degree: int, groups: int, chosen: Sequence[int] | None):
+    """(coefficients, fit, head stats, agreed group errors) with the coefficients chosen on the key/value heads
+    `chosen` (None: all) and the errors of every head under them."""
+    sub = drawn if chosen is None else _of_groups(drawn, chosen, groups)
+    bound = agree([max(float(sub.logits.abs().max()), 1e-6)])[0]  # finite inputs, but float32 may overflow
+    coefficients, fit, _ = _choose(sub, degree, bound)
+    heads, group_errors = _head_stats(drawn, polynomial_output(drawn, coefficients), groups)
+    return coefficients, fit, heads, agree(group_errors)
+
+
+def _within(group_errors: Sequence[float], budget: float) -> tuple[int, float]:
+    """(key/value heads within budget, minus the sum of their squared errors): the larger the better."""
+    fitting = [e for e in group_errors if e <= budget]
+    return len(fitting), -sum(e * e for e in fitting)
+
+
+def _per_head_fit(drawn: Sample, degree: int, budget: float, groups: int, all_heads: tuple):
+    """Coefficients for a site approximated head by head (method="auto"): chosen on the key/value heads it can
+    approximate rather than on all of them (a sharp head's logits pull a fit away from what the near-uniform
+    heads need).  Candidates: the heads within budget under the all-heads fit, and those plus the next one or
+    two nearest to the budget, each fitted on its own sample; the one with the most heads within budget (then
+    the smallest error on them) wins, the all-heads fit included.  Returns (fit, the candidate's heads | None)."""
+    errors = all_heads[3]
+    order = sorted(range(len(errors)), key=lambda g: errors[g])
+    within = _within(errors, budget)[0]
+    best, best_heads = all_heads, None
+    if within == len(errors):
+        return best, best_heads  # every head fits: the all-heads fit serves them all
+    for size in range(max(within, 1), min(within + 2, len(errors) - 1) + 1):
+        chosen = tuple(sorted(order[:size]))
+        candidate = _group_fit(drawn, degree, groups, chosen)
+        if _within(candidate[3], budget) > _within(best[3], budget):
+            best, best_heads = candidate, chosen
+    return best, best_heads
+
+
 def calibrate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, degree: int, budget: float,
               causal: bool = False, window: int = 0, sample: int = 128, key_weight: torch.Tensor | None = None,
-              alibi_slopes: torch.Tensor | None = None) -> Calibration:
+              alibi_slopes: torch.Tensor | None = None, per_head: bool = False) -> Calibration:
     """Logit range and measured error on sampled queries, the polynomial's error bound, the degrees, the
     coefficients, and the approximability of each head.
 
     q [B, Hq, L, D], k/v [B, Hk, S, D] (GQA groups are repeated here, on the sample only), key_weight
-    [B, S] and alibi_slopes [Hq] as the op takes them (the sampled error is that of the masked site). Raises
+    [B, S] and alibi_slopes [Hq] as the op takes them (the sampled error is that of the masked site).
+    ``per_head`` (method="auto", where only the heads within budget are approximated): the coefficients may be
+    chosen on a subset of the key/value heads (:func:`_per_head_fit`; ``fit_groups``).  Raises
     CalibrationInputError on inputs it cannot use (see unusable_reason); the budget search checks first.
     """
     reason = unusable_reason(q, k, v)
@@ -272,17 +318,20 @@ def calibrate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, d
     drawn = sample_attention(q, k, v, scale, causal, window, index, key_weight, alibi_slopes)
     # Under torch.distributed every number that chooses the polynomial is agreed (MAX over ranks), so all
     # ranks fit on the same logit range and pick the same coefficients: no rank runs a different graph.
-    bound = agree([max(float(drawn.logits.abs().max()), 1e-6)])[0]  # finite inputs, but float32 may overflow
-    coefficients, fit, sampled = _choose(drawn, degree, bound)
-    heads, group_errors = _head_stats(drawn, polynomial_output(drawn, coefficients), groups)
-    group_errors = agree(group_errors)
+    bound = agree([max(float(drawn.logits.abs().max()), 1e-6)])[0]
+    fitted = _group_fit(drawn, degree, groups, None)
+    fit_groups = None
+    if per_head:
+        fitted, fit_groups = _per_head_fit(drawn, degree, budget, groups, fitted)
+    coefficients, fit, heads, group_errors = fitted
+    sampled = agree([candidate_error(drawn, coefficients)])[0]
     eps = relative_error(coefficients, bound)
     relative = 2 * eps / (1 - eps) if eps < 1 else math.inf
     vmax = float(v.abs().max())
     return Calibration(sampled_error=sampled, logit_bound=bound, eps=eps,
                        predicted_error=relative * vmax if vmax > 0 else 0.0, paper_degree=paper_degree(bound, budget),
                        degree=degree, coefficients=coefficients, fitted=fit != "Taylor", fit=fit, heads=heads,
-                       group_errors=group_errors)
+                       group_errors=group_errors, fit_groups=fit_groups)
 
 
 def key_weight_value(site: AttentionSite, values: dict, q: torch.Tensor) -> torch.Tensor | None:

@@ -139,7 +139,8 @@ def _calibrate_all(search: _Search, reference: Measurement) -> None:
         search.calibrations[site.id] = calibrate(
             q, k, v, site_scale(site), search.decisions[site.id].degree or 2, options.budget,
             causal=site.mask.causal, window=site.mask.window,
-            key_weight=key_weight_value(site, reference.captured, q), alibi_slopes=alibi_value(site, q))
+            key_weight=key_weight_value(site, reference.captured, q), alibi_slopes=alibi_value(site, q),
+            per_head=options.method is Choice.AUTO)
     ids = sorted(search.calibrations)
     for sid, agreed in zip(ids, agree([search.calibrations[sid].sampled_error for sid in ids])):
         cal = search.calibrations[sid]
@@ -156,6 +157,8 @@ def _calibrate_all(search: _Search, reference: Measurement) -> None:
             heads = tuple(fits)  # per-head decision: the heads whose sampled error fits the budget
             reason = (f"{d.reason}; per head: {len(fits)} of {len(cal.group_errors)} key/value heads within budget "
                       f"on sampled queries (errors {', '.join(f'{e:.3g}' for e in cal.group_errors)})")
+            if cal.fit_groups is not None:
+                reason += f"; {cal.fit} coefficients chosen on key/value heads {list(cal.fit_groups)}"
         search.decisions[sid] = Decision(Method.POLYNOMIAL, reason, d.degree or 2,
                                          cal.coefficients if cal.fitted else None, d.min_seq_len, heads)
 

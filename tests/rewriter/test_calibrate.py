@@ -59,3 +59,39 @@ def test_sharper_heads_have_fewer_effective_keys_and_larger_errors():
     assert sharp.effective_keys < diffuse.effective_keys
     assert sharp.sampled_error > diffuse.sampled_error
     assert cal.group_errors[1] > cal.group_errors[0]
+
+
+def _mixed_heads(amplitudes, causal_len=512):
+    torch.manual_seed(0)
+    H = len(amplitudes)
+    q = torch.randn(1, H, causal_len, 64) * torch.tensor(amplitudes).view(1, H, 1, 1)
+    return q, torch.randn(1, H, causal_len, 64), torch.randn(1, H, causal_len, 64)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_per_head_coefficients_are_chosen_on_the_heads_that_can_be_approximated(causal):
+    """method="auto" approximates only the heads within budget, so their coefficients are chosen on them: the
+    sharp heads' logits no longer pull the fit: at least as many heads fit, and as many only with a smaller
+    error on them."""
+    q, k, v = _mixed_heads([0.3, 0.5, 2.5, 4.0])
+    everyone = calibrate(q, k, v, 1 / 8, 2, budget=0.05, causal=causal)
+    chosen = calibrate(q, k, v, 1 / 8, 2, budget=0.05, causal=causal, per_head=True)
+    assert everyone.fit_groups is None
+    assert chosen.fit_groups is not None and set(chosen.fit_groups) <= {0, 1}
+    before = [e for e in everyone.group_errors if e <= 0.05]
+    after = [e for e in chosen.group_errors if e <= 0.05]
+    assert before and len(after) >= len(before)
+    if len(after) == len(before):
+        assert sum(e * e for e in after) < sum(e * e for e in before)
+    assert validate_polynomial(2, chosen.coefficients)
+    if causal:  # here the refit brings head 1 within budget (0.052 -> 0.035)
+        assert everyone.group_errors[1] > 0.05 >= chosen.group_errors[1]
+
+
+def test_per_head_fit_is_the_all_heads_fit_when_every_head_fits():
+    q, k, v = _mixed_heads([0.2, 0.3, 0.25])
+    everyone = calibrate(q, k, v, 1 / 8, 2, budget=0.05)
+    chosen = calibrate(q, k, v, 1 / 8, 2, budget=0.05, per_head=True)
+    assert all(e <= 0.05 for e in everyone.group_errors)
+    assert chosen.fit_groups is None and chosen.coefficients == everyone.coefficients
+    assert chosen.group_errors == everyone.group_errors

@@ -38,6 +38,7 @@ def test_auto_approximates_the_diffuse_heads_and_keeps_the_sharp_ones_exact():
     assert [s.method for s in report.sites] == ["polynomial", "polynomial"], str(report)
     for site in report.sites:
         assert site.approximated_heads == [2, 3], str(report)
+        assert "coefficients chosen on key/value heads [2, 3]" in site.reason  # not on the sharp heads
         assert [h["approximated"] for h in site.heads] == [False, False, True, True]
         sharp, diffuse = site.heads[0], site.heads[3]
         assert sharp["logit_std"] > 4 * diffuse["logit_std"] and sharp["effective_keys"] < diffuse["effective_keys"]
