@@ -157,8 +157,8 @@ def _calibrate_all(search: _Search, reference: Measurement) -> None:
             heads = tuple(fits)  # per-head decision: the heads whose sampled error fits the budget
             reason = (f"{d.reason}; per head: {len(fits)} of {len(cal.group_errors)} key/value heads within budget "
                       f"on sampled queries (errors {', '.join(f'{e:.3g}' for e in cal.group_errors)})")
-            if cal.fit_groups is not None:
-                reason += f"; {cal.fit} coefficients chosen on key/value heads {list(cal.fit_groups)}"
+        if cal.fit_groups is not None:
+            reason += f"; {cal.fit} coefficients chosen on key/value heads {list(cal.fit_groups)}"
         search.decisions[sid] = Decision(Method.POLYNOMIAL, reason, d.degree or 2,
                                          cal.coefficients if cal.fitted else None, d.min_seq_len, heads)
 

@@ -95,3 +95,16 @@ def test_per_head_fit_is_the_all_heads_fit_when_every_head_fits():
     assert all(e <= 0.05 for e in everyone.group_errors)
     assert chosen.fit_groups is None and chosen.coefficients == everyone.coefficients
     assert chosen.group_errors == everyone.group_errors
+
+
+def test_per_head_fit_takes_the_query_heads_of_each_key_value_head():
+    """GQA (3 query heads per key/value head): the coefficients chosen on a subset of key/value heads are those
+    of a calibration of exactly their query heads."""
+    q, k, v = _mixed_heads([0.3, 0.3, 0.3, 0.5, 0.5, 0.5, 4.0, 4.0, 4.0], causal_len=256)
+    k, v = k[:, ::3].contiguous(), v[:, ::3].contiguous()  # 3 key/value heads
+    chosen = calibrate(q, k, v, 1 / 8, 2, budget=0.05, causal=True, per_head=True)
+    assert chosen.fit_groups is not None and len(chosen.group_errors) == 3
+    heads = [g * 3 + i for g in chosen.fit_groups for i in range(3)]
+    alone = calibrate(q[:, heads], k[:, list(chosen.fit_groups)], v[:, list(chosen.fit_groups)], 1 / 8, 2,
+                      budget=0.05, causal=True)
+    assert chosen.coefficients == alone.coefficients and chosen.fit == alone.fit

@@ -106,3 +106,16 @@ def test_recheck_switches_only_the_heads_whose_logits_grew():
     assert [h["approximated"] for h in first.heads] == [False, False, True, True]
     assert getattr(compiled, "_orig_mod", None) is model and len(backend.reports) == 1  # no recompile
     assert any("heads [0, 0, 1, 1]" in h.get("event", "") for h in report.history), report.history
+
+
+def test_polynomial_method_fits_its_coefficients_on_every_head():
+    """method="polynomial" approximates every head, so its coefficients are chosen on all of them (no per-head
+    refit, whatever the heads' errors)."""
+    model = _gpt_with_sharp_heads()
+    backend = almostlinear.Backend(method="polynomial", budget=0.05, min_seq_len=0, inner="aot_eager")
+    x = torch.randint(0, 96, (2, T), generator=torch.Generator().manual_seed(0))
+    torch.compile(model, backend=backend)(x)
+    report = backend.reports[-1]
+    assert [s.method for s in report.sites] == ["polynomial", "polynomial"], str(report)
+    for site in report.sites:
+        assert site.approximated_heads is None and "coefficients chosen on" not in site.reason, str(report)

@@ -141,6 +141,7 @@ class _QueryStates:
     def after(self, blk, qT, phq, gd):
         """States [g, B, Hk, ...], or None where all are zero; qT, phq, gd: the block's queries, their features
         and Gd."""
+        # qT and phq are the call's scratch buffers: advance() must run before the next block refills them
         cx, self.blk, self.local, self.pending = self.cx, blk, None, (qT, phq, gd)
         if blk.g == 1:
             return _as_block(self.run)

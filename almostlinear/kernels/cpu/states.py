@@ -90,7 +90,7 @@ def read_denominator(cx, qT, moments):
 def query_grads(cx, qT, states, gd, cache):
     """dq^T [..., Gs, D, R] of the queries qT against the key states, from Gd [..., Gs, R, Dv+1] (already times
     any query factor) and the cache of :func:`read_denominator`: the VJP of dphi_q = Gv S^T plus the moments'
-    share through gden."""
+    share through gden.  The result is the call's scratch buffer (CallContext.vjp): use it before the next call."""
     sg = _per_group(cx, states.values)
     gv = gd[..., :cx.Dv]
     dphi = torch.matmul(sg, gv.transpose(-1, -2), out=cx.buf("dphi", (*gv.shape[:-2], sg.shape[-2], gv.shape[-2])))
@@ -99,7 +99,7 @@ def query_grads(cx, qT, states, gd, cache):
 
 def key_grads(cx, kT, phk, X, f, dstates):
     """dX = phi_k dS [..., C, Gs*Dv] and dk^T [..., D, C] of keys kT [..., D, C] (features phk [..., r, C],
-    X = f v, key factor f) against the query dstates."""
+    X = f v, key factor f) against the query dstates.  dk^T is the call's scratch buffer, as in :func:`query_grads`."""
     dX = phk.transpose(-1, -2) @ dstates.values
     dphi = torch.matmul(dstates.values, X.transpose(-1, -2), out=cx.buf("dphi", phk.shape))
     dkT = cx.vjp(kT, dphi, "k").add_(cx.mom.vjp(kT.unsqueeze(-3), dstates.moments, f).squeeze(-3))
