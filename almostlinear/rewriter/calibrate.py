@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -259,14 +259,25 @@ def _of_groups(sample: Sample, chosen: Sequence[int], groups: int) -> Sample:
                                                        sample.exact, sample.v, sample.reference)))
 
 
-def _group_fit(drawn: Sample, degree: int, groups: int, chosen: Sequence[int] | None):
-    """(coefficients, fit, head stats, agreed group errors) with the coefficients chosen on the key/value heads
-    `chosen` (None: all) and the errors of every head under them."""
+class _Fit(NamedTuple):
+    """Coefficients chosen on some key/value heads, and what they give on all of them."""
+
+    coefficients: tuple[float, ...]
+    fit: str  # "Taylor", "range" or "mass"
+    heads: list[HeadStats]  # every query head under these coefficients
+    group_errors: list[float]  # every key/value head, agreed across ranks
+    bound: float  # B of the heads the coefficients were chosen on, agreed
+    sampled_error: float  # the output error on the heads they were chosen on, agreed
+
+
+def _group_fit(drawn: Sample, degree: int, groups: int, chosen: Sequence[int] | None) -> _Fit:
+    """The coefficients chosen on the key/value heads `chosen` (None: all) and the errors of every head under
+    them."""
     sub = drawn if chosen is None else _of_groups(drawn, chosen, groups)
     bound = agree([max(float(sub.logits.abs().max()), 1e-6)])[0]  # finite inputs, but float32 may overflow
-    coefficients, fit, _ = _choose(sub, degree, bound)
+    coefficients, fit, sampled = _choose(sub, degree, bound)
     heads, group_errors = _head_stats(drawn, polynomial_output(drawn, coefficients), groups)
-    return coefficients, fit, heads, agree(group_errors)
+    return _Fit(coefficients, fit, heads, agree(group_errors), bound, sampled)
 
 
 def _within(group_errors: Sequence[float], budget: float) -> tuple[int, float]:
@@ -275,13 +286,14 @@ def _within(group_errors: Sequence[float], budget: float) -> tuple[int, float]:
     return len(fitting), -sum(e * e for e in fitting)
 
 
-def _per_head_fit(drawn: Sample, degree: int, budget: float, groups: int, all_heads: tuple):
+def _per_head_fit(drawn: Sample, degree: int, budget: float, groups: int,
+                  all_heads: _Fit) -> tuple[_Fit, tuple[int, ...] | None]:
     """Coefficients for a site approximated head by head (method="auto"): chosen on the key/value heads it can
     approximate rather than on all of them (a sharp head's logits pull a fit away from what the near-uniform
     heads need).  Candidates: the heads within budget under the all-heads fit, and those plus the next one or
     two nearest to the budget, each fitted on its own sample; the one with the most heads within budget (then
     the smallest error on them) wins, the all-heads fit included.  Returns (fit, the candidate's heads | None)."""
-    errors = all_heads[3]
+    errors = all_heads.group_errors
     order = sorted(range(len(errors)), key=lambda g: errors[g])
     within = _within(errors, budget)[0]
     best, best_heads = all_heads, None
@@ -290,7 +302,7 @@ def _per_head_fit(drawn: Sample, degree: int, budget: float, groups: int, all_he
     for size in range(max(within, 1), min(within + 2, len(errors) - 1) + 1):
         chosen = tuple(sorted(order[:size]))
         candidate = _group_fit(drawn, degree, groups, chosen)
-        if _within(candidate[3], budget) > _within(best[3], budget):
+        if _within(candidate.group_errors, budget) > _within(best.group_errors, budget):
             best, best_heads = candidate, chosen
     return best, best_heads
 
@@ -318,20 +330,20 @@ def calibrate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, d
     drawn = sample_attention(q, k, v, scale, causal, window, index, key_weight, alibi_slopes)
     # Under torch.distributed every number that chooses the polynomial is agreed (MAX over ranks), so all
     # ranks fit on the same logit range and pick the same coefficients: no rank runs a different graph.
-    bound = agree([max(float(drawn.logits.abs().max()), 1e-6)])[0]
-    fitted = _group_fit(drawn, degree, groups, None)
+    all_heads = fitted = _group_fit(drawn, degree, groups, None)
     fit_groups = None
     if per_head:
-        fitted, fit_groups = _per_head_fit(drawn, degree, budget, groups, fitted)
-    coefficients, fit, heads, group_errors = fitted
-    sampled = agree([candidate_error(drawn, coefficients)])[0]
+        fitted, fit_groups = _per_head_fit(drawn, degree, budget, groups, all_heads)
+    coefficients, bound = fitted.coefficients, all_heads.bound
+    # the error over all heads: the chosen fit's own where it was chosen on all of them
+    sampled = all_heads.sampled_error if fit_groups is None else agree([candidate_error(drawn, coefficients)])[0]
     eps = relative_error(coefficients, bound)
     relative = 2 * eps / (1 - eps) if eps < 1 else math.inf
     vmax = float(v.abs().max())
     return Calibration(sampled_error=sampled, logit_bound=bound, eps=eps,
                        predicted_error=relative * vmax if vmax > 0 else 0.0, paper_degree=paper_degree(bound, budget),
-                       degree=degree, coefficients=coefficients, fitted=fit != "Taylor", fit=fit, heads=heads,
-                       group_errors=group_errors, fit_groups=fit_groups)
+                       degree=degree, coefficients=coefficients, fitted=fitted.fit != "Taylor", fit=fitted.fit,
+                       heads=fitted.heads, group_errors=fitted.group_errors, fit_groups=fit_groups)
 
 
 def key_weight_value(site: AttentionSite, values: dict, q: torch.Tensor) -> torch.Tensor | None:
