@@ -1,4 +1,4 @@
-"""Block-symmetric Triton kernels (kernels/triton/symmetric.py) on CPU tensors under TRITON_INTERPRET=1, against
+"""Block-symmetric Triton kernels (kernels/triton/symmetric/) on CPU tensors under TRITON_INTERPRET=1, against
 the naive reference in float64: outputs and dq, dk, dv, causal and not, key padding (with a batch whose keys are
 all masked), GQA, L != S, lengths that are not multiples of CHUNK or the blocks, D in {16, 32, 64}, Dv != D, a
 value block smaller than Dv, non-Taylor coefficients, saved vs recomputed state, bf16 and fp16.  Each group runs in a
@@ -17,6 +17,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 import triton
 import triton.language as tl
 from almostlinear.kernels.triton import symmetric as sym
+from almostlinear.kernels.triton.symmetric import features
 from almostlinear.kernels import naive_poly_attention
 from tests.kernels.kernel_helpers import make_inputs, rms_ratio
 
@@ -50,7 +51,7 @@ GROUPS = {
 @triton.jit
 def _pairs_kernel(OUT, NT: tl.constexpr):
     p = tl.program_id(0)
-    i, j = sym._pair(p, NT)
+    i, j = features.pair(p, NT)
     tl.store(OUT + 2 * p, i)
     tl.store(OUT + 2 * p + 1, j)
 
@@ -153,15 +154,15 @@ for D, E, dt, causal, kw in [(64, 64, "bf16", True, True), (128, 128, "fp32", Fa
     sweep = dict(common, T=sym.T, NP=sym.pair_count(D), BLOCK_E=min(sym.BLOCK_E, E), CAUSAL=causal)
     f32 = "fp32"
     for bwd in (False, True):
-        compile_kernel(sym._kv_sweep_kernel, dict(Q=dt, K=dt, V=dt, KW=f32, GV=dt if bwd else f32, GDEN=f32,
+        compile_kernel(sym.kv_sweep_kernel, dict(Q=dt, K=dt, V=dt, KW=f32, GV=dt if bwd else f32, GDEN=f32,
                                                   NUM=f32, DEN=f32, DQ=f32), dict(sweep, BWD=bwd), sym.SWEEP_WARPS)
-    compile_kernel(sym._q_sweep_kernel, dict(Q=dt, K=dt, V=dt, KW=f32, GV=dt, GDEN=f32, DK=f32, DV=f32), sweep,
+    compile_kernel(sym.q_sweep_kernel, dict(Q=dt, K=dt, V=dt, KW=f32, GV=dt, GDEN=f32, DK=f32, DV=f32), sweep,
                    sym.SWEEP_WARPS)
-    compile_kernel(sym._diag_fwd_kernel, dict(Q=dt, K=dt, V=dt, KW=f32, NUM=f32, DEN=f32, OUT=dt),
+    compile_kernel(sym.diag_fwd_kernel, dict(Q=dt, K=dt, V=dt, KW=f32, NUM=f32, DEN=f32, OUT=dt),
                    dict(common, CAUSAL=causal), sym.DIAG_WARPS)
-    compile_kernel(sym._diag_bwd_kernel, dict(Q=dt, K=dt, V=dt, KW=f32, GV=dt, GDEN=f32, DQ=f32, DK=f32, DV=f32),
+    compile_kernel(sym.diag_bwd_kernel, dict(Q=dt, K=dt, V=dt, KW=f32, GV=dt, GDEN=f32, DQ=f32, DK=f32, DV=f32),
                    common, sym.DIAG_WARPS)
-    compile_kernel(sym._bwd_prep_kernel, dict(GRAD=dt, OUT=dt, DEN=f32, GV=dt, GDEN=f32),
+    compile_kernel(sym.bwd_prep_kernel, dict(GRAD=dt, OUT=dt, DEN=f32, GV=dt, GDEN=f32),
                    dict(E=E, BLOCK_M=sym.BLOCK_M), sym.DIAG_WARPS)
 print("OK")
 """
