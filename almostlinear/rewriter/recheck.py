@@ -74,19 +74,21 @@ class Rechecker:
                 why = interpreter.unmeasured.get(self.poly_nodes[sid], "not measurable on another rank")
                 self._record(sid, math.nan, False, f"not measured: {why}")
                 continue
+            switch = self.switches[sid]
+            # every rank switches the same heads and reports the same numbers
+            head_errors = agree(interpreter.head_errors.get(self.poly_nodes[sid]) or [math.inf] * switch.numel())
+            self._note_head_errors(sid, head_errors)
             over = self.gate and error > self.budget
             if over:
-                self._switch_over_budget(sid, interpreter, f"measured error {error:.3g} > budget {self.budget:g}")
+                self._switch_over_budget(sid, head_errors, f"measured error {error:.3g} > budget {self.budget:g}")
             self._record(sid, error, over, "local error")
             measured[sid] = error
         self._check_end_to_end(inputs, measured)
 
-    def _switch_over_budget(self, sid: int, interpreter: SiteErrors, why: str) -> None:
-        """Switch the key/value heads whose own error is over budget; the whole site when that is every head
-        still approximated (or the heads' errors are unknown)."""
+    def _switch_over_budget(self, sid: int, errors: list[float], why: str) -> None:
+        """Switch the key/value heads whose own error (`errors`, agreed) is over budget; the whole site when that
+        is every head still approximated (or the heads' errors are unknown)."""
         switch = self.switches[sid]
-        errors = interpreter.head_errors.get(self.poly_nodes[sid]) or [math.inf] * switch.numel()
-        errors = agree(errors)  # every rank switches the same heads
         on = [h for h in range(switch.numel()) if int(switch.reshape(-1)[h]) == 1]
         over = [h for h in on if errors[h] > self.budget]
         if switch.dim() == 0 or not over or len(over) == len(on):
@@ -102,6 +104,20 @@ class Rechecker:
         self._mark(sid, f"switched to exact at call {self.calls}: {why} (was polynomial)")
         log.warning("almostlinear: site %d switched to exact at call %d: %s", sid, self.calls, why)
 
+    def _note_head_errors(self, sid: int, errors: list[float]) -> None:
+        """The approximability map shows the latest measurement: each query head the op computed on this call
+        gets the error of its key/value head measured now (`recheck_error`) and the call (`recheck_call`); the
+        heads that ran exact keep their compile-time numbers."""
+        for row in self.report.sites:
+            if row.id != sid or not row.heads:
+                continue
+            query_heads = row.q_shape[1] if row.q_shape and isinstance(row.q_shape[1], int) else len(row.heads)
+            groups = max(1, query_heads // max(1, len(errors)))
+            for head in row.heads:
+                kv = head["head"] // groups
+                if head["approximated"] and kv < len(errors):
+                    head["recheck_error"], head["recheck_call"] = errors[kv], self.calls
+
     def _mark(self, sid: int, reason: str) -> None:
         """The report row follows the switch: method, approximated heads, the map's flags, the reason."""
         switch = self.switches[sid].reshape(-1)
@@ -114,6 +130,8 @@ class Rechecker:
             row.method = Method.POLYNOMIAL if on else Method.EXACT
             row.approximated_heads = on if on and len(on) < groups * switch.numel() else None
             for head in row.heads:
+                if head["approximated"] and head["head"] not in on:
+                    head["switched_at"] = self.calls  # the map shows the head as switched to exact, and when
                 head["approximated"] = head["head"] in on
             row.reason = reason
 
@@ -144,7 +162,7 @@ class Rechecker:
                 return
             current = run_with_grads(self.work, inputs, rng)
             error = agree([gradient_error(current.grads, reference.grads)])[0]
-            self.report.grad_error = error
+            self.report.grad_error, self.report.grad_error_call = error, self.calls
             self.report.history.append({"call": self.calls, "grad_error": error, "approximated": active,
                                         "event": "re-check end-to-end gradient error"})
             if error <= self.budget or not self.gate:

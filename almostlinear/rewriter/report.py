@@ -65,6 +65,7 @@ class Report:
     sites: list[Site] = field(default_factory=list)
     near_misses: list[Site] = field(default_factory=list)
     grad_error: float | None = None
+    grad_error_call: int = 0  # the training call grad_error was measured at (0: at compile; later: a re-check)
     budget: float = 0.05
     graph_before: str = ""
     graph_after: str = ""
@@ -133,16 +134,17 @@ class Report:
             what = step.get("event") or f"planning step {step.get('step', 0)}"
             lines.append(f"  call {step.get('call', 0)} ({what}): end-to-end gradient error {step['grad_error']:.3g} "
                          f"with sites {step.get('approximated')} approximated")
+        when = _when(self.grad_error_call)
         if self.grad_error is not None and self.trains_polynomial:
             lines.append(
-                f"distance to softmax attention: end-to-end gradient error {self.grad_error:.3g} (information: "
+                f"distance to softmax attention: end-to-end gradient error {self.grad_error:.3g} {when} (information: "
                 f"method='polynomial' trains with polynomial attention, no budget applies); planning took "
                 f"{self.planning_seconds:.2f} s"
             )
         elif self.grad_error is not None:
             verdict = "within" if self.grad_error <= self.budget else "OVER"
             lines.append(
-                f"end-to-end gradient error {self.grad_error:.3g} ({verdict} budget {self.budget:g}); "
+                f"end-to-end gradient error {self.grad_error:.3g} {when} ({verdict} budget {self.budget:g}); "
                 f"planning took {self.planning_seconds:.2f} s"
             )
         else:
@@ -157,21 +159,42 @@ def query_heads_of(kv_heads, groups: int) -> list[int]:
 
 
 def approximability_map(sites: list[Site]) -> list[str]:
-    """Per calibrated site, per query head: the sampled degree-2 error, the logit std and the effective
-    number of keys (exp of the attention's entropy); * marks the heads the op computes."""
+    """Per calibrated site, per query head: the degree-2 error, the logit std and the effective number of keys
+    (exp of the attention's entropy); * marks the heads the op computes now.  The numbers are those of the
+    compile (call 0), except the error of a head a re-check measured, shown with its call (``0.012@25``: the
+    op's output error on the inputs of training call 25); a head a re-check switched to exact is marked
+    ``exact@N``.  The title says which."""
     mapped = [s for s in sites if s.heads]
     if not mapped:
         return []
+    heads = [h for s in mapped for h in s.heads]
     width = max(len(s.heads) for s in mapped)
     rows = [("id", "module", *(f"h{h}" for h in range(width)))]
     for s in mapped:
-        cells = [f"{h['sampled_error']:.2g}/{h['logit_std']:.2g}/{h['effective_keys']:.3g}"
-                 + ("*" if h["approximated"] else "") for h in s.heads]
-        rows.append((str(s.id), s.module_path or "(root)", *cells, *[""] * (width - len(cells))))
-    approximated = sum(h["approximated"] for s in mapped for h in s.heads)
-    total = sum(len(s.heads) for s in mapped)
-    return ([f"approximability map ({approximated} of {total} heads approximated, *; per head: sampled error / "
-             f"logit std / effective keys):"] + ["  " + line for line in _table(rows)])
+        rows.append((str(s.id), s.module_path or "(root)", *map(_map_cell, s.heads), *[""] * (width - len(s.heads))))
+    approximated = sum(h["approximated"] for h in heads)
+    calls = sorted({h["recheck_call"] for h in heads if h.get("recheck_call") is not None}
+                   | {h["switched_at"] for h in heads if h.get("switched_at") is not None})
+    if not calls:
+        title = (f"approximability map ({approximated} of {len(heads)} heads approximated, *; per head: sampled "
+                 f"error / logit std / effective keys, at compile (call 0)):")
+    else:
+        title = (f"approximability map ({approximated} of {len(heads)} heads approximated, *, after the re-check at "
+                 f"call {calls[-1]}; per head: error / logit std / effective keys, at compile (call 0) except "
+                 f"error@N: the op's output error re-measured at call N (logit std and effective keys are not "
+                 f"re-measured); (exact@N): switched to exact at call N):")
+    return [title] + ["  " + line for line in _table(rows)]
+
+
+def _map_cell(head: dict) -> str:
+    call = head.get("recheck_call")
+    error = f"{head['sampled_error']:.2g}" if call is None else f"{head['recheck_error']:.2g}@{call}"
+    cell = f"{error}/{head['logit_std']:.2g}/{head['effective_keys']:.3g}" + ("*" if head["approximated"] else "")
+    return cell + (f"(exact@{head['switched_at']})" if head.get("switched_at") is not None else "")
+
+
+def _when(call: int) -> str:
+    return "at compile (call 0)" if not call else f"at the re-check of call {call}"
 
 
 def _num(value) -> str:
