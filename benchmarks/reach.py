@@ -29,11 +29,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # examples/ is not an installed package
-
-import almostlinear  # noqa: E402
-from almostlinear.zoo import GPT, GPTConfig  # noqa: E402
-from examples.train_gpt import batches, split, stdlib_text  # noqa: E402
+import almostlinear
+from almostlinear.zoo import GPT, GPTConfig
+from almostlinear.zoo.data import batches, split, stdlib_text
 
 
 def report_of(model: GPT, method: str, x: torch.Tensor, y: torch.Tensor, budget: float):

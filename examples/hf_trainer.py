@@ -18,7 +18,6 @@ import argparse
 import copy
 import os
 import tempfile
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -27,22 +26,12 @@ import transformers as tf  # noqa: E402
 
 import almostlinear  # noqa: E402
 from almostlinear.integrations.huggingface import ReportCallback  # noqa: E402
-
-
-def stdlib_bytes(max_bytes: int) -> torch.Tensor:
-    """Bytes of the standard library's .py files, in a fixed order: int64 tokens in [0, 256)."""
-    chunks, total = [], 0
-    for path in sorted(Path(os.__file__).parent.glob("*.py")):
-        chunks.append(path.read_bytes())
-        total += len(chunks[-1])
-        if total >= max_bytes:
-            break
-    return torch.frombuffer(bytearray(b"".join(chunks)[:max_bytes]), dtype=torch.uint8).long()
+from almostlinear.zoo.data import stdlib_text  # noqa: E402
 
 
 def examples(n: int, seq_len: int) -> list[dict]:
     """n causal-LM examples of seq_len bytes (labels = inputs; the model shifts them)."""
-    data = stdlib_bytes(n * seq_len)
+    data = stdlib_text(n * seq_len)
     rows = []
     for i in range(n):
         ids = data[i * seq_len: (i + 1) * seq_len].clone()

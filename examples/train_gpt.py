@@ -2,7 +2,7 @@
 attention, almostlinear's drop-in `auto` (with re-checks), and polynomial attention from scratch.
 
     python examples/train_gpt.py                          # defaults: about 2 minutes on 2 quiet CPU cores
-    python examples/train_gpt.py --seq-len 256 --steps 500   # the longer run in the README
+    python examples/train_gpt.py --seq-len 256 --steps 500   # the longer run in docs/benchmarks.md
 
 The three runs:
 
@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,37 +36,9 @@ import torch
 
 import almostlinear
 from almostlinear.zoo import GPT, GPTConfig, timed_step
+from almostlinear.zoo.data import batches, split, stdlib_text
 
 METHODS = ("exact", "auto", "polynomial")
-
-
-def stdlib_text(max_bytes: int = 4_000_000) -> torch.Tensor:
-    """Bytes of the standard library's .py files, in a fixed order: uint8 tokens, vocabulary 256."""
-    root = Path(os.__file__).parent
-    chunks, total = [], 0
-    for path in sorted(root.glob("*.py")):
-        data = path.read_bytes()
-        chunks.append(data)
-        total += len(data)
-        if total >= max_bytes:
-            break
-    return torch.frombuffer(bytearray(b"".join(chunks)[:max_bytes]), dtype=torch.uint8).long()
-
-
-def split(data: torch.Tensor, held_out: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
-    """(training text, validation text): the last `held_out` share is never trained on."""
-    cut = int(len(data) * (1 - held_out))
-    return data[:cut], data[cut:]
-
-
-def batches(data: torch.Tensor, seq_len: int, batch: int, steps: int, seed: int):
-    """The same (input, target) batches for every run with the same seed."""
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        starts = torch.randint(0, len(data) - seq_len - 1, (batch,), generator=g)
-        x = torch.stack([data[s : s + seq_len] for s in starts])
-        y = torch.stack([data[s + 1 : s + seq_len + 1] for s in starts])
-        yield x, y
 
 
 def heads_approximated(site) -> int:
@@ -261,8 +232,9 @@ def main(argv=None) -> None:
     for name in ("auto", "polynomial"):
         if name in runs and runs[name].backend.reports and runs[name].backend.reports[-1].grad_error is not None:
             what = f"budget {args.budget:g}" if name == "auto" else "distance to softmax, information"
-            print(f"{name}: last measured end-to-end gradient error {runs[name].backend.reports[-1].grad_error:.3g} "
-                  f"({what})")
+            report = runs[name].backend.reports[-1]
+            print(f"{name}: last measured end-to-end gradient error {report.grad_error:.3g} at training call "
+                  f"{report.grad_error_call} (0: at compile; {what})")
     if "auto" in runs:
         print(plot(runs, args.heads, args.out, f"char GPT {args.layers}x{args.heads} heads of "
                                                 f"{args.embd // args.heads}, context {args.seq_len}, "

@@ -4,6 +4,8 @@
         small Hugging Face models (`hf.py`; needs `transformers`)
     GPT(GPTConfig(...)), timed_step(...)
         the nanoGPT-style example model the examples, tests and benchmarks compile (`gpt.py`)
+    data.stdlib_text(), data.split(...), data.batches(...)
+        the text they train on: the standard library's source as bytes, a held-out split, seeded batches
 """
 from .gpt import GPT, GPTConfig, timed_step
 from .hf import IMPLEMENTATIONS, MODELS, SEQ, build

@@ -6,7 +6,7 @@ import copy
 
 import torch
 
-from examples.hf_trainer import stdlib_bytes  # bytes of the standard library's .py files, vocabulary 256
+from almostlinear.zoo.data import stdlib_text  # bytes of the standard library's .py files, vocabulary 256
 
 SEQ = 32
 OPTIONS = dict(inner="aot_eager")  # Inductor compiles are slow on a CPU; the rewrite is the same
@@ -14,7 +14,7 @@ OPTIONS = dict(inner="aot_eager")  # Inductor compiles are slow on a CPU; the re
 
 def lm_examples(n: int, seq_len: int = SEQ, extra_column: bool = True, offset: int = 0) -> list[dict]:
     """Causal-LM examples (input_ids, attention_mask, labels), plus a `doc_id` column the model does not take."""
-    data = stdlib_bytes(200_000)
+    data = stdlib_text(200_000)
     rows = []
     for i in range(n):
         ids = data[offset + i * seq_len: offset + (i + 1) * seq_len].clone()

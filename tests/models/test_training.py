@@ -3,7 +3,8 @@ curve, and the three-way run (exact, auto, polynomial) prints finite losses and 
 import math
 
 from almostlinear.zoo import GPTConfig
-from examples.train_gpt import main, split, stdlib_text, train
+from almostlinear.zoo.data import split, stdlib_text
+from examples.train_gpt import main, train
 
 
 def test_auto_training_follows_the_exact_loss_curve():
