@@ -91,6 +91,17 @@ def _prep(*ts):
     return [None if t is None else t.to(_compute_dtype(ts[0])).contiguous() for t in ts]
 
 
+def _drop_masked_keys(k: torch.Tensor, v: torch.Tensor, key_weight: Optional[torch.Tensor]):
+    """k, v with the keys of weight 0 set to 0: such a key never contributes, whatever its values (a NaN or inf
+    left in a padded position by an earlier layer would otherwise enter the states as 0 * NaN = NaN, and every
+    query of the sequence would become NaN). One O(B * H * S * D) select each; the gradient of a dropped key is
+    0, as in softmax attention."""
+    if key_weight is None:
+        return k, v
+    kept = (key_weight != 0).reshape(key_weight.shape[0], 1, key_weight.shape[1], 1)
+    return torch.where(kept, k, 0.0), torch.where(kept, v, 0.0)
+
+
 @torch.library.custom_op("almostlinear::poly_attention", mutates_args=())
 def _poly_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_weight: Optional[torch.Tensor],
                        alibi_slopes: Optional[torch.Tensor], scale: float, coefficients: Sequence[float],
@@ -102,6 +113,7 @@ def _poly_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_we
     whether the output needs grad); it only trades memory for the backward's time, never the result."""
     coeffs = tuple(coefficients)
     q32, k32, v32, kw, al = _prep(q, k, v, key_weight, alibi_slopes)
+    k32, v32 = _drop_masked_keys(k32, v32, kw)
     with cpu.autocast_disabled(q):  # called with autocast on (no rule for this device): still compute in fp32
         if _use_triton(q, v, len(coeffs) - 1, key_weight, alibi_slopes, window):
             from .triton import poly_attention as tr
@@ -136,6 +148,7 @@ def _poly_attention_bwd_op(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     """dq, dk, dv; ``state`` is the forward's second output (empty: recompute)."""
     coeffs = tuple(coefficients)
     g32, q32, k32, v32, o32, kw, al = _prep(grad, q, k, v, out, key_weight, alibi_slopes)
+    k32, v32 = _drop_masked_keys(k32, v32, kw)
     with cpu.autocast_disabled(q):  # a backward run inside an autocast region must not recast the kernels
         if _use_triton(q, v, len(coeffs) - 1, key_weight, alibi_slopes, window):
             from .triton import poly_attention as tr
@@ -144,6 +157,8 @@ def _poly_attention_bwd_op(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         else:
             dq, dk, dv = cpu.backward(g32, q32, k32, v32, o32, kw, al, scale=scale, coeffs=coeffs,
                                       causal=causal, window=window, state=state if state.numel() else None)
+    if kw is not None:  # a dropped key gets no gradient (its features were zeroed, not removed)
+        dk, dv = _drop_masked_keys(dk, dv, kw)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 

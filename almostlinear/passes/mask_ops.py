@@ -3,6 +3,7 @@ analysis proved about their combination (`MaskSpec`, `KeyTerm`), and what it rea
 (`MaskContext`)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -15,11 +16,12 @@ from ..kinds import MaskKind
 # An additive value below this removes a key: exp(-200) underflows to 0 in fp32 and bf16 (and fp16).
 BLOCKED_BELOW = -200.0
 
-# Eager's value on a fully masked row: "nan" (every blocking value is -inf), "uniform" (every entry of such a row
+# Eager's value on a fully masked row: "neginf" (every blocking value is -inf: softmax gives NaN, SDPA 0, see
+# MaskSpec.neginf_row), "uniform" (every entry of such a row
 # holds the same finite value, e.g. HF's where(allowed, 0, finfo.min): the mean of all values), "argmax" (one
 # additive per-key term: the mean of the values at the keys with the largest mask value), "unknown" (several
 # finite blocking ops: depends on how they combine), "none" (proved impossible).
-EMPTY_ROW_RULES = ("none", "nan", "uniform", "argmax", "unknown")
+EMPTY_ROW_RULES = ("none", "neginf", "uniform", "argmax", "unknown")
 
 
 @dataclass
@@ -63,8 +65,11 @@ class MaskSpec:
     reason: str = ""  # why the mask is dense (or how it was proved)
     empty_rows_possible: bool = True  # False only when proved that every query keeps at least one key
     # What eager gives on a row whose every key is blocked (softmax of equal or -inf values), see
-    # EMPTY_ROW_RULES; the polynomial rewrite reproduces "nan", "uniform" and "argmax", else stays exact.
+    # EMPTY_ROW_RULES; the polynomial rewrite reproduces "neginf", "uniform" and "argmax", else stays exact.
     empty_row_rule: str = "unknown"
+    # The value of a row whose every score is -inf in the code that was matched: NaN for an eager softmax chain
+    # (exp(-inf - -inf)), 0 for F.scaled_dot_product_attention (torch >= 2.5 returns 0 there, gradient 0).
+    neginf_row: float = math.nan
 
 
 @dataclass

@@ -277,7 +277,7 @@ def empty_row_rule(facts: MaskFacts) -> str:
     if facts.dense_reason:
         return "unknown"
     if fills == {float("-inf")}:
-        return "nan"  # -inf stays -inf whichever way the ops combine
+        return "neginf"  # -inf stays -inf whichever way the ops combine
     if fills == {None}:
         additive = [t for t in facts.key_terms if t.kind == "additive"]
         single = len(facts.blocking_ops) == 1 and len(additive) == 1 and len(facts.key_terms) == 1

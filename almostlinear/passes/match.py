@@ -137,6 +137,7 @@ def _sdpa_mask(site: AttentionSite, ctx: MaskContext) -> MaskSpec:
         else:
             ops.append(MaskOp("add", mask, tensor=mask))
     spec = mask_analysis.analyze(ops, site.scores_shape(), ctx)
+    spec.neginf_row = 0.0  # SDPA returns 0 (and a zero gradient) on a row whose every key is -inf / False
     if not site.is_causal_flag:
         return spec
     if spec.kind == MaskKind.NONE:

@@ -86,19 +86,20 @@ def _key_weight(site: AttentionSite, q: fx.Node, build: NodeBuilder) -> fx.Node 
 
 
 def _eager_empty_rows(site: AttentionSite, out: fx.Node, key_weight: fx.Node, v: fx.Node, build: NodeBuilder) -> fx.Node:
-    """Rows whose every key is masked: the op gives 0, eager gives softmax of equal (or -inf) values. Give them
-    eager's value (the mask's EMPTY_ROW_RULES): NaN, the mean of all values, or the mean of the values at the
-    keys with the largest mask value. O(B * S * Dv); the gradient reaches v (as in eager) and not q or k (the row
-    does not depend on them; an additive finfo.min mask makes eager report a rounding artefact there)."""
-    rule = site.mask.empty_row_rule
+    """Rows whose every key is masked: the op gives 0, the matched code gives softmax of equal (or -inf) values.
+    Give them the matched code's value (the mask's EMPTY_ROW_RULES): for -inf rows `neginf_row` (eager softmax:
+    NaN; SDPA: 0), else the mean of all values, or the mean of the values at the keys with the largest mask
+    value. O(B * S * Dv); the gradient reaches v (as in eager) and not q or k (the row does not depend on them; an
+    additive finfo.min mask makes eager report a rounding artefact there)."""
+    rule, neginf = site.mask.empty_row_rule, float(site.mask.neginf_row)
     if site.mask.causal:  # row i is empty when keys 0..i all have weight 0
         empty = build.call(operator.eq, build.method("cumsum", key_weight, -1), 0)
         empty = build.method("unsqueeze", build.method("unsqueeze", empty, 1), -1)  # [B, 1, S, 1]
     else:
         empty = build.call(operator.eq, build.method("sum", key_weight, -1), 0)
         empty = build.method("reshape", empty, (-1, 1, 1, 1))  # [B, 1, 1, 1]
-    if rule == "nan":
-        return build.call(torch.where, empty, float("nan"), out)
+    if rule == "neginf":
+        return build.call(torch.where, empty, neginf, out)
     groups = concrete_int(shape_of(site.q)[1]) // concrete_int(shape_of(v)[1])
     if rule == "uniform":
         fallback = build.method("mean", v, -2, keepdim=True)  # [B, Hk, 1, Dv]
@@ -113,7 +114,7 @@ def _eager_empty_rows(site: AttentionSite, out: fx.Node, key_weight: fx.Node, v:
         fallback = build.call(operator.truediv, summed, build.method("reshape", count, (-1, 1, 1)))
         fallback = build.method("unsqueeze", fallback, -2)  # [B, Hk, 1, Dv]
         no_key = build.method("reshape", build.call(operator.eq, top, float("-inf")), (-1, 1, 1, 1))
-        fallback = build.call(torch.where, no_key, float("nan"), fallback)
+        fallback = build.call(torch.where, no_key, neginf, fallback)
     if groups > 1:
         fallback = build.method("repeat_interleave", fallback, groups, 1)
     fallback = build.method("to", fallback, tensor_meta(out).dtype)
@@ -177,6 +178,11 @@ def rewrite_polynomial(gm: fx.GraphModule, site: AttentionSite, fake_mode, coeff
     buffer the re-checks flip; `min_seq_len` (dynamic key length only): the op runs from that key length on,
     exact attention below; `heads`: the key/value heads the op computes (GQA: with their query heads), exact
     attention on the others (None: all). Returns the op node (its output 0 is the attention output)."""
+    if site.mask.window and site.mask.key_mask and site.mask.empty_rows_possible:
+        # sliding-window layers on a padded batch: a row whose band holds only padded keys is empty although
+        # the sequence has keys; the empty-row fix-up below finds global and causal empty rows only
+        raise RewriteError("a window with a data-dependent key mask may leave a row no key in its band, and the "
+                           "matched code's value on such rows is not reproduced by the op")
     build = NodeBuilder(gm, site.output, fake_mode, source=site.anchor)
     q, scale = _scaled_query(site, build)
     k, v = site.op_kv

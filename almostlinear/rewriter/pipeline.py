@@ -129,11 +129,14 @@ def apply(prepared: Prepared, decisions: dict[int, Decision], options: Options) 
     owners = {module.graph: module for module in [work, *bodies]}
     fake_mode = fake_mode_of(work)
     applied = Applied(work, [], dict(decisions))
-    for site, prepared_row, region in zip(prepared.sites, prepared.rows, prepared.site_regions):
-        site = remap_nodes(site, node_map)
+    for prepared_site, prepared_row, region in zip(prepared.sites, prepared.rows, prepared.site_regions):
+        site = remap_nodes(prepared_site, node_map)
         row = dataclasses.replace(prepared_row)
         owner = owners[site.anchor.graph]
         _rewrite_site(owner, site, row, fake_mode_of(owner) or fake_mode, options, applied)
+        # a later site may read this one's output (attention applied to an attention output): it reads the
+        # node that replaced it
+        node_map[prepared_site.output] = site.output
         if region is not None:
             _prefix_region(row, region)
         applied.rows.append(row)

@@ -112,7 +112,7 @@ def _unsupported(site: AttentionSite) -> str | None:
     if site.mask.alibi_slopes is not None and alibi_per_query_head(site) is None:
         return (f"the ALiBi bias has {len(site.mask.alibi_slopes)} slopes, not one per query head "
                 f"({q_shape[1]}) or one for all")
-    if site.mask.empty_rows_possible and site.mask.empty_row_rule not in ("nan", "uniform", "argmax", "none"):
+    if site.mask.empty_rows_possible and site.mask.empty_row_rule not in ("neginf", "uniform", "argmax", "none"):
         return ("rows with every key masked may occur (the mask depends on data) and eager's value on them "
                 "depends on how several finite masks combine: kept exact, which gives eager's value")
     for term in site.mask.key_mask:

@@ -72,6 +72,7 @@ class Report:
     planning_seconds: float = 0.0
     history: list[dict] = field(default_factory=list)
     ddp_pieces: int | None = None  # graphs the DDP backend split the rewritten graph into (None: not split)
+    warnings: list[str] = field(default_factory=list)  # what the user must know (also issued as warnings.warn)
     _graph_module_before: object = field(default=None, repr=False, compare=False)  # kept for drawings only
     _graph_module_after: object = field(default=None, repr=False, compare=False)
 
@@ -149,6 +150,7 @@ class Report:
             )
         else:
             lines.append(f"end-to-end gradient error: not measured (no approximated site); budget {self.budget:g}")
+        lines += [f"WARNING: {w}" for w in self.warnings]
         return "\n".join(lines)
 
 

@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -188,6 +189,11 @@ def _back_off(search: _Search, inputs: list, rng: torch.Tensor, reference: Measu
         error, local = agreed[0], dict(zip(ids, agreed[1:]))
         if search.unmeasurable:
             error = math.nan  # the exact gradients are not finite: no error to measure against them
+        elif not math.isfinite(error) and ids:
+            _not_finite(search, report, ids, error)
+            if options.method is Choice.AUTO:  # no site can be blamed for a NaN: every one goes back to exact
+                step += 1
+                continue
         report.history.append({"call": 0, "step": step, "grad_error": error, "approximated": ids,
                                "site_errors": local, "heads": {sid: search.decisions[sid].heads for sid in ids
                                                                if search.decisions[sid].heads is not None}})
@@ -197,6 +203,21 @@ def _back_off(search: _Search, inputs: list, rng: torch.Tensor, reference: Measu
             return current, error, local
         _back_off_worst(search, current, measured, local, error)
         step += 1
+
+
+def _not_finite(search: _Search, report: Report, ids: list[int], error: float) -> None:
+    """The approximated graph's gradients are not finite where the exact ones are: a warning (in the report and
+    through `warnings`); under method="auto" every approximated site goes back to exact."""
+    auto = search.options.method is Choice.AUTO
+    message = (f"{report.graph_name}: with sites {ids} approximated the end-to-end gradient error is {error} on the "
+               f"example inputs (the exact gradients are finite): " +
+               ("those sites are kept exact" if auto else "method='polynomial' keeps them approximated; the model's "
+                                                           "gradients are not finite on such inputs"))
+    report.warnings.append(message)
+    warnings.warn(f"almostlinear: {message}", RuntimeWarning, stacklevel=2)
+    if auto:
+        for sid in ids:
+            search.exact(sid, f"fused exact: the gradients were not finite ({error}) with this site approximated")
 
 
 def _back_off_worst(search: _Search, current: Applied, measured: Measurement, local: dict[int, float],

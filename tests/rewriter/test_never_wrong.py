@@ -1,6 +1,8 @@
 """Regression tests from the bad-input battery (issue "Never wrong, never crashed"): masks and rows."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -278,3 +280,50 @@ def test_dynamic_true_over_ten_lengths_uses_the_op_in_at_most_two_graphs(model_c
         assert float((compiled(q, k, v) - exact).norm() / exact.norm()) < 0.01
     assert len(backend.reports) <= 2
     assert all(s.method == "polynomial" for r in backend.reports for s in r.sites), backend.reports[-1]
+
+
+# ---- a gradient error that is not finite (issue 25): a warning, and exact sites under auto ------------------
+class TwoSites(torch.nn.Module):
+    def forward(self, q, k, v):
+        x = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return torch.nn.functional.scaled_dot_product_attention(x, k, v)
+
+
+@pytest.mark.parametrize("method", ["auto", "polynomial"])
+def test_a_gradient_error_that_is_not_finite_warns_and_auto_keeps_every_site_exact(method, monkeypatch):
+    """The measured error is made NaN on the approximated graph (a NaN no site can be blamed for): the report
+    and `warnings` say so; auto keeps every site exact (and measures again), polynomial keeps them with the
+    warning."""
+    from almostlinear.rewriter import search
+
+    real = search.gradient_error
+    monkeypatch.setattr(search, "gradient_error", lambda grads, ref: math.nan if any(
+        g is not r for g, r in zip(grads, ref)) and not _all_equal(grads, ref) else real(grads, ref))
+    torch.manual_seed(0)
+    q, k, v = (0.1 * torch.randn(1, 2, 32, 8, requires_grad=True) for _ in range(3))
+    backend = Bk(method=method)
+    with pytest.warns(RuntimeWarning, match="gradient error is nan"):
+        torch.compile(TwoSites(), backend=backend)(q, k, v).sum().backward()
+    report = backend.reports[-1]
+    assert report.warnings and "gradient error is nan" in str(report), str(report)
+    methods = {s.method for s in report.sites}
+    assert methods == ({"exact"} if method == "auto" else {"polynomial"}), str(report)
+    if method == "auto":
+        assert all("not finite" in s.reason for s in report.sites), str(report)
+        assert report.grad_error == 0.0, str(report)
+
+
+def _all_equal(grads, ref) -> bool:
+    return all(torch.equal(g, r) for g, r in zip(grads, ref))
+
+
+@pytest.mark.parametrize("method", ["exact", "polynomial"])
+def test_attention_applied_to_an_attention_output_is_rewritten_in_order(method):
+    """The second site reads the first one's output as its query: the rewrite of the second must read the node
+    that replaced the first (it read the erased node: 'used before it has been defined')."""
+    torch.manual_seed(0)
+    q, k, v = (0.1 * torch.randn(1, 2, 32, 8) for _ in range(3))
+    backend = Bk(method=method)
+    out = torch.compile(TwoSites(), backend=backend)(q, k, v)
+    assert [s.method for s in backend.reports[-1].sites] == [method] * 2, str(backend.reports[-1])
+    torch.testing.assert_close(out, TwoSites()(q, k, v), atol=1e-4, rtol=1e-4)
