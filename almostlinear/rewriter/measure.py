@@ -173,30 +173,35 @@ class Measurement:
     captured: dict = field(default_factory=dict)
     unmeasured: dict = field(default_factory=dict)  # node -> why its local error is NaN
     head_errors: dict = field(default_factory=dict)  # node -> local error per key/value head
+    outputs_finite: bool = True  # a forward-only run (no grads): whether its floating outputs are finite
 
     def finite(self) -> bool:
-        """Whether every gradient is finite (else no gradient error can be measured against it)."""
-        return all(bool(torch.isfinite(g).all()) for g in self.grads)
+        """Whether every gradient is finite (else no gradient error can be measured against it); for a
+        forward-only run, whether the outputs are."""
+        return self.outputs_finite and all(bool(torch.isfinite(g).all()) for g in self.grads)
 
 
 def run_with_grads(gm: fx.GraphModule, inputs: Sequence[Any], rng_state: torch.Tensor,
-                   watch: dict[fx.Node, int] | None = None) -> Measurement:
+                   watch: dict[fx.Node, int] | None = None, backward: bool = True) -> Measurement:
     """One forward+backward of `gm` on clones of `inputs` with fixed cotangents; no side effects (inputs and
-    the module's buffers are cloned, so buffer updates such as BatchNorm's land on the clones)."""
+    the module's buffers are cloned, so buffer updates such as BatchNorm's land on the clones).
+    `backward=False`: the forward only (to capture `watch`), no gradients."""
     clones, wanted = _grad_inputs(inputs)
-    with rng_preserved(), torch.enable_grad():
+    with rng_preserved(), torch.set_grad_enabled(backward):
         torch.set_rng_state(rng_state)
         interpreter = SiteErrors(gm, watch)
         outputs = interpreter.run(*clones)
-        flat = [o for o in (outputs if isinstance(outputs, (tuple, list)) else [outputs])
-                if isinstance(o, torch.Tensor) and o.is_floating_point() and o.requires_grad]
+        floating = [o for o in (outputs if isinstance(outputs, (tuple, list)) else [outputs])
+                    if isinstance(o, torch.Tensor) and o.is_floating_point()]
+        outputs_finite = backward or all(bool(torch.isfinite(o).all()) for o in floating)
+        flat = [o for o in floating if o.requires_grad]
         generator = torch.Generator(device="cpu").manual_seed(20240)
         cotangents = [torch.randn(o.shape, generator=generator, dtype=torch.float32).to(o) for o in flat]
         targets = [clones[i] for i in wanted]
-        grads = torch.autograd.grad(flat, targets, cotangents, allow_unused=True) if flat else []
+        grads = torch.autograd.grad(flat, targets, cotangents, allow_unused=True) if flat and backward else []
     grads = [torch.zeros_like(t) if g is None else g.detach() for g, t in zip(grads, targets)]
     return Measurement(grads, interpreter.local_errors, interpreter.captured, interpreter.unmeasured,
-                       interpreter.head_errors)
+                       interpreter.head_errors, outputs_finite)
 
 
 def agree(values: Sequence[float]) -> list[float]:

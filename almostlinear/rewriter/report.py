@@ -66,6 +66,7 @@ class Report:
     near_misses: list[Site] = field(default_factory=list)
     grad_error: float | None = None
     grad_error_call: int = 0  # the training call grad_error was measured at (0: at compile; later: a re-check)
+    grad_error_covers: str = ""  # what the planning figure was measured on (held-out rows, or in-sample and why)
     budget: float = 0.05
     graph_before: str = ""
     graph_after: str = ""
@@ -150,6 +151,8 @@ class Report:
             )
         else:
             lines.append(f"end-to-end gradient error: not measured (no approximated site); budget {self.budget:g}")
+        if self.grad_error is not None and self.grad_error_covers and not self.grad_error_call:
+            lines.append(f"  the planning figure: {self.grad_error_covers}")
         lines += [f"WARNING: {w}" for w in self.warnings]
         return "\n".join(lines)
 

@@ -31,6 +31,7 @@ import torch
 from ..kinds import Choice, Method
 from ..passes.rewrite_polynomial import MIN_LEN_PREFIX
 from .calibrate import Calibration, alibi_value, calibrate, key_weight_value, site_scale
+from .holdout import IN_SAMPLE, BatchSplit, batch_split
 from .measure import Measurement, agree, gradient_error, real_inputs, run_with_grads, unusable_reason
 from .options import Options
 from .pipeline import Applied, Prepared, apply
@@ -69,6 +70,7 @@ class _Search:
     dropped: dict[int, str] = field(default_factory=dict)  # site id -> why it went back to exact
     unmeasurable: bool = False  # the exact gradients are not finite on these inputs
     reference_sites: list = field(default_factory=list)  # the sites as rewritten in the reference graph
+    reference_graph: Any = None  # the all-exact graph module
 
     def exact(self, sid: int, why: str) -> None:
         self.decisions[sid] = Decision(Method.EXACT, why)
@@ -87,9 +89,15 @@ def search_within_budget(prepared: Prepared, decisions: dict[int, Decision], opt
             search.decisions[sid] = Decision(Method.EXACT, "fused exact: no real example inputs to measure the error on")
         return apply(prepared, search.decisions, options)
     rng = torch.get_rng_state()
-    reference = _reference(search, inputs, rng)
-    _calibrate_all(search, reference)
-    current, error, local = _back_off(search, inputs, rng, reference, report)
+    split, why = batch_split(prepared.graph_module, inputs)
+    reference = _reference(search, inputs, rng, backward=split is None)
+    held_out, held_out_reference = inputs, reference
+    if split is not None:  # the error is measured on rows calibration did not see (holdout.py)
+        held_out = split.held_out_inputs(inputs)
+        held_out_reference = run_with_grads(search.reference_graph, held_out, rng)
+    report.grad_error_covers = split.describe() if split is not None else IN_SAMPLE.format(why=why)
+    _calibrate_all(search, reference, held_out_reference, split)
+    current, error, local = _back_off(search, held_out, rng, held_out_reference, report)
     _annotate(current, search, local)
     # all exact on inputs whose exact gradients are not finite: nothing was measured
     report.grad_error = None if search.unmeasurable and not current.op_nodes else error
@@ -98,8 +106,9 @@ def search_within_budget(prepared: Prepared, decisions: dict[int, Decision], opt
     return current
 
 
-def _reference(search: _Search, inputs: list, rng: torch.Tensor) -> Measurement:
-    """One fwd+bwd of the all-exact graph, capturing the candidates' q/k/v and key-mask values."""
+def _reference(search: _Search, inputs: list, rng: torch.Tensor, backward: bool = True) -> Measurement:
+    """One fwd(+bwd) of the all-exact graph, capturing the candidates' q/k/v and key-mask values (the gradients
+    only when the error is measured on these inputs: `backward`)."""
     exact = {sid: Decision(Method.EXACT, "reference") if d.method is Method.POLYNOMIAL else d
              for sid, d in search.decisions.items()}
     applied = apply(search.prepared, exact, search.options)
@@ -109,8 +118,8 @@ def _reference(search: _Search, inputs: list, rng: torch.Tensor) -> Measurement:
             k, v = site.op_kv
             watch.update({site.q: site.id, k: site.id, v: site.id})
             watch.update({term.node: site.id for term in site.mask.key_mask})  # the key mask's values
-    search.reference_sites = applied.sites
-    return run_with_grads(applied.graph_module, inputs, rng, watch)
+    search.reference_sites, search.reference_graph = applied.sites, applied.graph_module
+    return run_with_grads(applied.graph_module, inputs, rng, watch, backward=backward)
 
 
 def _captured(site, reference: Measurement):
@@ -118,11 +127,14 @@ def _captured(site, reference: Measurement):
     return reference.captured.get(site.q), reference.captured.get(k), reference.captured.get(v)
 
 
-def _calibrate_all(search: _Search, reference: Measurement) -> None:
-    """Calibrate every usable candidate; under method="auto" drop those whose sampled error is over budget."""
+def _calibrate_all(search: _Search, reference: Measurement, measuring: Measurement, split: BatchSplit | None) -> None:
+    """Calibrate every usable candidate on the captured values (their `split.fit` rows); under method="auto" drop
+    those whose sampled error is over budget. `measuring`: the exact gradients the error will be measured
+    against (the held-out rows'), whose finiteness decides whether anything can be measured."""
     options = search.options
+    fit = split.fit_rows if split is not None else (lambda x: x)
     unusable, empty = _unusable_sites(search.reference_sites, reference, search.candidates)
-    search.unmeasurable = bool(agree([0.0 if reference.finite() else 1.0])[0])
+    search.unmeasurable = bool(agree([0.0 if reference.finite() and measuring.finite() else 1.0])[0])
     if search.unmeasurable and options.method is not Choice.POLYNOMIAL:
         # NaN/inf reached the exact gradients (from any input, not necessarily a site's): no gradient error
         # can be measured on these inputs, so nothing can be shown to fit the budget
@@ -138,9 +150,9 @@ def _calibrate_all(search: _Search, reference: Measurement) -> None:
         if q is None or k is None or v is None or q.dim() != 4:
             continue
         search.calibrations[site.id] = calibrate(
-            q, k, v, site_scale(site), search.decisions[site.id].degree or 2, options.budget,
+            fit(q), fit(k), fit(v), site_scale(site), search.decisions[site.id].degree or 2, options.budget,
             causal=site.mask.causal, window=site.mask.window,
-            key_weight=key_weight_value(site, reference.captured, q), alibi_slopes=alibi_value(site, q),
+            key_weight=fit(key_weight_value(site, reference.captured, q)), alibi_slopes=alibi_value(site, q),
             per_head=options.method is Choice.AUTO)
     ids = sorted(search.calibrations)
     for sid, agreed in zip(ids, agree([search.calibrations[sid].sampled_error for sid in ids])):
