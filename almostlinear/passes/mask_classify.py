@@ -2,13 +2,13 @@
 structure (none, causal, window band, per-key, ALiBi), combined with the per-key data terms."""
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
 
 from ..kinds import MaskKind
 from .graph_utils import concrete_int
+from .mask_alibi import alibi_slopes
 from .mask_ops import MaskContext, MaskOp, MaskSpec
 from .mask_terms import MaskFacts, collect_facts, empty_row_rule
 
@@ -36,6 +36,8 @@ def combine(facts: MaskFacts, scores_shape: tuple | None) -> MaskSpec:
             structure.kind = MaskKind.KEY_PADDING
         elif structure.kind in (MaskKind.CAUSAL, MaskKind.CAUSAL_KEY_PADDING):
             structure.kind = MaskKind.CAUSAL_KEY_PADDING
+        elif structure.kind in (MaskKind.WINDOW, MaskKind.CAUSAL_WINDOW):
+            pass  # sliding-window layers on a padded batch: the band, with the key weight (the kind says window)
         else:
             return MaskSpec(kind=MaskKind.DENSE, reason=f"{structure.kind} combined with a data-dependent key mask")
         structure.key_mask = list(facts.key_terms)
@@ -107,45 +109,12 @@ def _band_width(pattern, i, j, L, S) -> tuple[MaskKind, bool, int] | None:
     if L != S:
         return None
     for causal in (True, False):
-        # width w: the number of allowed keys in the last row (causal) or around the diagonal
-        width = int(pattern[-1].sum().item()) if causal else int(pattern[L // 2, L // 2 :].sum().item())
+        # width w: the number of allowed keys in the last row (causal: i - w < j <= i) or in the first row
+        # (|i - j| < w: keys 0..w-1; a window wider than half the length still fits there)
+        width = int(pattern[-1].sum().item()) if causal else int(pattern[0].sum().item())
         if width <= 0 or width >= S:
             continue
         band = (j <= i) & (j > i - width) if causal else ((i - j).abs() < width)
         if bool((pattern == band).all()):
             return (MaskKind.CAUSAL_WINDOW if causal else MaskKind.WINDOW), causal, width
     return None
-
-
-def alibi_slopes(bias, allowed, L, S) -> list[float] | None:
-    """Per-head slopes m when bias[..., h, i, j] = m_h * (j - i) + c_i on allowed entries, else None."""
-    if bias.dim() < 3:
-        bias = bias.reshape(1, L, S)
-    heads = bias.reshape(-1, L, S)
-    mask = allowed.reshape(-1, L, S) if allowed.dim() >= 3 else allowed.reshape(1, L, S)
-    slopes = []
-    for h in range(heads.shape[0]):
-        m = _row_slope(heads[h], mask[h % mask.shape[0]], S)
-        if m is None:
-            return None
-        slopes.append(m)
-    if all(math.isclose(s, 0.0, abs_tol=1e-12) for s in slopes):
-        return None
-    return slopes
-
-
-def _row_slope(row: torch.Tensor, m_allowed: torch.Tensor, S: int) -> float | None:
-    """The slope m of one head's bias [L, S] = m * j + c_i on allowed entries (0.0 with no allowed pair)."""
-    # slope from consecutive allowed pairs in each row; constant per row (c_i) cancels in softmax
-    diff = row[:, 1:] - row[:, :-1]
-    valid = m_allowed[:, 1:] & m_allowed[:, :-1]
-    if not bool(valid.any()):
-        return 0.0
-    m = float(diff[valid].mean())
-    centered = row - m * torch.arange(S, dtype=torch.float32).unsqueeze(0)
-    top = torch.where(m_allowed, centered, float("-inf")).amax(dim=1)
-    bottom = torch.where(m_allowed, centered, float("inf")).amin(dim=1)
-    rows = m_allowed.any(dim=1)
-    if not bool(((top - bottom)[rows] <= 1e-4 * (1 + abs(m) * S)).all()):
-        return None
-    return m

@@ -10,7 +10,8 @@ import sympy
 import torch
 
 from .graph_utils import concrete_int
-from .mask_classify import alibi_slopes, classify_at, rows_cols
+from .mask_alibi import alibi_slopes
+from .mask_classify import classify_at, rows_cols
 from .mask_ops import MaskContext, MaskOp, MaskSpec
 from .mask_terms import MaskFacts
 

@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 
 from .graph_utils import INPUT, PARAMETER, evaluate, input_dependencies, is_fake, is_number, shape_of
+from .mask_alibi import linear_key_bias
 from .mask_ops import BLOCKED_BELOW, KeyTerm, MaskContext, MaskOp
 
 
@@ -121,6 +122,8 @@ def _add_static(facts: MaskFacts, value: Any) -> None:
     """A static additive mask: values below BLOCKED_BELOW (or NaN) remove keys, the rest is bias."""
     value = torch.as_tensor(value).float()
     blocked = (value < BLOCKED_BELOW) | value.isnan()
+    if bool(blocked.any()) and linear_key_bias(value):  # an ALiBi bias (MPT: m * (j - (S - 1))), not a fill
+        blocked = value == float("-inf")
     finite = torch.where(blocked, torch.zeros_like(value), value)
     if bool(blocked.any()):
         values = value[blocked].unique()

@@ -37,9 +37,11 @@ from . import masks as mask_analysis
 from .graph_utils import (arg, concrete_int, is_call, is_number, ndim_of, normalize_dim, placeholder_kinds, shape_of,
                           single_user, tensor_meta, to_networkx)
 from .mask_ops import MaskContext, MaskOp, MaskSpec
+from .match_einsum import check_einsum_layout, einsum_layout
 from .match_heads import broadcast_kv_heads, grouped_kv, per_head_alibi
-from .match_layout import unify_layout
-from .match_scores import match_scores, total_scale
+from .match_layout import LayoutInserter, unify_layout
+from .match_misses import explain_miss
+from .match_scores import fold_tensor_scale, match_scores, total_scale
 from .match_values import match_values
 from .normalize import DROPOUT, SOFTMAX, TRANSPOSE
 from .site import AttentionSite, NearMiss, NotAttention
@@ -76,10 +78,13 @@ def _match_eager(softmax: fx.Node, site: AttentionSite, gm: fx.GraphModule, ctx:
     site.chain.append(softmax)
     match_values(softmax, site)
     match_scores(softmax, site)
+    einsum_layout(site, LayoutInserter(gm, ctx, site))
     broadcast_kv_heads(site, gm, ctx)
     unify_layout(site, gm, ctx)
+    check_einsum_layout(site)
     _check_shapes(site)
     total_scale(site)
+    fold_tensor_scale(site, LayoutInserter(gm, ctx, site))
     grouped_kv(site)
     if site.kv_broadcast is not None:
         site.kv_unrepeated, site.gqa_groups = site.kv_broadcast, concrete_int(shape_of(site.q)[1])
@@ -182,7 +187,10 @@ def _find_residual(output: fx.Node, depth: int = 8) -> fx.Node | None:
 def _match(node: fx.Node, form: str, site: AttentionSite, gm: fx.GraphModule, ctx: MaskContext) -> None:
     """Match one softmax or SDPA call and classify its mask (raises NotAttention)."""
     if form == "eager":
-        _match_eager(node, site, gm, ctx)
+        try:
+            _match_eager(node, site, gm, ctx)
+        except NotAttention as exc:
+            raise NotAttention(explain_miss(node) or str(exc)) from exc
         site.mask = _eager_mask(site, ctx)
         per_head_alibi(site)
     else:

@@ -123,7 +123,8 @@ class LayoutInserter:
 def _fine_layout(site: AttentionSite) -> tuple[tuple, list[tuple]]:
     """The finest leading layout on the site's path, and the leading dims of each node on that path."""
     score_nodes = [n for n in site.chain if n is not site.k and not last_two_dims_swapped(n)]
-    path = [leading_dims(n) for n in score_nodes + [site.output]]
+    output = [] if site.einsum_perms.get("out") else [site.output]  # (an einsum output in its own layout)
+    path = [leading_dims(n) for n in score_nodes + output]
     candidates = path + [leading_dims(n) for n in layout_ancestors(site.q)]
     if any(c is None for c in candidates):
         raise NotAttention("a tensor of the site has no shape")

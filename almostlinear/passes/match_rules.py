@@ -1,8 +1,7 @@
-"""The small rules the matcher's walks share: recognising one op (a cast, a scalar, a key transpose, the
-score and value einsums, baddbmm, a layout step) and describing a node in a near-miss reason."""
+"""The small rules the matcher's walks share: recognising one op (a cast, a scalar, a per-head factor, a key
+transpose, baddbmm, a layout step) and describing a node in a near-miss reason."""
 from __future__ import annotations
 
-import re
 from typing import Any, Sequence
 
 import torch
@@ -36,6 +35,14 @@ def is_scalar(value: Any) -> bool:
     return False
 
 
+def per_head_factor(value: Any) -> bool:
+    """A tensor whose last two dims are 1 ([H, 1, 1], [1, H, 1, 1]): one factor per head, the same for every
+    query and key (a learned temperature; cosine attention's exp(logit_scale))."""
+    shape = tensor_meta(value).shape if isinstance(value, fx.Node) and tensor_meta(value) is not None else None
+    return shape is not None and len(shape) >= 2 and shape[-1] == 1 and shape[-2] == 1 and (
+        tensor_meta(value).dtype.is_floating_point)
+
+
 def last_two_dims_swapped(node: Any) -> bool:
     if not is_call(node, TRANSPOSE):
         return False
@@ -45,57 +52,8 @@ def last_two_dims_swapped(node: Any) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Score and value products written as einsum or baddbmm
+# Score products written as baddbmm (einsum: match_einsum)
 # ---------------------------------------------------------------------------------------------------
-
-_EINSUM_SPEC = re.compile(r"^\s*([a-zA-Z.]+)\s*,\s*([a-zA-Z.]+)\s*->\s*([a-zA-Z.]+)\s*$")
-
-
-def _einsum_operands(node: fx.Node) -> tuple[str, list] | None:
-    if not is_call(node, torch.einsum) or not node.args or not isinstance(node.args[0], str):
-        return None
-    operands = list(node.args[1:])
-    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
-        operands = list(operands[0])
-    return node.args[0].replace(" ", ""), operands
-
-
-def _einsum_spec(node: fx.Node) -> tuple[tuple[str, str, str], list] | None:
-    """The three subscripts of a two-operand einsum of equal ranks, and its operands."""
-    parsed = _einsum_operands(node)
-    if parsed is None or len(parsed[1]) != 2:
-        return None
-    m = _EINSUM_SPEC.match(parsed[0])
-    if not m:
-        return None
-    a, b, out = m.groups()
-    if len(a) < 2 or len(a) != len(b) or len(out) != len(a):
-        return None
-    return (a, b, out), parsed[1]
-
-
-def einsum_scores(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
-    """(q, k) of `einsum("bhqd,bhkd->bhqk", q, k)`: batch letters shared, d contracted, output batch+q+k."""
-    spec = _einsum_spec(node)
-    if spec is None or "." in "".join(spec[0]):
-        return None
-    (a, b, out), operands = spec
-    batch, qi, d = a[:-2], a[-2], a[-1]
-    if b[:-2] != batch or b[-1] != d or out != batch + qi + b[-2] or len(set(a + b[-2])) != len(a) + 1:
-        return None
-    return operands[0], operands[1]
-
-
-def einsum_values(node: fx.Node, weights: fx.Node) -> fx.Node | None:
-    """v of `einsum("bhqk,bhkd->bhqd", weights, v)`."""
-    spec = _einsum_spec(node)
-    if spec is None or spec[1][0] is not weights:
-        return None
-    (w, v, out), operands = spec
-    batch, qi, ki = w[:-2], w[-2], w[-1]
-    if v[:-2] != batch or v[-2] != ki or out != batch + qi + v[-1] or v[-1] in w:
-        return None
-    return operands[1]
 
 
 def baddbmm_operands(node: fx.Node) -> tuple | None:

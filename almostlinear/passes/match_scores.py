@@ -9,10 +9,12 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .graph_utils import arg, is_call, is_number
+from .graph_utils import arg, example_value, is_call, is_number, tensor_meta
 from .mask_ops import MaskOp
-from .match_rules import (baddbmm_operands, einsum_scores, is_cast, is_layout_step, is_scalar, last_two_dims_swapped,
-                          op_name, other_uses)
+from .match_einsum import einsum_scores
+from .match_layout import LayoutInserter
+from .match_rules import (baddbmm_operands, is_cast, is_layout_step, is_scalar, last_two_dims_swapped,
+                          op_name, other_uses, per_head_factor)
 from .normalize import MASKED_FILL, MATMUL, TANH, WHERE
 from .site import AttentionSite, NotAttention
 
@@ -73,17 +75,23 @@ def _record_transform(node: fx.Node, site: AttentionSite) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
+def _factor(value: Any) -> bool:
+    """A scale factor: a scalar, or a tensor constant over the query and key dims (per head: a learned temperature
+    [H, 1, 1], cosine attention's exp(logit_scale)); a tensor factor is folded into q (`fold_tensor_scale`)."""
+    return is_scalar(value) or per_head_factor(value)
+
+
 def _scale_step(node: fx.Node, site: AttentionSite) -> fx.Node:
-    """scores * c, c * scores or scores / c with a scalar c: recorded as a scale op."""
+    """scores * c, c * scores or scores / c with a scalar or per-head c: recorded as a scale op."""
     a, b = node.args
     divide = node.target is operator.truediv
-    if isinstance(a, fx.Node) and is_scalar(b) and not (divide and is_scalar(a)):
+    if not divide and _factor(a) and isinstance(b, fx.Node) and not (_factor(b) and came_from_matmul(a)):
+        a, b = b, a  # c * scores
+    if isinstance(a, fx.Node) and _factor(b) and not (divide and _factor(a) and not came_from_matmul(a)):
         site.mask_ops.append(MaskOp("scale", node, value=b, divide=divide))
         return a
-    if not divide and isinstance(b, fx.Node) and is_scalar(a):
-        site.mask_ops.append(MaskOp("scale", node, value=a))
-        return b
-    raise NotAttention(f"scores {'divided' if divide else 'multiplied'} by a tensor that is not a scalar")
+    raise NotAttention(f"scores {'divided' if divide else 'multiplied'} by a tensor that is not a scalar and "
+                       f"not constant over the query and key dims (a per-head factor [..., H, 1, 1] is seen)")
 
 
 def _mask_step(node: fx.Node, site: AttentionSite) -> fx.Node | None:
@@ -161,9 +169,25 @@ def _baddbmm_ops(node: fx.Node, operands: tuple, site: AttentionSite) -> None:
     site.mask_ops.append(MaskOp("scale", node, value=float(alpha) if is_number(alpha) else alpha))
 
 
+def _key_scale(b: Any, site: AttentionSite, chain: list) -> Any:
+    """`q @ (k^T / c)` or `q @ (k^T * c)` with a scalar c (a 0-d tensor included): the factor scales q.k."""
+    while is_call(b, operator.mul, operator.truediv) and len(b.users) == 1:
+        x, c = b.args
+        divide = b.target is operator.truediv
+        if not divide and is_scalar(x) and isinstance(c, fx.Node):
+            x, c = c, x
+        if not (isinstance(x, fx.Node) and is_scalar(c)) or is_scalar(x):
+            break
+        site.mask_ops.append(MaskOp("scale", b, value=c, divide=divide))
+        chain.append(b)
+        b = x
+    return b
+
+
 def _score_matmul(node: fx.Node, site: AttentionSite, chain: list, baddbmm: tuple | None) -> None:
     """The score product q @ k^T (or baddbmm's): its operands are the site's q and k."""
     a, b = baddbmm[1:3] if baddbmm else node.args
+    b = _key_scale(b, site, chain)
     if not isinstance(b, fx.Node) or not last_two_dims_swapped(b):
         desc = b.format_node() if isinstance(b, fx.Node) else repr(b)
         raise NotAttention(f"key operand is not a swap of the last two dims ({desc[:80]})")
@@ -184,7 +208,8 @@ def _walk_to_matmul(softmax: fx.Node, site: AttentionSite) -> list[fx.Node]:
         chain.append(node)
         einsum = einsum_scores(node)
         if einsum is not None:
-            site.q, site.k = einsum
+            (site.q, q_perm), (site.k, k_perm) = ((x.node, x.perm) for x in einsum)
+            site.einsum_perms.update(q=q_perm, k=k_perm)
             return chain
         baddbmm = baddbmm_operands(node)
         if baddbmm is not None:
@@ -230,16 +255,38 @@ def _peel_constant_scale(node: fx.Node) -> tuple[fx.Node, float]:
 
 def total_scale(site: AttentionSite) -> None:
     """The site's scale: the product of its scale ops (a soft-cap's own factors are in none of them), split
-    into the constant part and the symbolic factors; and the constant factors found on q and k (report)."""
-    constant, symbolic = 1.0, []
+    into the constant part, the symbolic factors and the tensor factors (0-d or per head, folded into q by
+    `fold_tensor_scale`); and the constant factors found on q and k (report)."""
+    constant, symbolic, tensors = 1.0, [], []
     for op in site.pre_transform_ops + site.mask_ops:
         if op.kind != "scale":
             continue
         if is_number(op.value):
             constant = constant / op.value if op.divide else constant * op.value
+        elif isinstance(example_value(op.value), torch.Tensor):
+            tensors.append((op.value, op.divide))
         else:
             symbolic.append((op.value, op.divide))
-    site.scale_factors = symbolic
-    site.scale = constant if not symbolic else None
+    site.scale_factors, site.q_factors = symbolic, tensors
+    site.scale = constant if not symbolic and not tensors else None
     site.constant_scale = constant
     site.prescale = _peel_constant_scale(site.q)[1] * _peel_constant_scale(site.k)[1]
+
+
+def fold_tensor_scale(site: AttentionSite, inserter: LayoutInserter) -> None:
+    """Tensor factors on the scores (a learned per-head temperature, cosine attention's exp(logit_scale), a 0-d
+    tensor) are applied to q: (q * t) . k = t * (q . k) for t constant over queries and keys. The site's q is
+    then the scaled q, so the exact rewrite is SDPA at the constant scale and calibration sees the true logits."""
+    if not site.q_factors:
+        return
+    q, want = site.q, tensor_meta(site.q)
+    for factor, divide in site.q_factors:
+        q = inserter.method("div" if divide else "mul", (q, factor))
+    got = tensor_meta(q)
+    if got is None or want is None or tuple(got.shape) != tuple(want.shape):
+        raise NotAttention(f"scores scaled by a tensor of shape {tuple(example_value(site.q_factors[0][0]).shape)} "
+                           f"that does not broadcast over q {tuple(want.shape) if want is not None else '?'} as one "
+                           f"factor per head")
+    if got.dtype != want.dtype:
+        q = inserter.method("to", (q, want.dtype))
+    site.q = q

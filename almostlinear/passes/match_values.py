@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch.fx as fx
 
 from .graph_utils import is_call, single_user
-from .match_rules import einsum_values, is_cast, is_layout_step, op_name, other_uses
+from .match_einsum import einsum_values
+from .match_rules import is_cast, is_layout_step, op_name, other_uses
 from .normalize import DROPOUT, MATMUL
 from .site import AttentionSite, NotAttention
 
@@ -41,8 +42,9 @@ def match_values(softmax: fx.Node, site: AttentionSite) -> None:
         elif is_call(user, MATMUL) and user.args[0] is node:
             site.v, site.output = user.args[1], user
             return
-        elif (v := einsum_values(user, node)) is not None:
-            site.v, site.output = v, user
+        elif (found := einsum_values(user, node)) is not None:
+            site.v, site.output = found[0].node, user
+            site.einsum_perms.update(v=found[0].perm, out=found[1])
             return
         else:
             raise NotAttention(f"attention weights feed `{op_name(user)}`, not a matmul with values")

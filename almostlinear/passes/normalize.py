@@ -12,7 +12,8 @@ rewrite computes exactly the same values as the node it replaces (a `div` is nev
     operator.mul / operator.truediv / operator.add # torch.mul, Tensor.mul, torch.div (no rounding), ...
     torch.masked_fill(x, mask, value)       # Tensor.masked_fill
     torch.where(cond, a, b)                 # Tensor.where
-    x.to(dtype)                             # .float(), .half(), .bfloat16(), .double(), .type(dtype)
+    x.to(dtype)                             # .float(), .half(), .bfloat16(), .double(), .type(dtype), .type_as(y)
+    out-of-place ops                        # x /= c, x.masked_fill_(m, v) on a fresh x read only after it
     torch.tanh(x)                           # Tensor.tanh, F.tanh (soft-capped scores)
 
 Dead pure code is erased last (`graph_utils.eliminate_dead_pure_code`): a `clone()`, `.detach()` or
@@ -31,7 +32,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .graph_utils import arg, eliminate_dead_pure_code, ndim_of, normalize_dim
+from .graph_utils import arg, eliminate_dead_pure_code, ndim_of, normalize_dim, tensor_meta
 
 MATMUL = torch.matmul
 SOFTMAX = torch.softmax
@@ -165,18 +166,43 @@ def _rewrite_cast(node: fx.Node):
 
 _INPLACE = {operator.itruediv: operator.truediv, operator.imul: operator.mul, operator.iadd: operator.add,
             operator.isub: operator.sub, "div_": operator.truediv, "mul_": operator.mul, "add_": operator.add,
-            "sub_": operator.sub}
+            "sub_": operator.sub, "masked_fill_": torch.masked_fill}
+_INPLACE_ARITY = {"masked_fill_": 3}
+_ARITHMETIC = tuple(op for op in _INPLACE if op != "masked_fill_")
 
 
 def _is_private_inplace(node: fx.Node) -> bool:
-    """`x /= c` (Falcon: `attention_scores /= math.sqrt(head_dim)`) on a value computed in the graph that nothing
-    else reads: nobody can observe the mutation, so it is the out-of-place op."""
+    """`x /= c` (Falcon: `attention_scores /= math.sqrt(head_dim)`) or `sim.masked_fill_(~mask, -max)`
+    (lucidrains-style code) on a fresh value computed in the graph (not a view of another tensor), whose other
+    readers all come after it: they read the mutated value, so the op is the out-of-place one and they read its
+    result (`_redirect_later_readers`); nobody can observe the difference."""
     if node.op not in ("call_function", "call_method") or node.target not in _INPLACE:
         return False
-    if len(node.args) != 2 or node.kwargs:
+    if len(node.args) != _INPLACE_ARITY.get(node.target, 2) or node.kwargs:
         return False
     x = node.args[0]
-    return isinstance(x, fx.Node) and _fresh(x) and list(x.users) == [node]
+    if not (isinstance(x, fx.Node) and _fresh(x)):
+        return False
+    other = tensor_meta(node.args[1]) if node.target in _ARITHMETIC else None
+    if other is not None and other.dtype != getattr(tensor_meta(x), "dtype", None):
+        return False  # x *= y keeps x's dtype, x * y promotes
+    after = _nodes_after(node)
+    return all(user is node or user in after for user in x.users)
+
+
+def _nodes_after(node: fx.Node) -> set[fx.Node]:
+    found, current = set(), node.next
+    while current.op != "root":
+        found.add(current)
+        current = current.next
+    return found
+
+
+def _redirect_later_readers(old: fx.Node, new: fx.Node) -> None:
+    """After an in-place op became `new`, the readers of its mutated operand that come after it read `new`."""
+    x = new.args[0]
+    after = _nodes_after(new)
+    x.replace_all_uses_with(new, delete_user_cb=lambda user: user in after and user is not old)
 
 
 # Ops whose result is a new tensor, never a view of an input (an in-place op on a view would write through to
@@ -196,6 +222,17 @@ def _rewrite_inplace(node: fx.Node):
     return (_INPLACE[node.target], tuple(node.args), {})
 
 
+def _rewrite_type_as(node: fx.Node):
+    """`p.type_as(s)` (a float32 softmax cast back: lucidrains-style code) is `p.to(s.dtype)` when both are on
+    one device (the dtype of a graph value is fixed; `type_as` would also move p to s's device)."""
+    if len(node.args) != 2 or node.kwargs:
+        return None
+    x, other = (tensor_meta(a) for a in node.args)
+    if x is None or other is None or x.device != other.device:
+        return None
+    return ("method", "to", (node.args[0], other.dtype), {})
+
+
 def _rewrite_tanh(node: fx.Node):
     if len(node.args) != 1 or node.kwargs:
         return None
@@ -213,6 +250,7 @@ RULES: tuple[Rule, ...] = (
     Rule("masked_fill", _method("masked_fill"), _rewrite_masked_fill),
     Rule("where", _method("where"), _rewrite_where),
     Rule("cast", _method(*_CASTS, "type"), _rewrite_cast),
+    Rule("type_as", _method("type_as"), _rewrite_type_as),
     Rule("tanh", _either((torch.tanh, F.tanh), ("tanh",)), _rewrite_tanh),
     Rule("inplace", _is_private_inplace, _rewrite_inplace),
 )
@@ -248,6 +286,8 @@ def normalize(gm: fx.GraphModule) -> int:
                     target, args, kwargs = replacement
                     new = graph.call_function(target, args, kwargs)
             new.meta = dict(node.meta)
+            if rule.name == "inplace":
+                _redirect_later_readers(node, new)
             node.replace_all_uses_with(new)
             graph.erase_node(node)
             changed += 1

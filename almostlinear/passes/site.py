@@ -25,6 +25,7 @@ class AttentionSite:
     mask_ops: list[MaskOp] = field(default_factory=list)
     scale: Any = 1.0  # total multiplicative factor on q.k: float, or a graph node (symbolic / 0-d tensor)
     scale_factors: list = field(default_factory=list)  # (factor, divide) pairs in graph order
+    q_factors: list = field(default_factory=list)  # (tensor factor, divide) pairs folded into q (fold_tensor_scale)
     prescale: float = 1.0  # constant factors found on q and k before the matmul (report only)
     mask: MaskSpec = field(default_factory=MaskSpec)
     sdpa_mask: Any = None  # attn_mask of an SDPA call
@@ -43,6 +44,7 @@ class AttentionSite:
     cap_nodes: set = field(default_factory=set, repr=False)  # the soft-cap's own scale nodes (not the scale)
     output_layout: list = field(default_factory=list)  # ("flatten", start, end) | ("unsqueeze", dim): site -> graph
     inserted: list[fx.Node] = field(default_factory=list)  # nodes the matcher added (layout conversions)
+    einsum_perms: dict = field(default_factory=dict)  # "q"/"k"/"v"/"out" -> permute of an einsum in another layout
 
     @property
     def anchor(self) -> fx.Node:
