@@ -22,9 +22,9 @@ switches a site between polynomial and exact attention at run time.
 from .features import evaluate_polynomial, feature_rank, taylor_coefficients, validate_polynomial
 from .key_mask import allowed_keys
 from .naive import naive_exact_attention, naive_poly_attention
-from .op import (DEFAULT_MIN_SEQ_LEN, DEFAULT_MIN_SEQ_LEN_CAUSAL, default_min_seq_len, exact_attention, mask_kind,
-                 poly_attention)
+from .op import (DEFAULT_MIN_SEQ_LEN, DEFAULT_MIN_SEQ_LEN_CAUSAL, default_min_seq_len, drop_masked_keys,
+                 exact_attention, mask_kind, poly_attention)
 
 __all__ = ["taylor_coefficients", "validate_polynomial", "evaluate_polynomial", "feature_rank", "poly_attention",
            "naive_poly_attention", "naive_exact_attention", "exact_attention", "DEFAULT_MIN_SEQ_LEN",
-           "DEFAULT_MIN_SEQ_LEN_CAUSAL", "default_min_seq_len", "mask_kind", "allowed_keys"]
+           "DEFAULT_MIN_SEQ_LEN_CAUSAL", "default_min_seq_len", "mask_kind", "allowed_keys", "drop_masked_keys"]

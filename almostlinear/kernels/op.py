@@ -29,7 +29,7 @@ from . import cpu
 from .features import validate_polynomial
 from .key_mask import allowed_keys
 
-__all__ = ["poly_attention", "DEFAULT_MIN_SEQ_LEN", "DEFAULT_MIN_SEQ_LEN_CAUSAL",
+__all__ = ["poly_attention", "drop_masked_keys", "DEFAULT_MIN_SEQ_LEN", "DEFAULT_MIN_SEQ_LEN_CAUSAL",
            "default_min_seq_len", "mask_kind", "exact_attention", "allowed_keys"]
 
 # Key length below which exact attention is faster (fwd+bwd, d=64, B=H=1), measured with
@@ -91,7 +91,7 @@ def _prep(*ts):
     return [None if t is None else t.to(_compute_dtype(ts[0])).contiguous() for t in ts]
 
 
-def _drop_masked_keys(k: torch.Tensor, v: torch.Tensor, key_weight: Optional[torch.Tensor]):
+def drop_masked_keys(k: torch.Tensor, v: torch.Tensor, key_weight: Optional[torch.Tensor]):
     """k, v with the keys of weight 0 set to 0: such a key never contributes, whatever its values (a NaN or inf
     left in a padded position by an earlier layer would otherwise enter the states as 0 * NaN = NaN, and every
     query of the sequence would become NaN). One O(B * H * S * D) select each; the gradient of a dropped key is
@@ -113,7 +113,7 @@ def _poly_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_we
     whether the output needs grad); it only trades memory for the backward's time, never the result."""
     coeffs = tuple(coefficients)
     q32, k32, v32, kw, al = _prep(q, k, v, key_weight, alibi_slopes)
-    k32, v32 = _drop_masked_keys(k32, v32, kw)
+    k32, v32 = drop_masked_keys(k32, v32, kw)
     with cpu.autocast_disabled(q):  # called with autocast on (no rule for this device): still compute in fp32
         if _use_triton(q, v, len(coeffs) - 1, key_weight, alibi_slopes, window):
             from .triton import poly_attention as tr
@@ -148,7 +148,7 @@ def _poly_attention_bwd_op(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     """dq, dk, dv; ``state`` is the forward's second output (empty: recompute)."""
     coeffs = tuple(coefficients)
     g32, q32, k32, v32, o32, kw, al = _prep(grad, q, k, v, out, key_weight, alibi_slopes)
-    k32, v32 = _drop_masked_keys(k32, v32, kw)
+    k32, v32 = drop_masked_keys(k32, v32, kw)
     with cpu.autocast_disabled(q):  # a backward run inside an autocast region must not recast the kernels
         if _use_triton(q, v, len(coeffs) - 1, key_weight, alibi_slopes, window):
             from .triton import poly_attention as tr
@@ -158,7 +158,7 @@ def _poly_attention_bwd_op(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
             dq, dk, dv = cpu.backward(g32, q32, k32, v32, o32, kw, al, scale=scale, coeffs=coeffs,
                                       causal=causal, window=window, state=state if state.numel() else None)
     if kw is not None:  # a dropped key gets no gradient (its features were zeroed, not removed)
-        dk, dv = _drop_masked_keys(dk, dv, kw)
+        dk, dv = drop_masked_keys(dk, dv, kw)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 

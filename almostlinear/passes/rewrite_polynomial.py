@@ -85,6 +85,24 @@ def _key_weight(site: AttentionSite, q: fx.Node, build: NodeBuilder) -> fx.Node 
     return build.call(operator.mul, weight, batch_ones)  # broadcast a [1, S] mask to [B, S]
 
 
+def _empty_bands(site: AttentionSite, key_weight: fx.Node, build: NodeBuilder) -> fx.Node:
+    """bool [B, S]: the rows whose window band (causal: i - w < j <= i; else |i - j| < w; L = S) holds no key of
+    weight > 0, from a running count of the kept keys read at each band's ends (two index buffers, O(B * S))."""
+    S, w = concrete_int(shape_of(key_weight)[-1]), int(site.mask.window)
+    if S is None:
+        raise RewriteError("a window with a data-dependent key mask at a dynamic length: the rows whose band holds "
+                           "no key cannot be found ahead")
+    i = torch.arange(S)
+    lo = (i - w + 1).clamp_min(0)
+    hi = i if site.mask.causal else (i + w - 1).clamp_max(S - 1)
+    device = tensor_meta(site.q).device
+    kept = build.method("to", build.call(operator.ne, key_weight, 0), torch.float32)
+    count = build.call(torch.nn.functional.pad, build.method("cumsum", kept, -1), (1, 0))  # [B, S + 1]
+    ends = [build.method("index_select", count, -1, build.buffer(f"_almostlinear_band_{name}_{site.id}", index.to(device)))
+            for name, index in (("hi", hi + 1), ("lo", lo))]
+    return build.call(operator.eq, build.call(operator.sub, *ends), 0)
+
+
 def _eager_empty_rows(site: AttentionSite, out: fx.Node, key_weight: fx.Node, v: fx.Node, build: NodeBuilder) -> fx.Node:
     """Rows whose every key is masked: the op gives 0, the matched code gives softmax of equal (or -inf) values.
     Give them the matched code's value (the mask's EMPTY_ROW_RULES): for -inf rows `neginf_row` (eager softmax:
@@ -92,7 +110,9 @@ def _eager_empty_rows(site: AttentionSite, out: fx.Node, key_weight: fx.Node, v:
     value. O(B * S * Dv); the gradient reaches v (as in eager) and not q or k (the row does not depend on them; an
     additive finfo.min mask makes eager report a rounding artefact there)."""
     rule, neginf = site.mask.empty_row_rule, float(site.mask.neginf_row)
-    if site.mask.causal:  # row i is empty when keys 0..i all have weight 0
+    if site.mask.window:  # row i is empty when every key of its band has weight 0
+        empty = build.method("unsqueeze", build.method("unsqueeze", _empty_bands(site, key_weight, build), 1), -1)
+    elif site.mask.causal:  # row i is empty when keys 0..i all have weight 0
         empty = build.call(operator.eq, build.method("cumsum", key_weight, -1), 0)
         empty = build.method("unsqueeze", build.method("unsqueeze", empty, 1), -1)  # [B, 1, S, 1]
     else:
@@ -132,8 +152,30 @@ def min_len_name(site_id: int) -> str:
     return f"{MIN_LEN_PREFIX}{site_id}"
 
 
+def guard_name(site_id: int) -> str:
+    return f"_almostlinear_logit_limit_{site_id}"
+
+
+def _within_guard(site: AttentionSite, build: NodeBuilder, q: fx.Node, k: fx.Node, scale: float,
+                  limits: Sequence[float]) -> fx.Node:
+    """int8 [Hk]: 1 where this call's logit bound |scale| * max|q_i| * max|k_j| (per key/value head, its query
+    heads together) stays within the head's limit (a buffer), 0 where the head must run exact. Two row-norm
+    reductions, O(B * H * n * d); a zero row is padded in so that an empty batch reduces to 0."""
+    hk = len(limits)
+    norms = []
+    for x in (q, k):
+        n = build.call(torch.linalg.vector_norm, build.method("float", x), dim=-1)  # [B, H, T]
+        n = build.call(torch.nn.functional.pad, n, (0, 1, 0, 0, 0, 1))
+        norms.append(build.method("amax", n, (0, 2)))  # [H]
+    qn = build.method("amax", build.method("reshape", norms[0], (hk, -1)), 1)
+    bound = build.call(operator.mul, build.call(operator.mul, qn, norms[1]), abs(float(scale)))
+    device = tensor_meta(site.q).device
+    limit = build.buffer(guard_name(site.id), torch.tensor(list(limits), dtype=torch.float32, device=device))
+    return build.method("to", build.call(operator.le, bound, limit), torch.int8)
+
+
 def _switch(site: AttentionSite, build: NodeBuilder, switchable: bool, min_seq_len: int | None,
-            k: fx.Node, heads: Sequence[int] | None) -> fx.Node | None:
+            k: fx.Node, heads: Sequence[int] | None, guard: fx.Node | None = None) -> fx.Node | None:
     """The int8 mode of the switchable op (1: polynomial, 0: exact), or None for the plain op.
 
     switchable (re-checks on) or per-head decisions (`heads`: the key/value heads the op computes): a buffer
@@ -143,7 +185,7 @@ def _switch(site: AttentionSite, build: NodeBuilder, switchable: bool, min_seq_l
     one graph serves every length without a guard on it."""
     device = tensor_meta(site.q).device
     switch = None
-    if heads is not None or switchable:  # one mode per key/value head: re-checks may switch single heads
+    if heads is not None or switchable or guard is not None:  # one mode per key/value head
         modes = torch.zeros(shape_of(k)[1], dtype=torch.int8, device=device)
         modes[list(heads) if heads is not None else slice(None)] = 1
         switch = build.buffer(switch_name(site.id), modes)
@@ -153,6 +195,8 @@ def _switch(site: AttentionSite, build: NodeBuilder, switchable: bool, min_seq_l
         full = build.call(torch.full, (), length, dtype=torch.int64, device=device)
         gate = build.method("to", build.call(operator.ge, full, minimum), torch.int8)
         switch = gate if switch is None else build.call(operator.mul, switch, gate)
+    if guard is not None:  # heads whose logit bound leaves the planned range run exact on this call
+        switch = build.call(operator.mul, switch, guard)
     return switch
 
 
@@ -173,23 +217,21 @@ def _scaled_query(site: AttentionSite, build: NodeBuilder) -> tuple[fx.Node, flo
 
 def rewrite_polynomial(gm: fx.GraphModule, site: AttentionSite, fake_mode, coefficients: Sequence[float],
                        switchable: bool = False, min_seq_len: int | None = None,
-                       heads: Sequence[int] | None = None) -> fx.Node:
+                       heads: Sequence[int] | None = None, guard: Sequence[float] | None = None) -> fx.Node:
     """Replace the site with the polynomial op P(s) = sum_j coefficients[j] s^j. `switchable`: the mode is a
     buffer the re-checks flip; `min_seq_len` (dynamic key length only): the op runs from that key length on,
     exact attention below; `heads`: the key/value heads the op computes (GQA: with their query heads), exact
-    attention on the others (None: all). Returns the op node (its output 0 is the attention output)."""
-    if site.mask.window and site.mask.key_mask and site.mask.empty_rows_possible:
-        # sliding-window layers on a padded batch: a row whose band holds only padded keys is empty although
-        # the sequence has keys; the empty-row fix-up below finds global and causal empty rows only
-        raise RewriteError("a window with a data-dependent key mask may leave a row no key in its band, and the "
-                           "matched code's value on such rows is not reproduced by the op")
+    attention on the others (None: all); `guard`: per key/value head, the logit bound |scale| max|q| max|k| above
+    which the head runs exact on a call (rewriter/guard.py). Returns the op node (its output 0 is the attention
+    output)."""
     build = NodeBuilder(gm, site.output, fake_mode, source=site.anchor)
     q, scale = _scaled_query(site, build)
     k, v = site.op_kv
     mask = site.mask
     alibi = _alibi_slopes(site, build)
     key_weight = _key_weight(site, q, build)
-    switch = _switch(site, build, switchable, min_seq_len, k, heads)
+    within = _within_guard(site, build, q, k, scale, guard) if guard is not None else None
+    switch = _switch(site, build, switchable, min_seq_len, k, heads, within)
     tail = (list(coefficients), bool(mask.causal), int(mask.window))
     if switch is not None:
         op_node = build.call(torch.ops.almostlinear.switchable_attention.default, q, k, v, key_weight, alibi, switch,

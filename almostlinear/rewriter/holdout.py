@@ -3,10 +3,13 @@ batches that follow, not only on the one it was planned on).
 
 Calibration chooses coefficients and heads on the captured q/k/v; measuring the end-to-end gradient error on
 those same rows rewards that choice for fitting them (measured on a character-level GPT: the following batches'
-errors were up to 1.9x the planning batch's). So the batch rows are split: calibration sees the first half, and
-the error is measured on the second half, which nothing was chosen on. The graph was captured at the example's
-shapes, so the held-out half is run as a batch of the same size, its rows repeated (for a loss that is a mean
-over rows the gradient is that of the half). With one row, or inputs whose batch dimension cannot be told,
+errors were up to 1.9x the planning batch's). So the batch rows are split: calibration sees the even rows, and
+the error is measured on the odd rows, which nothing was chosen on. Where every floating output of the graph
+has the batch dimension ("rows": logits, hidden states), one pass over the whole batch serves both: its
+cotangents are zero on the calibration rows, so the gradients are the held-out rows' alone. Where an output
+mixes the rows (a loss computed inside the model: "repeat"), the graph, captured at the example's shapes, runs
+on a batch of the held-out rows repeated to the same size (for a loss that is a mean over rows, the gradient is
+that of the held-out rows), one extra reference pass. With one row, or inputs whose batch dimension cannot be told,
 nothing is held out and the figure is in-sample (the report says which).
 """
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 
-from ..passes.graph_utils import INPUT, placeholder_kinds
+from ..passes.graph_utils import INPUT, concrete_int, example_value, placeholder_kinds
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,11 @@ class BatchSplit:
     fit: torch.Tensor  # row indices, int64
     held_out: torch.Tensor  # row indices, int64
     inputs: tuple[int, ...]  # the positions of the inputs that carry the batch dimension (dim 0)
+    mode: str = "repeat"  # "rows": cotangents on the held-out rows of the whole batch; "repeat": see above
+
+    def cotangent_rows(self) -> torch.Tensor | None:
+        """The rows whose outputs get cotangents ("rows" mode; None: every row)."""
+        return self.held_out if self.mode == "rows" else None
 
     def held_out_inputs(self, inputs: Sequence[Any]) -> list[Any]:
         """The example inputs with their batch rows replaced by the held-out rows, repeated to size B."""
@@ -46,11 +54,21 @@ class BatchSplit:
 
 
 def _rows(index: torch.Tensor) -> str:
-    first, last = int(index[0]), int(index[-1])
-    return str(first) if first == last else f"{first}-{last}"
+    rows = index.tolist()
+    return ", ".join(map(str, rows)) if len(rows) <= 4 else f"{rows[0]}, {rows[1]}, ..., {rows[-1]}"
 
 
 IN_SAMPLE = "measured on the example batch it was planned on (in-sample: {why})"
+
+
+def _outputs_have_rows(gm: fx.GraphModule, size: int) -> bool:
+    """Every floating output of the graph has the batch dimension first (its rows are the batch's rows)."""
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    flat: list = []
+    fx.node.map_arg(output.args, flat.append)
+    values = [example_value(n) for n in flat]
+    floating = [x for x in values if isinstance(x, torch.Tensor) and x.is_floating_point()]
+    return bool(floating) and all(x.dim() >= 1 and concrete_int(x.shape[0]) == size for x in floating)
 
 
 def batch_split(gm: fx.GraphModule, inputs: Sequence[Any]) -> tuple[BatchSplit | None, str]:
@@ -68,9 +86,12 @@ def batch_split(gm: fx.GraphModule, inputs: Sequence[Any]) -> tuple[BatchSplit |
     if len(sizes) > 1:
         return None, f"the inputs' first dimensions differ ({sorted(sizes)}): no batch dimension to split"
     size = sizes.pop()
-    cut = (size + 1) // 2
     rows = torch.arange(size)
-    split = BatchSplit(size, rows[:cut], rows[cut:], tuple(i for i, x in data if x.shape[0] == size))
+    # interleaved (not halves): data sorted along the batch (by length, by source) falls on both sides, and under
+    # DDP the union of the ranks' calibration rows is what one process would calibrate on with the ranks'
+    # batches concatenated (even per-rank batch sizes)
+    mode = "rows" if _outputs_have_rows(gm, size) else "repeat"
+    split = BatchSplit(size, rows[0::2], rows[1::2], tuple(i for i, x in data if x.shape[0] == size), mode)
     return split, ""
 
 

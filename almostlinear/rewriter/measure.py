@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 
-from ..kernels import exact_attention
+from ..kernels import drop_masked_keys, exact_attention, feature_rank, naive_poly_attention
 from ..kernels.switchable import SWITCHABLE_OP
 from ..passes.graph_utils import concrete_int, rng_preserved
 
@@ -104,6 +104,55 @@ def site_op_args(node: fx.Node):
     return None
 
 
+# Measuring runs the approximate op materialised (the [B, H, L, S] weights, by autograd) where that is cheaper
+# than its features: the same function (kernels tested against this reference to ~1e-6), at short lengths
+# several times faster (rank 2,145 features per token at d = 64 against 256 keys), and planning measures at the
+# example's length, usually short. At most this many weights per op call.
+MATERIALISE_MAX = 1 << 24
+
+
+def materialised_op(target, args: tuple, kwargs: dict):
+    """The outputs of an approximate op node computed by the naive reference (kernels/naive.py) with the op's
+    semantics (zero-weight keys dropped, rows with no key 0), or None where the op is cheaper or the call is not
+    one it can stand in for (degree from the coefficients; the state / logsumexp outputs are empty, read only by
+    the op's own backward)."""
+    if target is POLY_OP:
+        q, k, v, key_weight, alibi, scale, coefficients, causal, window = args[:9]
+        switch = None
+    elif target is SWITCHABLE_OP:
+        q, k, v, key_weight, alibi, switch, scale, coefficients, causal, window = args[:10]
+    else:
+        return None
+    B, Hq, L, D = q.shape
+    S = k.shape[2]
+    if B * Hq * L * S > MATERIALISE_MAX or S >= feature_rank(D, len(coefficients) - 1):
+        return None
+    common = dict(scale=scale, causal=causal, key_weight=key_weight, window=window)
+
+    def run(polynomial: bool, heads: torch.Tensor | None):  # heads: the query heads (None: all)
+        qh, kh, vh, slopes = q, k, v, alibi
+        if heads is not None:
+            kv = heads[::Hq // k.shape[1]] // (Hq // k.shape[1])
+            qh, kh, vh = q.index_select(1, heads), k.index_select(1, kv), v.index_select(1, kv)
+            slopes = None if alibi is None else alibi.index_select(0, heads)
+        if not polynomial:
+            return exact_attention(qh, kh, vh, alibi_slopes=slopes, **common)
+        kh, vh = drop_masked_keys(kh, vh, key_weight)  # as the op (its exact branch does not)
+        return naive_poly_attention(qh, kh, vh, degree=len(coefficients) - 1, coefficients=list(coefficients),
+                                    alibi_slopes=slopes, **common)
+
+    on = None if switch is None else switch.reshape(-1).ne(0).repeat_interleave(Hq // switch.numel() or 1)
+    if on is None or bool(on.all()) or not bool(on.any()):
+        out = run(on is None or bool(on.all()), None)
+    else:  # each head in its mode, as the switchable op computes them (no NaN of one branch in the other)
+        first, second = on.nonzero().flatten(), (~on).nonzero().flatten()
+        out = torch.cat([run(True, first), run(False, second)], 1)
+        out = out.index_select(1, torch.argsort(torch.cat([first, second])))
+    if switch is None:
+        return out, q.new_empty(0, dtype=torch.float32)
+    return out, switch.detach().clone(), q.new_zeros(B, Hq, L, dtype=torch.float32)
+
+
 class SiteErrors(fx.Interpreter):
     """Runs a rewritten graph and, at each polynomial node, measures it against exact attention.
 
@@ -123,6 +172,13 @@ class SiteErrors(fx.Interpreter):
         self.unmeasured: dict[fx.Node, str] = {}
         self.watch = watch or {}
         self.captured: dict[fx.Node, torch.Tensor] = {}
+
+    def call_function(self, target, args, kwargs) -> Any:
+        if target is POLY_OP or target is SWITCHABLE_OP:
+            fast = materialised_op(target, args, kwargs)
+            if fast is not None:
+                return fast
+        return super().call_function(target, args, kwargs)
 
     def get_attr(self, target, args, kwargs) -> Any:
         value = super().get_attr(target, args, kwargs)
@@ -144,7 +200,8 @@ class SiteErrors(fx.Interpreter):
                 self._measure(n, out, q, k, v, key_weight, alibi, scale, causal, window)
             else:  # the site ran exact on this call (switched, or its key length is below min_seq_len)
                 self.local_errors[n] = math.nan
-                self.unmeasured[n] = "the site ran exact on this call (key length below min_seq_len, or switched)"
+                self.unmeasured[n] = ("the site ran exact on this call (key length below min_seq_len, switched, or "
+                                      "its logits left the planned range: the guard)")
         return result
 
     def _measure(self, n, out, q, k, v, key_weight, alibi, scale, causal, window) -> None:
@@ -182,10 +239,12 @@ class Measurement:
 
 
 def run_with_grads(gm: fx.GraphModule, inputs: Sequence[Any], rng_state: torch.Tensor,
-                   watch: dict[fx.Node, int] | None = None, backward: bool = True) -> Measurement:
+                   watch: dict[fx.Node, int] | None = None, backward: bool = True,
+                   rows: torch.Tensor | None = None) -> Measurement:
     """One forward+backward of `gm` on clones of `inputs` with fixed cotangents; no side effects (inputs and
     the module's buffers are cloned, so buffer updates such as BatchNorm's land on the clones).
-    `backward=False`: the forward only (to capture `watch`), no gradients."""
+    `backward=False`: the forward only (to capture `watch`), no gradients. `rows`: cotangents only on these rows
+    (dim 0) of every output, the gradients of those rows alone (rewriter/holdout.py)."""
     clones, wanted = _grad_inputs(inputs)
     with rng_preserved(), torch.set_grad_enabled(backward):
         torch.set_rng_state(rng_state)
@@ -197,11 +256,19 @@ def run_with_grads(gm: fx.GraphModule, inputs: Sequence[Any], rng_state: torch.T
         flat = [o for o in floating if o.requires_grad]
         generator = torch.Generator(device="cpu").manual_seed(20240)
         cotangents = [torch.randn(o.shape, generator=generator, dtype=torch.float32).to(o) for o in flat]
+        if rows is not None:
+            cotangents = [c * _row_mask(c, rows) for c in cotangents]
         targets = [clones[i] for i in wanted]
         grads = torch.autograd.grad(flat, targets, cotangents, allow_unused=True) if flat and backward else []
     grads = [torch.zeros_like(t) if g is None else g.detach() for g, t in zip(grads, targets)]
     return Measurement(grads, interpreter.local_errors, interpreter.captured, interpreter.unmeasured,
                        interpreter.head_errors, outputs_finite)
+
+
+def _row_mask(c: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    mask = torch.zeros(c.shape[0], dtype=c.dtype, device=c.device)
+    mask[rows.to(c.device)] = 1
+    return mask.reshape(-1, *([1] * (c.dim() - 1)))
 
 
 def agree(values: Sequence[float]) -> list[float]:

@@ -14,6 +14,7 @@ METHODS = tuple(c.value for c in (Choice.AUTO, Choice.EXACT, Choice.POLYNOMIAL))
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 SITE_CHOICES = tuple(c.value for c in (Choice.EXACT, Choice.POLYNOMIAL, Choice.SKIP))
 DEGREES = (2, 4, 6)
+ATTENTION_DROPOUT = ("keep", "remove")
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,11 @@ class Options:
     min_seq_len   key length below which approximation is not used (None: the measured crossover)
     sites         {module-path glob: "exact" | "polynomial" | "skip"} per-site overrides
     recheck_every re-measure the error every N calls of a training graph (0: never)
+    attention_dropout  "keep": a site with dropout on its attention weights stays exact (the op has no dropout);
+                  "remove" (method="polynomial" only): such sites are approximated and train without that dropout
+                  (the report says so on each: the regularisation changed)
+    guard         method="auto": a key/value head whose logit bound on a call leaves the planned range (the
+                  planning batch's, times up to 1.5) runs exact attention on that call (rewriter/guard.py)
     strict        raise instead of falling back to exact when the budget cannot be met
 
     Validated on construction (however constructed). Numbers are stored as Python numbers (a numpy
@@ -42,6 +48,8 @@ class Options:
     min_seq_len: int | None = None
     sites: Mapping[str, str] = field(default_factory=dict)
     recheck_every: int = 0
+    guard: bool = True
+    attention_dropout: str = "keep"
     strict: bool = False
 
     def __post_init__(self) -> None:
@@ -99,6 +107,12 @@ class Options:
             f"recheck_every must be an int >= 0 (0 disables re-checks), got {self.recheck_every!r}",
         )
         _check(isinstance(self.strict, bool), f"strict must be True or False, got {self.strict!r}")
+        _check(isinstance(self.guard, bool), f"guard must be True or False, got {self.guard!r}")
+        _check(_is_str(self.attention_dropout) and self.attention_dropout in ATTENTION_DROPOUT,
+               f"attention_dropout must be one of {list(ATTENTION_DROPOUT)}, got {self.attention_dropout!r}")
+        _check(self.attention_dropout == "keep" or self.method == Choice.POLYNOMIAL,
+               f"attention_dropout='remove' changes how the model trains, so it is offered with "
+               f"method='polynomial' only; got method={str(getattr(self.method, 'value', self.method))!r}")
 
     def __deepcopy__(self, memo: dict) -> "Options":
         return self  # immutable (a frozen record with a read-only `sites`)

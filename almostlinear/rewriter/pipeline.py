@@ -167,7 +167,8 @@ def _rewrite_polynomial(gm, site, row: Site, decision: Decision, fake_mode, opti
     try:
         applied.op_nodes[site.id] = rewrite_polynomial(gm, site, fake_mode, coefficients,
                                                        switchable=bool(options.recheck_every),
-                                                       min_seq_len=decision.min_seq_len, heads=decision.heads)
+                                                       min_seq_len=decision.min_seq_len, heads=decision.heads,
+                                                       guard=decision.guard)
     except rewriter.RewriteError as exc:
         fallback = Decision(Method.EXACT, f"fused exact: the polynomial rewrite failed ({exc})")
         applied.decisions[site.id] = fallback

@@ -38,6 +38,7 @@ class Decision:
     coefficients: tuple[float, ...] | None = None  # None: Taylor coefficients of exp
     min_seq_len: int | None = None  # the op runs from this key length on (dynamic lengths: decided at run time)
     heads: tuple[int, ...] | None = None  # the key/value heads the op computes (None: all); exact on the others
+    guard: tuple[float, ...] | None = None  # per key/value head: the logit bound above which a call runs exact
 
 
 def site_override(module_path: str, options: Options) -> tuple[str, Choice] | None:
@@ -94,7 +95,7 @@ def min_seq_len_for(site: AttentionSite, options: Options) -> int:
     return max(256, int(base * (d or 64) / 64))
 
 
-def _unsupported(site: AttentionSite) -> str | None:
+def _unsupported(site: AttentionSite, options: Options) -> str | None:
     """Why the op cannot compute this site (None: it can), whatever the key length."""
     if site.score_transform:  # the op computes P(s) of the plain scores: never drop a transform
         return f"the scores pass through a transform the op cannot apply: {site.score_transform}"
@@ -103,7 +104,7 @@ def _unsupported(site: AttentionSite) -> str | None:
     q_shape = shape_of(site.q)
     if q_shape is None or len(q_shape) != 4:
         return "the polynomial op takes [B, H, T, D] tensors; this site is not 4-D"
-    if dropout_active(site):
+    if dropout_active(site) and options.attention_dropout != "remove":
         if isinstance(site.dropout_p, fx.Node):  # dynamic=True: Dynamo passes float attributes as inputs
             return ("dropout's probability is a run-time value here (Dynamo does not specialise floats: "
                     "torch._dynamo.config.specialize_float is False), so it may change without a recompile "
@@ -125,19 +126,24 @@ def _unsupported(site: AttentionSite) -> str | None:
 def polynomial_support(site: AttentionSite, options: Options) -> tuple[bool, str]:
     """Whether the op can compute this site and is worth it at its key length, and the reason (kept in the
     report either way)."""
-    why = _unsupported(site)
+    why = _unsupported(site, options)
     if why is not None:
         return False, why
     length = concrete_int(shape_of(site.op_kv[0])[-2])
     threshold = min_seq_len_for(site, options)
     if length is None:
         return False, "unbacked symbolic key length: the crossover cannot be decided"
+    removed = ""
+    if dropout_active(site):  # only here with attention_dropout="remove"
+        p = site.dropout_p if not isinstance(site.dropout_p, fx.Node) else "a run-time value"
+        removed = (f"; attention dropout (p = {p}) REMOVED at this site (attention_dropout='remove'): the model "
+                   f"trains without that regularisation")
     if is_dynamic_length(site):
         return True, (f"polynomial where the key length >= min_seq_len {threshold}, exact below (dynamic length: "
-                      f"chosen at run time)")
+                      f"chosen at run time){removed}")
     if length < threshold:
         return False, f"key length {length} < min_seq_len {threshold}: exact attention is faster there"
-    return True, f"polynomial (key length {length} >= min_seq_len {threshold})"
+    return True, f"polynomial (key length {length} >= min_seq_len {threshold}){removed}"
 
 
 __all__ = ["Decision", "decide", "site_override", "polynomial_support", "min_seq_len_for"]

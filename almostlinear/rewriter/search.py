@@ -31,6 +31,7 @@ import torch
 from ..kinds import Choice, Method
 from ..passes.rewrite_polynomial import MIN_LEN_PREFIX
 from .calibrate import Calibration, alibi_value, calibrate, key_weight_value, site_scale
+from .guard import describe as describe_guard, limits, logit_bounds
 from .holdout import IN_SAMPLE, BatchSplit, batch_split
 from .measure import Measurement, agree, gradient_error, real_inputs, run_with_grads, unusable_reason
 from .options import Options
@@ -71,6 +72,7 @@ class _Search:
     unmeasurable: bool = False  # the exact gradients are not finite on these inputs
     reference_sites: list = field(default_factory=list)  # the sites as rewritten in the reference graph
     reference_graph: Any = None  # the all-exact graph module
+    rows: torch.Tensor | None = None  # the batch rows whose outputs get cotangents (holdout.py; None: all)
 
     def exact(self, sid: int, why: str) -> None:
         self.decisions[sid] = Decision(Method.EXACT, why)
@@ -90,9 +92,11 @@ def search_within_budget(prepared: Prepared, decisions: dict[int, Decision], opt
         return apply(prepared, search.decisions, options)
     rng = torch.get_rng_state()
     split, why = batch_split(prepared.graph_module, inputs)
-    reference = _reference(search, inputs, rng, backward=split is None)
+    search.rows = split.cotangent_rows() if split is not None else None
+    repeat = split is not None and split.mode == "repeat"
+    reference = _reference(search, inputs, rng, backward=not repeat)
     held_out, held_out_reference = inputs, reference
-    if split is not None:  # the error is measured on rows calibration did not see (holdout.py)
+    if repeat:  # the error is measured on rows calibration did not see (holdout.py)
         held_out = split.held_out_inputs(inputs)
         held_out_reference = run_with_grads(search.reference_graph, held_out, rng)
     report.grad_error_covers = split.describe() if split is not None else IN_SAMPLE.format(why=why)
@@ -119,7 +123,7 @@ def _reference(search: _Search, inputs: list, rng: torch.Tensor, backward: bool 
             watch.update({site.q: site.id, k: site.id, v: site.id})
             watch.update({term.node: site.id for term in site.mask.key_mask})  # the key mask's values
     search.reference_sites, search.reference_graph = applied.sites, applied.graph_module
-    return run_with_grads(applied.graph_module, inputs, rng, watch, backward=backward)
+    return run_with_grads(applied.graph_module, inputs, rng, watch, backward=backward, rows=search.rows)
 
 
 def _captured(site, reference: Measurement):
@@ -143,6 +147,7 @@ def _calibrate_all(search: _Search, reference: Measurement, measuring: Measureme
                                      "error cannot be measured)")
     for sid, reason in unusable.items():
         _keep_uncalibrated(search, sid, reason, sid in empty)
+    bounds: dict[int, list[float]] = {}  # per site, per key/value head: the example batch's logit bound
     for site in search.reference_sites:
         if site.id not in search.candidates or site.id in unusable:
             continue
@@ -154,6 +159,7 @@ def _calibrate_all(search: _Search, reference: Measurement, measuring: Measureme
             causal=site.mask.causal, window=site.mask.window,
             key_weight=fit(key_weight_value(site, reference.captured, q)), alibi_slopes=alibi_value(site, q),
             per_head=options.method is Choice.AUTO)
+        bounds[site.id] = logit_bounds(q, k, site_scale(site))
     ids = sorted(search.calibrations)
     for sid, agreed in zip(ids, agree([search.calibrations[sid].sampled_error for sid in ids])):
         cal = search.calibrations[sid]
@@ -172,8 +178,12 @@ def _calibrate_all(search: _Search, reference: Measurement, measuring: Measureme
                       f"on sampled queries (errors {', '.join(f'{e:.3g}' for e in cal.group_errors)})")
         if cal.fit_groups is not None:
             reason += f"; {cal.fit} coefficients chosen on key/value heads {list(cal.fit_groups)}"
+        guard = None
+        if options.method is Choice.AUTO and options.guard:  # batches sharper than this one run exact (guard.py)
+            guard = limits(agree(bounds[sid]), cal.group_errors, options.budget)
+            reason += f"; {describe_guard(guard)}"
         search.decisions[sid] = Decision(Method.POLYNOMIAL, reason, d.degree or 2,
-                                         cal.coefficients if cal.fitted else None, d.min_seq_len, heads)
+                                         cal.coefficients if cal.fitted else None, d.min_seq_len, heads, guard)
 
 
 def _keep_uncalibrated(search: _Search, sid: int, reason: str, empty: bool) -> None:
@@ -194,7 +204,7 @@ def _back_off(search: _Search, inputs: list, rng: torch.Tensor, reference: Measu
     while True:
         current = apply(search.prepared, search.decisions, options)
         with length_gates_open(current.graph_module):
-            measured = run_with_grads(current.graph_module, inputs, rng)
+            measured = run_with_grads(current.graph_module, inputs, rng, rows=search.rows)
         ids = sorted(current.op_nodes)
         agreed = agree([gradient_error(measured.grads, reference.grads)]
                        + [measured.local_errors.get(current.op_nodes[sid], math.inf) for sid in ids])

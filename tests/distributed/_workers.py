@@ -227,7 +227,7 @@ SCENARIOS = {
     "ddp_split_helper_poly": (_ddp, {"options": POLY, "bucket_cap_mb": 0.01, "helper": True}),
     "skew_auto": (_ddp, {"options": AUTO, "scaled": True, "skew": True, "mode": False}),
     "skew_poly_fitted": (_ddp, {"options": POLY, "scaled": True, "skew": 2.0, "mode": False, "fitted": True}),
-    "recheck": (_recheck, {"options": dict(AUTO, recheck_every=1)}),
+    "recheck": (_recheck, {"options": dict(AUTO, recheck_every=1, guard=False)}),  # the re-check switches
     "hf_recheck_split": (_hf_recheck_split, {"options": dict(POLY, recheck_every=1)}),
     "fsdp2_exact": (_fsdp2, {"options": EXACT}),
     "fsdp2_poly": (_fsdp2, {"options": POLY}),

@@ -145,3 +145,22 @@ def test_torch_compile_inductor_no_graph_break(dynamic):
             assert torch.allclose(a, b, atol=1e-5)
     assert cnt.frame_count == (1 if dynamic else 2)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("window", [0, 64])
+def test_a_nan_key_leaves_the_earlier_queries_as_eager_does(window):
+    """Issue 25: a NaN in key j made the outputs of the queries before j in its causal chunk NaN (P(NaN) * 0 in the
+    diagonal block); eager's masked softmax keeps them finite. The non-finite pattern now equals eager's and the
+    finite rows equal the op's on clean keys."""
+    torch.manual_seed(0)
+    q, k, v = (0.3 * torch.randn(1, 2, 300, 16) for _ in range(3))
+    bad = k.clone()
+    bad[0, 0, 200] = float("nan")
+    i = torch.arange(300)
+    allowed = (i[None, :] <= i[:, None]) & ((i[:, None] - i[None, :] < window) if window else True)
+    eager = ((0.25 * q @ bad.mT).masked_fill(~allowed, float("-inf")).softmax(-1)) @ v
+    clean = poly_attention(q, k, v, scale=0.25, causal=True, window=window)
+    got = poly_attention(q, bad, v, scale=0.25, causal=True, window=window)
+    assert torch.equal(torch.isfinite(got), torch.isfinite(eager))
+    finite = torch.isfinite(got)
+    torch.testing.assert_close(got[finite], clean[finite])

@@ -131,14 +131,28 @@ def test_sliding_window_with_key_padding_is_a_window():
     assert site.causal and site.window == 3  # (batch 1's last row sees only padded keys: eager's value kept)
 
 
-def test_sliding_window_with_key_padding_keeps_eager_rows_under_polynomial():
-    """A row whose band holds only padded keys (batch 1, last row) is empty although its sequence has keys: until
-    the op's empty-row fix-up knows windows, the rewrite falls back to exact, which keeps eager's value."""
+@pytest.mark.parametrize("model, scale, causal, window", [(SlidingPadded(), 0.5, True, 3),
+                                                         (LocalEncoder(2, True), D ** -0.5, False, 3)],
+                         ids=["sliding", "bidirectional"])
+def test_window_with_key_padding_keeps_eager_rows_under_polynomial(model, scale, causal, window):
+    """A row whose band holds only padded keys (batch 1, last row) is empty although its sequence has keys: the
+    empty-row fix-up finds it from the kept keys counted over each band and gives it eager's value; the other
+    rows are the polynomial attention the report says (the naive reference)."""
     torch._dynamo.reset()
-    backend = almostlinear.Backend(method="polynomial", min_seq_len=0, inner="aot_eager")
-    inputs = (*_qkv(), _keep())
-    out = torch.compile(SlidingPadded(), backend=backend)(*inputs)
-    torch.testing.assert_close(out, SlidingPadded()(*inputs), atol=1e-4, rtol=1e-4)
+    q, k, v = _qkv()
+    keep = _keep()
+    out, row = _polynomial(model, (q, k, v, keep))
+    assert row.method == "polynomial", row.reason
+    expected = _reference(row, q, k, v, scale=scale, causal=causal, window=window, key_weight=keep.float())
+    i = torch.arange(L)
+    band = (i[None, :] - i[:, None]).abs() < window
+    band = band & (i[None, :] <= i[:, None]) if causal else band
+    empty = ~(band[None] & keep[:, None, :]).any(-1)  # [B, L]
+    assert bool(empty.any()) and bool((~empty).any())
+    eager = model(q, k, v, keep)
+    rows = empty[:, None, :, None].expand_as(out)
+    torch.testing.assert_close(out[rows], eager[rows], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[~rows], expected[~rows], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("w", [2, 5])  # 5: a window wider than half the length

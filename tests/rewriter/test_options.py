@@ -21,6 +21,7 @@ from almostlinear.rewriter.options import INNER_COMPILERS, METHODS, Options
         ({"sites": ["h.0.*"]}, "sites must be a dict"),
         ({"recheck_every": 1.5}, "recheck_every must be an int >= 0"),
         ({"strict": "yes"}, "strict must be True or False"),
+        ({"guard": "on"}, "guard must be True or False"),
     ],
 )
 def test_invalid_option_names_valid_choices(bad, needle):
@@ -35,7 +36,7 @@ def test_invalid_option_names_valid_choices(bad, needle):
 def test_unknown_key_lists_every_valid_key():
     with pytest.raises(ValueError) as info:
         Options.from_mapping({"budgett": 0.1})
-    for key in ("budget", "method", "inner", "degree", "min_seq_len", "sites", "recheck_every", "strict"):
+    for key in ("budget", "method", "inner", "degree", "min_seq_len", "sites", "recheck_every", "guard", "strict"):
         assert key in str(info.value)
 
 

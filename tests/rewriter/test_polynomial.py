@@ -121,3 +121,37 @@ def test_gpt_trains_through_the_polynomial_op(inner):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
     eager = model(tokens, tokens)
     assert abs(loss.item() - eager.item()) < 1e-3 * abs(eager.item())  # small logits at init
+
+
+class _DropoutAttention(torch.nn.Module):
+    """BERT-style: dropout on the attention probabilities in training."""
+
+    def forward(self, q, k, v):
+        p = (q @ k.transpose(-2, -1) / 8**0.5).softmax(-1)
+        return torch.nn.functional.dropout(p, 0.1, self.training) @ v
+
+
+def test_attention_dropout_remove_approximates_dropout_sites_and_says_the_regularisation_changed():
+    """Issue 25: a site with attention dropout stays exact (the op has no dropout); under method="polynomial",
+    attention_dropout="remove" approximates it, without the dropout, and the report says so."""
+    torch.manual_seed(0)
+    q, k, v = (0.1 * torch.randn(2, 2, 64, 8) for _ in range(3))
+    model = _DropoutAttention().train()
+    results = {}
+    for choice in ("keep", "remove"):
+        torch._dynamo.reset()
+        backend = almostlinear.Backend(method="polynomial", min_seq_len=0, inner="eager", attention_dropout=choice)
+        out = torch.compile(model, backend=backend)(q, k, v)
+        results[choice] = (backend.reports[-1].sites[0], out)
+    kept, removed = results["keep"][0], results["remove"][0]
+    assert kept.method == "exact" and "dropout" in kept.reason, kept.reason
+    assert removed.method == "polynomial" and "dropout (p = 0.1) REMOVED" in removed.reason, removed.reason
+    no_dropout = _DropoutAttention().eval()(q, k, v)
+    assert float((results["remove"][1] - no_dropout).norm() / no_dropout.norm()) < 1e-3
+
+
+def test_attention_dropout_remove_is_offered_with_method_polynomial_only():
+    with pytest.raises(ValueError, match="attention_dropout='remove' changes how the model trains.*got method='auto'"):
+        almostlinear.Backend(attention_dropout="remove")
+    with pytest.raises(ValueError, match=r"attention_dropout must be one of \['keep', 'remove'\], got 'drop'"):
+        almostlinear.Backend(method="polynomial", attention_dropout="drop")

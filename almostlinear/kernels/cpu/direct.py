@@ -20,10 +20,12 @@ def direct_block(cx, i0, i1, j0, j1):
 
 
 def direct_weights(cx, qc, kc, M):
-    """Scores s = scale q.k and weights W = P(s) * M, both [..., G, Ci, Cj]."""
+    """Scores s = scale q.k and weights W = P(s) * M, both [..., G, Ci, Cj]; W is 0 wherever M is, even where s
+    is not a number (a NaN key must not reach the earlier queries of its chunk as P(NaN) * 0 = NaN: eager's
+    masked softmax gives them finite values)."""
     *lead, G, Ci, D = qc.shape
     s = (qc.reshape(*lead, G * Ci, D) @ kc.transpose(-1, -2)).mul_(cx.scale).view(*lead, G, Ci, -1)
-    return s, evaluate_polynomial(s, cx.coeffs).mul_(M)
+    return s, evaluate_polynomial(s, cx.coeffs).mul_(M).masked_fill_(M == 0, 0.0)
 
 
 def block_numerator(W, vaug):
@@ -38,7 +40,8 @@ def block_backward(cx, qc, kc, vaug, M, gd, s, W):
     *lead, G, Ci, D = qc.shape
     gd2 = gd.reshape(*lead, G * Ci, -1)
     dW = (gd2 @ vaug.transpose(-1, -2)).view(*lead, G, Ci, -1).mul_(M)
-    ds = dW.mul_(evaluate_polynomial_derivative(s, cx.coeffs)).mul_(cx.scale).view(*lead, G * Ci, -1)
+    ds = dW.mul_(evaluate_polynomial_derivative(s, cx.coeffs)).mul_(cx.scale).masked_fill_(M == 0, 0.0)
+    ds = ds.view(*lead, G * Ci, -1)
     dq = (ds @ kc).view(*lead, G, Ci, D)
     dk = ds.transpose(-1, -2) @ qc.reshape(*lead, G * Ci, D)
     dv = W.view(*lead, G * Ci, -1).transpose(-1, -2) @ gd2[..., :cx.Dv]
