@@ -29,27 +29,7 @@ import torch
 import almostlinear
 from almostlinear.zoo import GPT, GPTConfig
 from almostlinear.zoo.data import batches, split, stdlib_text
-
-
-class SharperLater(torch.nn.Module):
-    """One attention layer with a mean-squared loss (the `sharper` model)."""
-
-    def __init__(self, d: int = 16, heads: int = 2):
-        super().__init__()
-        self.qkv, self.proj, self.heads = torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, d), heads
-
-    def forward(self, x, y):
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-        return ((self.proj(o.transpose(1, 2).reshape(B, T, C)) - y) ** 2).mean()
-
-
-def sharper_batches(n: int, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(n):
-        scale = 0.3 + 2.0 * torch.rand(8, 1, 1, generator=g) ** 4
-        yield scale * torch.randn(8, 64, 16, generator=g), torch.randn(8, 64, 16, generator=g)
+from almostlinear.zoo.layer import AttentionLayer, heavy_tailed_batches
 
 
 def trained_gpt(steps: int, seed: int = 0):
@@ -103,8 +83,8 @@ def main() -> None:
         data = list(batches(held, 128, 8, args.later + 1, seed=99))
         rows += [measure(f"gpt@{steps}", model, data, args.budget, guard) for guard in (True, False)]
     torch.manual_seed(0)
-    layer = SharperLater()
-    data = list(sharper_batches(args.later + 1))
+    layer = AttentionLayer()
+    data = list(heavy_tailed_batches(torch.Generator().manual_seed(1), args.later + 1))
     rows += [measure("sharper", layer, data, args.budget, guard) for guard in (True, False)]
     lines = [f"budget {args.budget:g}; error = relative error of the parameter gradients of the model's loss, "
              f"compiled (auto) vs uncompiled", "",

@@ -5,20 +5,7 @@ import torch
 
 import almostlinear
 from almostlinear.rewriter.holdout import batch_split
-
-
-class _Layer(torch.nn.Module):
-    """One attention layer with parameters and a mean-squared loss over the batch rows."""
-
-    def __init__(self, d: int = 16, heads: int = 2):
-        super().__init__()
-        self.qkv, self.proj, self.heads = torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, d), heads
-
-    def forward(self, x, y):
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-        return ((self.proj(o.transpose(1, 2).reshape(B, T, C)) - y) ** 2).mean()
+from almostlinear.zoo.layer import AttentionLayer, heavy_tailed_batches
 
 
 def _grads(model, x, y):
@@ -50,7 +37,7 @@ def test_the_planning_figure_is_the_held_out_rows_error_and_the_report_says_so()
     """The report's gradient error equals the error of the compiled model's gradients on the held-out rows
     (repeated to the batch size), measured independently here; the report names the rows."""
     torch.manual_seed(0)
-    model = _Layer()
+    model = AttentionLayer()
     g = torch.Generator().manual_seed(1)
     x, y = 0.7 * torch.randn(4, 32, 16, generator=g), torch.randn(4, 32, 16, generator=g)
     backend = almostlinear.Backend(method="polynomial", min_seq_len=0, inner="eager")
@@ -67,12 +54,6 @@ def test_the_planning_figure_is_the_held_out_rows_error_and_the_report_says_so()
     assert "held-out rows 1, 3 of the example batch" in str(report), str(report)
 
 
-def _draw(g: torch.Generator, sharp: float):
-    """A batch of 8 rows: the inputs' scale varies by row, a few rows far sharper than most (`sharp`)."""
-    scale = 0.3 + sharp * torch.rand(8, 1, 1, generator=g) ** 4
-    return scale * torch.randn(8, 64, 16, generator=g), torch.randn(8, 64, 16, generator=g)
-
-
 def _error(compiled, model, x, y) -> float:
     exact = _grads(model, x, y)
     return float((_grads(compiled, x, y) - exact).norm() / exact.norm())
@@ -84,9 +65,9 @@ def test_batches_sharper_than_the_planning_batch_stay_within_the_budget():
     batches break the budget, up to ~0.7 for a budget of 0.05; with it (the default under auto) every later
     batch stays within it, and the batches like the planning one are still approximated."""
     torch.manual_seed(0)
-    model = _Layer()
+    model = AttentionLayer()
     g = torch.Generator().manual_seed(1)
-    plan, later = _draw(g, 2.0), [_draw(g, 2.0) for _ in range(12)]
+    plan, *later = heavy_tailed_batches(g, 13)
     errors = {}
     for guard in (False, True):
         torch._dynamo.reset()
@@ -102,7 +83,7 @@ def test_batches_sharper_than_the_planning_batch_stay_within_the_budget():
     assert sum(e > 0 for e in errors[True]) >= 2, errors[True]  # not simply exact everywhere
 
 
-class _Outputs(_Layer):
+class _Outputs(AttentionLayer):
     """The same layer returning its output rows (logits-like): the held-out rows get cotangents in one pass."""
 
     def forward(self, x):
