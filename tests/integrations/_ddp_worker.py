@@ -50,12 +50,16 @@ def main() -> None:
     }
     with open(os.path.join(os.environ["RESULT_DIR"], f"rank{result['rank']}.json"), "w") as f:
         json.dump(result, f, default=str)
-    # the Trainer initialised the process group and leaves it up: tear it down before the interpreter exits
-    # (left to exit, a gloo thread aborted one rank with "terminate called without an active exception" once in
-    # a CI run, after training and the results were done)
+    # Both ranks have written their results: leave without tearing gloo down. The interpreter's teardown is
+    # where this worker failed: left to exit, a gloo thread aborted one rank ("terminate called without an
+    # active exception", one CI run); with destroy_process_group, rank 0 hung in the DDP Reducer's destructor
+    # (~ProcessGroupGloo joining a thread that waits for the rank that had already exited; one CI run, seen
+    # with py-spy), until the harness's 600 s timeout.
     torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
