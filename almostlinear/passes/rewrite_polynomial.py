@@ -156,19 +156,21 @@ def guard_name(site_id: int) -> str:
     return f"_almostlinear_logit_limit_{site_id}"
 
 
+def head_logit_bounds(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """float32 [Hk]: per key/value head, |scale| * max_i |q_i| * max_j |k_j| >= |scale q_i.k_j| (its query heads
+    together; q [B, Hq, L, D], k [B, Hk, S, D]). Two row-norm reductions, O(B * H * n * d); a zero row is padded
+    in so that an empty batch reduces to 0. Called in the rewritten graph (the guard) and, on captured values, by
+    the search (rewriter/guard.py)."""
+    qn, kn = (torch.nn.functional.pad(torch.linalg.vector_norm(x.float(), dim=-1), (0, 1, 0, 0, 0, 1)).amax((0, 2))
+              for x in (q, k))
+    return qn.reshape(k.shape[1], -1).amax(1) * kn * abs(float(scale))
+
+
 def _within_guard(site: AttentionSite, build: NodeBuilder, q: fx.Node, k: fx.Node, scale: float,
                   limits: Sequence[float]) -> fx.Node:
-    """int8 [Hk]: 1 where this call's logit bound |scale| * max|q_i| * max|k_j| (per key/value head, its query
-    heads together) stays within the head's limit (a buffer), 0 where the head must run exact. Two row-norm
-    reductions, O(B * H * n * d); a zero row is padded in so that an empty batch reduces to 0."""
-    hk = len(limits)
-    norms = []
-    for x in (q, k):
-        n = build.call(torch.linalg.vector_norm, build.method("float", x), dim=-1)  # [B, H, T]
-        n = build.call(torch.nn.functional.pad, n, (0, 1, 0, 0, 0, 1))
-        norms.append(build.method("amax", n, (0, 2)))  # [H]
-    qn = build.method("amax", build.method("reshape", norms[0], (hk, -1)), 1)
-    bound = build.call(operator.mul, build.call(operator.mul, qn, norms[1]), abs(float(scale)))
+    """int8 [Hk]: 1 where this call's `head_logit_bounds` stay within the heads' limits (a buffer), 0 where a
+    head must run exact."""
+    bound = build.call(head_logit_bounds, q, k, float(scale))
     device = tensor_meta(site.q).device
     limit = build.buffer(guard_name(site.id), torch.tensor(list(limits), dtype=torch.float32, device=device))
     return build.method("to", build.call(operator.le, bound, limit), torch.int8)
@@ -250,4 +252,4 @@ def rewrite_polynomial(gm: fx.GraphModule, site: AttentionSite, fake_mode, coeff
 
 
 __all__ = ["rewrite_polynomial", "alibi_per_query_head", "is_dynamic_length", "term_key_weight",
-           "static_key_weight", "switch_name", "min_len_name", "MIN_LEN_PREFIX", "static_keys_name"]
+           "head_logit_bounds", "static_key_weight", "switch_name", "min_len_name", "MIN_LEN_PREFIX", "static_keys_name"]

@@ -22,17 +22,16 @@ from typing import Sequence
 
 import torch
 
+from ..passes.rewrite_polynomial import head_logit_bounds
+
 SLACK = 0.1
 MAX_GROWTH = 1.5
 
 
 def logit_bounds(q: torch.Tensor, k: torch.Tensor, scale: float) -> list[float]:
-    """Per key/value head: |scale| · max row norm of its query heads' q · max row norm of its k.
-    q [B, Hq, L, D], k [B, Hk, S, D] (GQA: Hq = G·Hk)."""
-    hk = k.shape[1]
-    qn = torch.linalg.vector_norm(q.float(), dim=-1).amax(dim=(0, 2)).reshape(hk, -1).amax(1)
-    kn = torch.linalg.vector_norm(k.float(), dim=-1).amax(dim=(0, 2))
-    return [abs(scale) * float(a) * float(b) for a, b in zip(qn, kn)]
+    """Per key/value head, the bound the rewritten graph computes on every call (`head_logit_bounds`), on the
+    captured q [B, Hq, L, D] and k [B, Hk, S, D]."""
+    return [float(b) for b in head_logit_bounds(q, k, scale)]
 
 
 def limits(bounds: Sequence[float], group_errors: Sequence[float], budget: float) -> tuple[float, ...]:
