@@ -38,7 +38,7 @@ def _repeat_kv(q, k, v):
     return (k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)) if groups > 1 else (k, v)
 
 
-def _heads(mode: torch.Tensor, q: torch.Tensor, k: torch.Tensor, on: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def heads_in_mode(mode: torch.Tensor, q: torch.Tensor, k: torch.Tensor, on: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(query heads, key/value heads) whose mode is `on` (GQA: each key/value head's G query heads)."""
     kv = (mode != 0).nonzero().flatten() if on else (mode == 0).nonzero().flatten()
     groups = q.shape[1] // k.shape[1]
@@ -46,7 +46,7 @@ def _heads(mode: torch.Tensor, q: torch.Tensor, k: torch.Tensor, on: bool) -> tu
     return qh.to(q.device), kv.to(k.device)
 
 
-def _mixed(mode: torch.Tensor) -> bool:
+def mixed_modes(mode: torch.Tensor) -> bool:
     return mode.dim() > 0 and bool((mode != 0).any()) and bool((mode == 0).any())
 
 
@@ -70,7 +70,7 @@ def _forward_mixed(mode, q, k, v, key_weight, alibi_slopes, scale, coefficients,
     out = q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
     lse = q.new_zeros(q.shape[0], q.shape[1], q.shape[2], dtype=torch.float32)
     for on in (True, False):
-        qh, kh = _heads(mode, q, k, on)
+        qh, kh = heads_in_mode(mode, q, k, on)
         alibi = alibi_slopes.index_select(0, qh) if alibi_slopes is not None else None
         part, part_lse = _forward_uniform(on, q.index_select(1, qh), k.index_select(1, kh), v.index_select(1, kh),
                                           key_weight, alibi, scale, coefficients, causal, window)
@@ -89,7 +89,7 @@ def switchable_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_
     recomputing made it ~30% slower than fused SDPA); zeros otherwise."""
     mode = switch.detach().clone()
     with autocast_disabled(q):  # both branches compute in the dtypes that arrive (see register_autocast below)
-        if _mixed(mode):
+        if mixed_modes(mode):
             out, lse = _forward_mixed(mode, q, k, v, key_weight, alibi_slopes, scale, coefficients, causal, window)
         else:
             out, lse = _forward_uniform(bool((mode != 0).any()), q, k, v, key_weight, alibi_slopes, scale,
@@ -178,7 +178,7 @@ def _backward_uniform(on: bool, grad, q, k, v, out, key_weight, alibi_slopes, ls
 def _backward_mixed(mode, grad, q, k, v, out, key_weight, alibi_slopes, lse, scale, coefficients, causal, window):
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     for on in (True, False):
-        qh, kh = _heads(mode, q, k, on)
+        qh, kh = heads_in_mode(mode, q, k, on)
         alibi = alibi_slopes.index_select(0, qh) if alibi_slopes is not None else None
         parts = _backward_uniform(on, grad.index_select(1, qh).contiguous(), q.index_select(1, qh),
                                   k.index_select(1, kh), v.index_select(1, kh), out.index_select(1, qh).contiguous(),
@@ -198,7 +198,7 @@ def switchable_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.
     grad = grad.contiguous()
     args = (grad, q, k, v, out, key_weight, alibi_slopes, lse, scale, coefficients, causal, window)
     with autocast_disabled(q):  # a backward run inside an autocast region keeps the forward's dtypes
-        if _mixed(mode):
+        if mixed_modes(mode):
             dq, dk, dv = _backward_mixed(mode, *args)
         else:
             dq, dk, dv = _backward_uniform(bool((mode != 0).any()), *args)

@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 
 from ..kernels import drop_masked_keys, exact_attention, feature_rank, naive_poly_attention
-from ..kernels.switchable import SWITCHABLE_OP
+from ..kernels.switchable import SWITCHABLE_OP, heads_in_mode, mixed_modes
 from ..passes.graph_utils import concrete_int, rng_preserved
 
 POLY_OP = torch.ops.almostlinear.poly_attention.default
@@ -129,25 +129,23 @@ def materialised_op(target, args: tuple, kwargs: dict):
         return None
     common = dict(scale=scale, causal=causal, key_weight=key_weight, window=window)
 
-    def run(polynomial: bool, heads: torch.Tensor | None):  # heads: the query heads (None: all)
+    def run(polynomial: bool, heads: tuple | None):  # heads: (query heads, key/value heads); None: all
         qh, kh, vh, slopes = q, k, v, alibi
         if heads is not None:
-            kv = heads[::Hq // k.shape[1]] // (Hq // k.shape[1])
-            qh, kh, vh = q.index_select(1, heads), k.index_select(1, kv), v.index_select(1, kv)
-            slopes = None if alibi is None else alibi.index_select(0, heads)
+            qh, kh, vh = q.index_select(1, heads[0]), k.index_select(1, heads[1]), v.index_select(1, heads[1])
+            slopes = None if alibi is None else alibi.index_select(0, heads[0])
         if not polynomial:
             return exact_attention(qh, kh, vh, alibi_slopes=slopes, **common)
         kh, vh = drop_masked_keys(kh, vh, key_weight)  # as the op (its exact branch does not)
         return naive_poly_attention(qh, kh, vh, degree=len(coefficients) - 1, coefficients=list(coefficients),
                                     alibi_slopes=slopes, **common)
 
-    on = None if switch is None else switch.reshape(-1).ne(0).repeat_interleave(Hq // switch.numel() or 1)
-    if on is None or bool(on.all()) or not bool(on.any()):
-        out = run(on is None or bool(on.all()), None)
+    if switch is None or not mixed_modes(switch):  # every head in one mode, as the op decides it
+        out = run(switch is None or bool((switch != 0).any()), None)
     else:  # each head in its mode, as the switchable op computes them (no NaN of one branch in the other)
-        first, second = on.nonzero().flatten(), (~on).nonzero().flatten()
-        out = torch.cat([run(True, first), run(False, second)], 1)
-        out = out.index_select(1, torch.argsort(torch.cat([first, second])))
+        on, off = heads_in_mode(switch, q, k, True), heads_in_mode(switch, q, k, False)
+        out = torch.cat([run(True, on), run(False, off)], 1)
+        out = out.index_select(1, torch.argsort(torch.cat([on[0], off[0]])))
     if switch is None:
         return out, q.new_empty(0, dtype=torch.float32)
     return out, switch.detach().clone(), q.new_zeros(B, Hq, L, dtype=torch.float32)
