@@ -186,23 +186,12 @@ def _is_private_inplace(node: fx.Node) -> bool:
     other = tensor_meta(node.args[1]) if node.target in _ARITHMETIC else None
     if other is not None and other.dtype != getattr(tensor_meta(x), "dtype", None):
         return False  # x *= y keeps x's dtype, x * y promotes
-    after = _nodes_after(node)
-    return all(user is node or user in after for user in x.users)
-
-
-def _nodes_after(node: fx.Node) -> set[fx.Node]:
-    found, current = set(), node.next
-    while current.op != "root":
-        found.add(current)
-        current = current.next
-    return found
+    return all(user is node or user > node for user in x.users)  # fx nodes compare by their place in the graph
 
 
 def _redirect_later_readers(old: fx.Node, new: fx.Node) -> None:
     """After an in-place op became `new`, the readers of its mutated operand that come after it read `new`."""
-    x = new.args[0]
-    after = _nodes_after(new)
-    x.replace_all_uses_with(new, delete_user_cb=lambda user: user in after and user is not old)
+    new.args[0].replace_all_uses_with(new, delete_user_cb=lambda user: user > new and user is not old)
 
 
 # Ops whose result is a new tensor, never a view of an input (an in-place op on a view would write through to
