@@ -16,7 +16,7 @@ import torch
 
 from .features import evaluate_polynomial, validate_polynomial
 
-__all__ = ["naive_poly_attention", "naive_exact_attention", "structure_log_bias"]
+__all__ = ["naive_poly_attention", "naive_exact_attention", "naive_window_attention", "structure_log_bias"]
 
 
 def structure_log_bias(L: int, S: int, *, causal: bool, window: int, alibi_slopes, device,
@@ -85,3 +85,36 @@ def naive_exact_attention(q, k, v, *, scale: float, causal: bool = False, key_we
     """Reference softmax attention with the same mask / bias semantics (fully masked row -> 0)."""
     return _naive(q, k, v, "exp", scale=scale, causal=causal, key_weight=key_weight,
                   alibi_slopes=alibi_slopes, window=window)
+
+
+def naive_window_attention(q, k, v, *, scale: float, exact_window: int, degree: int = 2, coefficients=None,
+                           causal: bool = False, key_weight=None, alibi_slopes=None,
+                           window: int = 0) -> torch.Tensor:
+    """Reference polynomial attention with an exact window: weight exp(s) on the keys j with i - W < j <= i
+    (causal) or |i - j| < W (otherwise), P(s) on the other allowed keys, one normaliser (materialises [L, S];
+    differentiable by autograd).  Rows are shifted by the row maximum of the log-weights (detached)."""
+    coeffs = validate_polynomial(degree, coefficients)
+    B, Hq, L, D = q.shape
+    Hk, S = k.shape[1], k.shape[2]
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qf, kf, vf = q.to(cdt), k.to(cdt), v.to(cdt)
+    if Hq != Hk:
+        kf, vf = kf.repeat_interleave(Hq // Hk, dim=1), vf.repeat_interleave(Hq // Hk, dim=1)
+    s = scale * (qf @ kf.transpose(-1, -2))
+    logb = structure_log_bias(L, S, causal=causal, window=window, alibi_slopes=alibi_slopes, device=q.device,
+                              dtype=cdt).unsqueeze(0)
+    if key_weight is not None:
+        logb = logb + torch.log(key_weight.to(cdt)).reshape(B, 1, 1, S)
+    i = torch.arange(L, device=q.device).unsqueeze(-1)
+    j = torch.arange(S, device=q.device).unsqueeze(0)
+    near = ((j <= i) & (j > i - exact_window)) if causal else (i - j).abs() < exact_window
+    allowed = torch.isfinite(logb) & near
+    s_safe = torch.where(torch.isfinite(logb), s, torch.zeros_like(s))
+    log_exact = torch.where(allowed, s_safe + logb, torch.full_like(s, float("-inf")))
+    m = torch.maximum(log_exact.amax(-1, keepdim=True), logb.amax(-1, keepdim=True))
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
+    w = torch.where(near, torch.exp(log_exact - m), evaluate_polynomial(s_safe, coeffs) * torch.exp(logb - m))
+    den = w.sum(-1, keepdim=True)
+    ok = den > 0
+    out = (w @ vf) / torch.where(ok, den, torch.ones_like(den))
+    return torch.where(ok, out, torch.zeros_like(out)).to(q.dtype)

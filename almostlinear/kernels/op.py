@@ -83,12 +83,14 @@ def _use_triton(q, v, degree, key_weight, alibi_slopes, window) -> bool:
     return q.shape[-1] in (16, 32, 64, 128) and v.shape[-1] in (16, 32, 64, 128)
 
 
-def _compute_dtype(t):
+def compute_dtype(t):
+    """The kernels' dtype for inputs like ``t``: float64 stays, everything else computes in float32."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _prep(*ts):
-    return [None if t is None else t.to(_compute_dtype(ts[0])).contiguous() for t in ts]
+def compute_inputs(*ts):
+    """The tensors (None stays None) in the compute dtype of the first, contiguous."""
+    return [None if t is None else t.to(compute_dtype(ts[0])).contiguous() for t in ts]
 
 
 def drop_masked_keys(k: torch.Tensor, v: torch.Tensor, key_weight: Optional[torch.Tensor]):
@@ -112,7 +114,7 @@ def _poly_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_we
     empty).  ``keep_states``: a backward will follow (set by :func:`poly_attention` and the rewriter from
     whether the output needs grad); it only trades memory for the backward's time, never the result."""
     coeffs = tuple(coefficients)
-    q32, k32, v32, kw, al = _prep(q, k, v, key_weight, alibi_slopes)
+    q32, k32, v32, kw, al = compute_inputs(q, k, v, key_weight, alibi_slopes)
     k32, v32 = drop_masked_keys(k32, v32, kw)
     with cpu.autocast_disabled(q):  # called with autocast on (no rule for this device): still compute in fp32
         if _use_triton(q, v, len(coeffs) - 1, key_weight, alibi_slopes, window):
@@ -130,7 +132,7 @@ def _(q, k, v, key_weight, alibi_slopes, scale, coefficients, causal, window, ke
     # the first compile take minutes at d = 128)
     B, Hq, L, D = q.shape
     degree = len(coefficients) - 1
-    dtype = _compute_dtype(q)
+    dtype = compute_dtype(q)
     if _use_triton(q, v, degree, key_weight, alibi_slopes, window):
         from .triton import poly_attention as tr
         shape = (0,) if causal else (tr.state_size(B, k.shape[1], D, v.shape[-1]),)
@@ -147,7 +149,7 @@ def _poly_attention_bwd_op(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                            causal: bool, window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv; ``state`` is the forward's second output (empty: recompute)."""
     coeffs = tuple(coefficients)
-    g32, q32, k32, v32, o32, kw, al = _prep(grad, q, k, v, out, key_weight, alibi_slopes)
+    g32, q32, k32, v32, o32, kw, al = compute_inputs(grad, q, k, v, out, key_weight, alibi_slopes)
     k32, v32 = drop_masked_keys(k32, v32, kw)
     with cpu.autocast_disabled(q):  # a backward run inside an autocast region must not recast the kernels
         if _use_triton(q, v, len(coeffs) - 1, key_weight, alibi_slopes, window):
@@ -229,7 +231,7 @@ def register_autocast(op, n_cast: int = 3) -> None:
 register_autocast(torch.ops.almostlinear.poly_attention.default)
 
 
-def _validate(q, k, v, *, scale, causal, key_weight, alibi_slopes, window):
+def validate_arguments(q, k, v, *, scale, causal, key_weight, alibi_slopes, window):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be a 4-D tensor [B, H, T, D]; got "
@@ -271,7 +273,7 @@ def poly_attention(q, k, v, *, scale: float, degree: int = 2, coefficients=None,
     same masks is computed instead (faster for short sequences).  Output dtype = q.dtype; features and
     accumulation in float32.
     """
-    _validate(q, k, v, scale=scale, causal=causal, key_weight=key_weight, alibi_slopes=alibi_slopes,
+    validate_arguments(q, k, v, scale=scale, causal=causal, key_weight=key_weight, alibi_slopes=alibi_slopes,
               window=window)
     coeffs = validate_polynomial(degree, coefficients)
     L, S = q.shape[2], k.shape[2]
@@ -296,7 +298,7 @@ def exact_attention(q, k, v, *, scale: float, causal: bool = False, key_weight=N
     i = torch.arange(L, device=q.device).unsqueeze(-1)
     j = torch.arange(S, device=q.device).unsqueeze(0)
     valid = allowed_keys(i, S, causal, window)
-    bdt = _compute_dtype(q)
+    bdt = compute_dtype(q)
     bias = torch.zeros(1, 1, L, S, dtype=bdt, device=q.device)
     if alibi_slopes is not None:
         bias = bias + alibi_slopes.to(bdt).reshape(1, Hq, 1, 1) * (j - i).to(bdt)
