@@ -4,10 +4,11 @@
     python benchmarks/attention.py --threads 1 --tag attention_1thread
     python benchmarks/attention.py --max-n 16384      # quicker
     python benchmarks/attention.py --memory-only      # peak memory at B=1, H=8, n=32768
+    python benchmarks/attention.py --window 64        # also the op with an exact window of 64 keys
 
 Each point (d, causal, n) runs in a fresh subprocess that times the op, SDPA and, with --backend, the op
 reached through the backend (a function calling SDPA, compiled with method="polynomial", min_seq_len=0),
-interleaved: run 1 of each, run 2 of each, ... after one warm-up each, so that a drift of the machine's speed
+with --window W the op with an exact window (poly_window_attention, exact_window=W), interleaved: run 1 of each, run 2 of each, ... after one warm-up each, so that a drift of the machine's speed
 hits every side alike; the table gives the minimum and the median.  Memory points run one implementation per
 fresh process (ru_maxrss is its peak resident memory).  Writes benchmarks/results/<tag>.{md,csv,png}.
 """
@@ -35,12 +36,16 @@ def _step_functions(impls, q, k, v, causal, scale):
     """impl -> a function running forward + backward once."""
     import torch
     import torch.nn.functional as F
-    from almostlinear.kernels import poly_attention
+    from almostlinear.kernels import poly_attention, poly_window_attention
 
     def sdpa(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
 
     attend = {"sdpa": sdpa, "poly": lambda q, k, v: poly_attention(q, k, v, scale=scale, causal=causal)}
+    for i in impls:
+        if i.startswith("window:"):  # the op with an exact window of W keys
+            attend[i] = (lambda W: lambda q, k, v: poly_window_attention(q, k, v, scale=scale, causal=causal,
+                                                                         exact_window=W))(int(i.split(":")[1]))
     if "backend" in impls:
         import almostlinear
         backend = almostlinear.Backend(method="polynomial", min_seq_len=0, inner="aot_eager")
@@ -129,6 +134,7 @@ def _args():
     ap.add_argument("--d", default="64,128", help="head dims, comma separated")
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per implementation and point")
     ap.add_argument("--backend", action="store_true", help="also time the op through the backend")
+    ap.add_argument("--window", type=int, default=0, help="also time the op with this exact window (0: no)")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch default)")
     ap.add_argument("--timeout", type=int, default=1800)
     ap.add_argument("--memory-only", action="store_true")
@@ -174,11 +180,15 @@ def main():
 def _measure(a, d, causal, n, rank):
     """One table row: run the point and print it."""
     impls = [i for i in IMPLS if (i != "sdpa" or n <= a.sdpa_max_n) and (i != "backend" or a.backend)]
+    impls += [f"window:{a.window}"] if a.window else []
     r = run_point(impls, n, causal, 1, 1, d, a.repeats, a.threads, a.timeout)
     row = dict(d=d, causal=causal, n=n, error=r.get("error", ""), flop_limit=flop_limit(n, d, causal, rank))
-    for i in IMPLS:
+    for i in IMPLS + ("window",):
         for stat in ("min", "median"):
-            row[f"{i}_{stat}"] = (r.get(i) or {}).get(stat)
+            row[f"{i}_{stat}"] = (r.get(f"window:{a.window}" if i == "window" else i) or {}).get(stat)
+    for stat in ("min", "median"):
+        w, p = row.get(f"window_{stat}"), row.get(f"poly_{stat}")
+        row[f"window_cost_{stat}"] = w / p if w and p else None
     for i in ("poly", "backend"):
         for stat in ("min", "median"):
             s, p = row.get(f"sdpa_{stat}"), row.get(f"{i}_{stat}")
@@ -186,7 +196,9 @@ def _measure(a, d, causal, n, rank):
     print(f"d={d} causal={causal!s:5} n={n:6d} " + "  ".join(
         f"{i}={_fmt(row[i + '_min'])} ({_fmt(row[i + '_median'])}) s" for i in impls) +
         f"  speed-up={_fmt(row['poly_speedup_min'])}x ({_fmt(row['poly_speedup_median'])}x)"
-        f"  flop-limit={row['flop_limit']:.1f}x {row['error']}", flush=True)
+        f"  flop-limit={row['flop_limit']:.1f}x {row['error']}"
+        + (f"  window/poly={_fmt(row['window_cost_min'])} ({_fmt(row['window_cost_median'])})" if a.window else ""),
+        flush=True)
     return row
 
 
@@ -205,11 +217,13 @@ def write(a, header, rows, mem):
         backend = a.backend
         cols = ["d", "causal", "n", "poly fwd+bwd (s)", "SDPA fwd+bwd (s)", "speed-up"]
         cols += ["backend fwd+bwd (s)", "speed-up (backend)"] if backend else []
+        cols += [f"op + exact window {a.window} (s)", "window / op"] if a.window else []
         lines += ["| " + " | ".join(cols + ["FLOP-count limit"]) + " |", "|" + "---|" * (len(cols) + 1)]
         for r in rows:
             cells = [str(r["d"]), str(r["causal"]), str(r["n"]), _pair(r, "poly"), _pair(r, "sdpa"),
                      _pair(r, "poly_speedup")]
             cells += [_pair(r, "backend"), _pair(r, "backend_speedup")] if backend else []
+            cells += [_pair(r, "window"), _pair(r, "window_cost")] if a.window else []
             lines.append("| " + " | ".join(cells + [f"{r['flop_limit']:.1f}"]) + " |")
         lines.append("")
         lines += _slopes(rows)

@@ -1,10 +1,11 @@
-"""Train one character-level GPT three ways on the same data from the same initialisation: exact softmax
-attention, almostlinear's drop-in `auto` (with re-checks), and polynomial attention from scratch.
+"""Train one character-level GPT four ways on the same data from the same initialisation: exact softmax
+attention, almostlinear's drop-in `auto` (with re-checks), polynomial attention from scratch, and polynomial
+attention with an exact window.
 
     python examples/train_gpt.py                          # defaults: about 2 minutes on 2 quiet CPU cores
     python examples/train_gpt.py --seq-len 256 --steps 500   # the longer run in docs/benchmarks.md
 
-The three runs:
+The four runs:
 
 * `exact`      -- method="exact": every attention site is one fused exact SDPA call (the baseline).
 * `auto`       -- method="auto": a drop-in that never changes the model beyond the gradient-error budget. At
@@ -13,6 +14,8 @@ The three runs:
                   As training sharpens the attention (the logits grow), the re-checks hand heads back to softmax.
 * `polynomial` -- method="polynomial": the model trains with degree-2 polynomial attention from the first
                   step (no gate; the report's gradient error is its distance to softmax, as information).
+* `window`     -- method="polynomial" with exact_window=W (default: a quarter of the context): exact softmax on
+                  each query's W nearest keys, the polynomial on the older ones, one normaliser.
 
 `min_seq_len=0` makes every site eligible at this small context. On this CPU the op only pays off from
 several thousand tokens (see the README's benchmarks), so at the default context the polynomial runs are not
@@ -38,7 +41,7 @@ import almostlinear
 from almostlinear.zoo import GPT, GPTConfig, timed_step
 from almostlinear.zoo.data import batches, split, stdlib_text
 
-METHODS = ("exact", "auto", "polynomial")
+METHODS = ("exact", "auto", "polynomial", "window")
 
 
 def heads_approximated(site) -> int:
@@ -151,7 +154,7 @@ def plot(runs: dict[str, Run], n_heads: int, path: Path, title: str) -> str:
     fig, (ax_loss, ax_sites) = plt.subplots(2, 1, figsize=(8, 7.5), height_ratios=[3, 1.3])
     window = max(1, len(auto.losses) // 30)
     labels = {"exact": "exact attention (softmax)", "auto": "almostlinear auto (re-checks)",
-              "polynomial": "polynomial attention from scratch"}
+              "polynomial": "polynomial attention from scratch", "window": "polynomial + exact window"}
     for name, run in runs.items():
         ax_loss.plot(smooth(run.losses, window), label=f"{labels[name]}: val {run.val_loss:.3f}",
                      alpha=0.9, lw=1.4 if name != "exact" else 2.2)
@@ -185,7 +188,10 @@ def main(argv=None) -> None:
     parser.add_argument("--recheck-every", type=int, default=25)
     parser.add_argument("--min-seq-len", type=int, default=0,
                         help="key length below which sites stay exact (default 0: all eligible; see the docstring)")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of exact,auto,polynomial")
+    parser.add_argument("--exact-window", type=int, default=None,
+                        help="the window run's exact window (default: a quarter of --seq-len)")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help="comma-separated subset of exact,auto,polynomial,window")
     parser.add_argument("--inner", choices=["inductor", "aot_eager", "eager"], default="aot_eager")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
@@ -206,11 +212,14 @@ def main(argv=None) -> None:
           f"{args.seq_len}, batch {args.batch}, {args.steps} steps, lr {args.lr} on {len(train_data) / 1e6:.1f} MB "
           f"of stdlib source (validation: {len(val_data) / 1e6:.1f} MB held out); inner {args.inner}, device "
           f"{args.device}, torch {torch.__version__}")
-    extra = {"exact": {}, "auto": dict(budget=args.budget, recheck_every=args.recheck_every),
-             "polynomial": dict(recheck_every=args.recheck_every)}
-    runs = {m: train(m, config, train_data, method=m, **extra[m], **common) for m in methods}
+    window = args.exact_window if args.exact_window is not None else args.seq_len // 4
+    extra = {"exact": dict(method="exact"), "auto": dict(method="auto", budget=args.budget,
+                                                          recheck_every=args.recheck_every),
+             "polynomial": dict(method="polynomial", recheck_every=args.recheck_every),
+             "window": dict(method="polynomial", recheck_every=args.recheck_every, exact_window=window)}
+    runs = {m: train(m, config, train_data, **extra[m], **common) for m in methods}
 
-    for name in ("auto", "polynomial"):
+    for name in ("auto", "polynomial", "window"):
         if name not in runs:
             continue
         print(f"\n=== {name}: the report at the end of training (per site and per head) ===")
@@ -229,7 +238,7 @@ def main(argv=None) -> None:
         heads = "/".join(map(str, run.heads[-1])) if run.heads and run.heads[-1] else "-"
         print(f"{name:<11} {run.tokens_per_second(tokens):>9.0f} {run.compile_seconds:>23.1f} "
               f"{run.final_loss():>11.4f} {run.val_loss:>9.4f} {versus:>12}  {heads} (of {args.heads})")
-    for name in ("auto", "polynomial"):
+    for name in ("auto", "polynomial", "window"):
         if name in runs and runs[name].backend.reports and runs[name].backend.reports[-1].grad_error is not None:
             what = f"budget {args.budget:g}" if name == "auto" else "distance to softmax, information"
             report = runs[name].backend.reports[-1]

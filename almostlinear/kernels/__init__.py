@@ -4,7 +4,8 @@ Public API::
 
     poly_attention(q, k, v, *, scale, degree=2, coefficients=None, causal=False, key_weight=None,
                    alibi_slopes=None, window=0, min_seq_len=0)             -> [B, Hq, L, Dv]
-    naive_poly_attention(...)        the reference (materialises [L, S])
+    poly_window_attention(q, k, v, *, scale, exact_window, ...)   exp(s) on the nearest keys, P(s) on the others
+    naive_poly_attention(...)        the reference (materialises [L, S]); naive_window_attention likewise
     exact_attention(...)             exact softmax with the same mask semantics (SDPA)
     naive_exact_attention(...)       its reference
     taylor_coefficients(degree)      (1, 1, 1/2, ...) Taylor coefficients of exp
@@ -21,10 +22,12 @@ switches a site between polynomial and exact attention at run time.
 """
 from .features import evaluate_polynomial, feature_rank, taylor_coefficients, validate_polynomial
 from .key_mask import allowed_keys
-from .naive import naive_exact_attention, naive_poly_attention
+from .naive import naive_exact_attention, naive_poly_attention, naive_window_attention
 from .op import (DEFAULT_MIN_SEQ_LEN, DEFAULT_MIN_SEQ_LEN_CAUSAL, default_min_seq_len, drop_masked_keys,
                  exact_attention, mask_kind, poly_attention)
+from .exact_window import poly_window_attention
 
 __all__ = ["taylor_coefficients", "validate_polynomial", "evaluate_polynomial", "feature_rank", "poly_attention",
            "naive_poly_attention", "naive_exact_attention", "exact_attention", "DEFAULT_MIN_SEQ_LEN",
-           "DEFAULT_MIN_SEQ_LEN_CAUSAL", "default_min_seq_len", "mask_kind", "allowed_keys", "drop_masked_keys"]
+           "DEFAULT_MIN_SEQ_LEN_CAUSAL", "default_min_seq_len", "mask_kind", "allowed_keys", "drop_masked_keys",
+           "poly_window_attention", "naive_window_attention"]

@@ -44,7 +44,7 @@ from .cpu.near_field import NearField, near_backward, near_forward, reciprocal
 from .features import validate_polynomial
 from .op import compute_dtype, compute_inputs, validate_arguments, drop_masked_keys, exact_attention, register_autocast
 
-__all__ = ["poly_window_attention", "kernel_log_scale"]
+__all__ = ["poly_window_attention", "kernel_log_scale", "window_backward_recomputed"]
 
 
 def kernel_log_scale(alibi_slopes, L: int, S: int, causal: bool, window: int, dtype=torch.float32):
@@ -156,6 +156,16 @@ def _backward(ctx, grad, _grad_state, _grad_aux):
 
 
 _window_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def window_backward_recomputed(grad, q, k, v, key_weight, alibi_slopes, scale, coefficients, causal, window,
+                               exact_window):
+    """dq, dk, dv with the forward recomputed (its row shifts, denominators and out): for callers that did not
+    keep them (the switchable op, whose saved state does not depend on its mode)."""
+    out, state, aux = _window_op(q, k, v, key_weight, alibi_slopes, scale, list(coefficients), causal, window,
+                                 exact_window)
+    return _window_bwd_op(grad, q, k, v, out, state, aux, key_weight, alibi_slopes, scale, list(coefficients),
+                          causal, window, exact_window)
 register_autocast(torch.ops.almostlinear.poly_window_attention.default)
 
 

@@ -3,11 +3,12 @@
 Used when `recheck_every` > 0. The rewritten graph calls
 
     out, mode = almostlinear::switchable_attention(q, k, v, key_weight, alibi_slopes, switch, scale,
-                                                   coefficients, causal, window)
+                                                   coefficients, causal, window, exact_window=0)
 
 where `switch` is an int8 tensor of the graph module: 0-d (the whole site: 1 polynomial, 0 exact) or [Hk], one
 mode per key/value head (per-head decisions: the op runs on the heads whose mode is 1, exact attention on the
-others; GQA: a key/value head and all its query heads). The op returns the mode it used, and the backward
+others; GQA: a key/value head and all its query heads); with ``exact_window`` > 0 the polynomial branch keeps
+exact softmax on each query's nearest keys (kernels/exact_window.py). The op returns the mode it used, and the backward
 receives that mode, so forward and backward of one call always agree even if the switch flips in between.
 The exact branch is SDPA with the op's mask semantics.
 """
@@ -19,6 +20,7 @@ import torch
 
 from .cpu import autocast_disabled
 from .key_mask import allowed_keys
+from .exact_window import window_backward_recomputed
 from .op import exact_attention, register_autocast
 
 
@@ -50,10 +52,14 @@ def mixed_modes(mode: torch.Tensor) -> bool:
     return mode.dim() > 0 and bool((mode != 0).any()) and bool((mode == 0).any())
 
 
-def _forward_uniform(on: bool, q, k, v, key_weight, alibi_slopes, scale, coefficients, causal, window):
+def _forward_uniform(on: bool, q, k, v, key_weight, alibi_slopes, scale, coefficients, causal, window,
+                     exact_window=0):
     """(out, logsumexp) with every head in one mode (logsumexp: of the CPU flash kernel, else zeros)."""
     lse = q.new_zeros(q.shape[0], q.shape[1], q.shape[2], dtype=torch.float32)
-    if on:
+    if on and exact_window:
+        out = torch.ops.almostlinear.poly_window_attention(q, k, v, key_weight, alibi_slopes, scale,
+                                                           list(coefficients), causal, window, exact_window)[0]
+    elif on:
         out = torch.ops.almostlinear.poly_attention(q, k, v, key_weight, alibi_slopes, scale, list(coefficients),
                                                     causal, window)[0]
     elif _flash_cpu(q, k, key_weight, alibi_slopes, causal, window):
@@ -65,7 +71,7 @@ def _forward_uniform(on: bool, q, k, v, key_weight, alibi_slopes, scale, coeffic
     return out, lse
 
 
-def _forward_mixed(mode, q, k, v, key_weight, alibi_slopes, scale, coefficients, causal, window):
+def _forward_mixed(mode, q, k, v, key_weight, alibi_slopes, scale, coefficients, causal, window, exact_window):
     """Per-head modes: each group of heads computed in its mode, the results placed back by head."""
     out = q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
     lse = q.new_zeros(q.shape[0], q.shape[1], q.shape[2], dtype=torch.float32)
@@ -73,7 +79,7 @@ def _forward_mixed(mode, q, k, v, key_weight, alibi_slopes, scale, coefficients,
         qh, kh = heads_in_mode(mode, q, k, on)
         alibi = alibi_slopes.index_select(0, qh) if alibi_slopes is not None else None
         part, part_lse = _forward_uniform(on, q.index_select(1, qh), k.index_select(1, kh), v.index_select(1, kh),
-                                          key_weight, alibi, scale, coefficients, causal, window)
+                                          key_weight, alibi, scale, coefficients, causal, window, exact_window)
         out.index_copy_(1, qh, part.to(out.dtype))
         lse.index_copy_(1, qh, part_lse)
     return out, lse
@@ -82,23 +88,24 @@ def _forward_mixed(mode, q, k, v, key_weight, alibi_slopes, scale, coefficients,
 @torch.library.custom_op("almostlinear::switchable_attention", mutates_args=())
 def switchable_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_weight: Optional[torch.Tensor],
                          alibi_slopes: Optional[torch.Tensor], switch: torch.Tensor, scale: float,
-                         coefficients: Sequence[float], causal: bool,
-                         window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                         coefficients: Sequence[float], causal: bool, window: int,
+                         exact_window: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, mode, logsumexp): the logsumexp [B, Hq, L] of the exact branch on the CPU flash kernel, so that
     its backward does not recompute the forward (a dynamic-length site runs this branch below min_seq_len;
     recomputing made it ~30% slower than fused SDPA); zeros otherwise."""
     mode = switch.detach().clone()
     with autocast_disabled(q):  # both branches compute in the dtypes that arrive (see register_autocast below)
         if mixed_modes(mode):
-            out, lse = _forward_mixed(mode, q, k, v, key_weight, alibi_slopes, scale, coefficients, causal, window)
+            out, lse = _forward_mixed(mode, q, k, v, key_weight, alibi_slopes, scale, coefficients, causal, window,
+                                      exact_window)
         else:
             out, lse = _forward_uniform(bool((mode != 0).any()), q, k, v, key_weight, alibi_slopes, scale,
-                                        coefficients, causal, window)
+                                        coefficients, causal, window, exact_window)
     return out.contiguous(), mode, lse.contiguous()
 
 
 @switchable_attention.register_fake
-def _(q, k, v, key_weight, alibi_slopes, switch, scale, coefficients, causal, window):
+def _(q, k, v, key_weight, alibi_slopes, switch, scale, coefficients, causal, window, exact_window=0):
     return (q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1]), torch.empty_like(switch),
             q.new_empty(q.shape[0], q.shape[1], q.shape[2], dtype=torch.float32))
 
@@ -166,7 +173,10 @@ def exact_attention_backward(grad, q, k, v, key_weight, alibi_slopes, scale: flo
 
 
 def _backward_uniform(on: bool, grad, q, k, v, out, key_weight, alibi_slopes, lse, scale, coefficients, causal,
-                      window):
+                      window, exact_window=0):
+    if on and exact_window:  # the window's row shifts and denominators come from a fresh forward
+        return window_backward_recomputed(grad, q, k, v, key_weight, alibi_slopes, scale, coefficients, causal,
+                                          window, exact_window)
     if on:  # the forward's state is not kept across the switch (its shape depends on the mode): recomputed
         return torch.ops.almostlinear.poly_attention_backward(grad, q, k, v, out, q.new_empty(0), key_weight,
                                                               alibi_slopes, scale, list(coefficients), causal, window)
@@ -175,7 +185,8 @@ def _backward_uniform(on: bool, grad, q, k, v, out, key_weight, alibi_slopes, ls
     return exact_attention_backward(grad, q, k, v, key_weight, alibi_slopes, scale, causal, window)
 
 
-def _backward_mixed(mode, grad, q, k, v, out, key_weight, alibi_slopes, lse, scale, coefficients, causal, window):
+def _backward_mixed(mode, grad, q, k, v, out, key_weight, alibi_slopes, lse, scale, coefficients, causal, window,
+                    exact_window):
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     for on in (True, False):
         qh, kh = heads_in_mode(mode, q, k, on)
@@ -183,7 +194,7 @@ def _backward_mixed(mode, grad, q, k, v, out, key_weight, alibi_slopes, lse, sca
         parts = _backward_uniform(on, grad.index_select(1, qh).contiguous(), q.index_select(1, qh),
                                   k.index_select(1, kh), v.index_select(1, kh), out.index_select(1, qh).contiguous(),
                                   key_weight, alibi, lse.index_select(1, qh).contiguous(), scale, coefficients,
-                                  causal, window)
+                                  causal, window, exact_window)
         for full, index, part in ((dq, qh, parts[0]), (dk, kh, parts[1]), (dv, kh, parts[2])):
             full.index_copy_(1, index, part.to(full.dtype))
     return dq, dk, dv
@@ -193,10 +204,10 @@ def _backward_mixed(mode, grad, q, k, v, out, key_weight, alibi_slopes, lse, sca
 def switchable_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                   out: torch.Tensor, key_weight: Optional[torch.Tensor],
                                   alibi_slopes: Optional[torch.Tensor], mode: torch.Tensor, lse: torch.Tensor,
-                                  scale: float, coefficients: Sequence[float], causal: bool,
-                                  window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                                  scale: float, coefficients: Sequence[float], causal: bool, window: int,
+                                  exact_window: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     grad = grad.contiguous()
-    args = (grad, q, k, v, out, key_weight, alibi_slopes, lse, scale, coefficients, causal, window)
+    args = (grad, q, k, v, out, key_weight, alibi_slopes, lse, scale, coefficients, causal, window, exact_window)
     with autocast_disabled(q):  # a backward run inside an autocast region keeps the forward's dtypes
         if mixed_modes(mode):
             dq, dk, dv = _backward_mixed(mode, *args)
@@ -206,23 +217,21 @@ def switchable_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.
 
 
 @switchable_attention_backward.register_fake
-def _(grad, q, k, v, out, key_weight, alibi_slopes, mode, lse, scale, coefficients, causal, window):
+def _(grad, q, k, v, out, key_weight, alibi_slopes, mode, lse, scale, coefficients, causal, window, exact_window=0):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key_weight, alibi_slopes, switch, scale, coefficients, causal, window = inputs
+    q, k, v, key_weight, alibi_slopes, switch, scale, coefficients, causal, window, exact_window = inputs
     ctx.mark_non_differentiable(output[1], output[2])
     ctx.save_for_backward(q, k, v, output[0], key_weight, alibi_slopes, output[1], output[2])
-    ctx.args = (scale, list(coefficients), causal, window)
+    ctx.args = (scale, list(coefficients), causal, window, exact_window)
 
 
 def _backward(ctx, grad, _grad_mode, _grad_lse):
     q, k, v, out, key_weight, alibi_slopes, mode, lse = ctx.saved_tensors
-    scale, coefficients, causal, window = ctx.args
-    dq, dk, dv = switchable_attention_backward(grad, q, k, v, out, key_weight, alibi_slopes, mode, lse, scale,
-                                               coefficients, causal, window)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    dq, dk, dv = switchable_attention_backward(grad, q, k, v, out, key_weight, alibi_slopes, mode, lse, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 switchable_attention.register_autograd(_backward, setup_context=_setup_context)

@@ -2,6 +2,8 @@
 is chosen at run time, torch.ops.almostlinear.switchable_attention). The pass knows the ops only by name.
 
     out, state = poly_attention(q, k, v, key_weight, alibi_slopes, scale, coefficients, causal, window)
+    out, state, aux = poly_window_attention(q, k, v, key_weight, alibi_slopes, scale, coefficients, causal,
+                                            window, exact_window)          (an exact window)
     out, mode, lse = switchable_attention(q, k, v, key_weight, alibi_slopes, switch, scale, coefficients,
                                           causal, window)
 
@@ -219,13 +221,15 @@ def _scaled_query(site: AttentionSite, build: NodeBuilder) -> tuple[fx.Node, flo
 
 def rewrite_polynomial(gm: fx.GraphModule, site: AttentionSite, fake_mode, coefficients: Sequence[float],
                        switchable: bool = False, min_seq_len: int | None = None,
-                       heads: Sequence[int] | None = None, guard: Sequence[float] | None = None) -> fx.Node:
+                       heads: Sequence[int] | None = None, guard: Sequence[float] | None = None,
+                       exact_window: int = 0) -> fx.Node:
     """Replace the site with the polynomial op P(s) = sum_j coefficients[j] s^j. `switchable`: the mode is a
     buffer the re-checks flip; `min_seq_len` (dynamic key length only): the op runs from that key length on,
     exact attention below; `heads`: the key/value heads the op computes (GQA: with their query heads), exact
     attention on the others (None: all); `guard`: per key/value head, the logit bound |scale| max|q| max|k| above
-    which the head runs exact on a call (rewriter/guard.py). Returns the op node (its output 0 is the attention
-    output)."""
+    which the head runs exact on a call (rewriter/guard.py); `exact_window` > 0: exact softmax weights on each
+    query's nearest keys, P(s) on the others (torch.ops.almostlinear.poly_window_attention). Returns the op node
+    (its output 0 is the attention output)."""
     build = NodeBuilder(gm, site.output, fake_mode, source=site.anchor)
     q, scale = _scaled_query(site, build)
     k, v = site.op_kv
@@ -237,13 +241,17 @@ def rewrite_polynomial(gm: fx.GraphModule, site: AttentionSite, fake_mode, coeff
     tail = (list(coefficients), bool(mask.causal), int(mask.window))
     if switch is not None:
         op_node = build.call(torch.ops.almostlinear.switchable_attention.default, q, k, v, key_weight, alibi, switch,
-                             scale, *tail)
+                             scale, *tail, *((exact_window,) if exact_window else ()))
     else:
         # keep_states: the causal op keeps its per-chunk states for a backward that will come (the site's output
         # needs grad in the traced example); a memory-for-time trade only, the result is the same
         keep = bool(getattr(example_value(site.output), "requires_grad", False))
-        op_node = build.call(torch.ops.almostlinear.poly_attention.default, q, k, v, key_weight, alibi, scale, *tail,
-                             keep_states=keep)
+        if exact_window:
+            op_node = build.call(torch.ops.almostlinear.poly_window_attention.default, q, k, v, key_weight, alibi,
+                                 scale, *tail, exact_window, keep_states=keep)
+        else:
+            op_node = build.call(torch.ops.almostlinear.poly_attention.default, q, k, v, key_weight, alibi, scale,
+                                 *tail, keep_states=keep)
     out = build.getitem(op_node, 0)
     if mask.empty_rows_possible and key_weight is not None:
         out = _eager_empty_rows(site, out, key_weight, v, build)

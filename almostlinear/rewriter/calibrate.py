@@ -15,6 +15,8 @@ encoder at 16 x 256 calibrates in ~2-4 s instead of 30-100 s on one (busy) threa
 """
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
@@ -121,6 +123,7 @@ class Sample:
     exact: torch.Tensor
     v: torch.Tensor
     reference: torch.Tensor
+    near: torch.Tensor | None = None  # bool, broadcastable to logits: the keys the op weights by exp(s) (exact_window)
 
 
 def sample_queries(batch: int, length: int, sample: int = 128, pairs: int = PAIRS) -> tuple[torch.Tensor | None,
@@ -150,10 +153,11 @@ def sample_queries(batch: int, length: int, sample: int = 128, pairs: int = PAIR
 
 
 def sample_attention(q, k, v, scale: float, causal: bool, window: int, index: torch.Tensor,
-                     key_weight: torch.Tensor | None = None, alibi_slopes: torch.Tensor | None = None) -> Sample:
+                     key_weight: torch.Tensor | None = None, alibi_slopes: torch.Tensor | None = None,
+                     exact_window: int = 0) -> Sample:
     """The Sample of queries `index` (k/v already repeated to q's heads), with the op's mask semantics:
-    causal/window, the per-key weight [B, S] and ALiBi slopes [Hq]. index: [m] (the same queries in every batch
-    row) or [B, m] (each row its own)."""
+    causal/window, the per-key weight [B, S] and ALiBi slopes [Hq]; ``exact_window`` > 0: the keys the op
+    weights exactly. index: [m] (the same queries in every batch row) or [B, m] (each row its own)."""
     B, H, _, D = q.shape
     S = k.shape[-2]
     if index.dim() == 1:
@@ -177,7 +181,10 @@ def sample_attention(q, k, v, scale: float, causal: bool, window: int, index: to
     bias = bias.masked_fill(~allowed, float("-inf"))
     exact = torch.softmax(torch.where(rows, logits + bias, 0.0), dim=-1) * rows
     vf = v.float()
-    return Sample(logits, allowed, bias, rows, exact, vf, exact @ vf)
+    near = None
+    if exact_window:
+        near = allowed_keys(index.reshape(-1, 1), S, causal, exact_window).reshape(*rows_of, -1, S)
+    return Sample(logits, allowed, bias, rows, exact, vf, exact @ vf, near)
 
 
 def _key_factors(sample: Sample) -> torch.Tensor:
@@ -186,11 +193,22 @@ def _key_factors(sample: Sample) -> torch.Tensor:
     return torch.exp(sample.bias - shift) * sample.allowed
 
 
+def _near_weights(sample: Sample, factors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(key factors of the far keys, float64 exact weights exp(s) * key factors of the near keys) with an exact
+    window; (factors, zeros) without one."""
+    if sample.near is None:
+        return factors, torch.zeros_like(factors, dtype=torch.float64)
+    near = sample.near.expand_as(factors)
+    exact = torch.where(near, torch.exp(sample.logits.double()) * factors.double(), 0.0)
+    return factors * ~near, exact
+
+
 def polynomial_output(sample: Sample, coefficients: Sequence[float]) -> torch.Tensor:
-    """The op's output on the sampled queries: weights P(s) * key factors, normalised (rows with no allowed
-    key: 0, left out of every error)."""
-    weights = evaluate_polynomial(sample.logits, coefficients) * _key_factors(sample)
-    return (weights / weights.sum(-1, keepdim=True).clamp_min(1e-30)) @ sample.v
+    """The op's output on the sampled queries: weights P(s) * key factors (exp(s) * key factors on the exact
+    window's keys), normalised (rows with no allowed key: 0, left out of every error)."""
+    far, near = _near_weights(sample, _key_factors(sample))
+    weights = evaluate_polynomial(sample.logits, coefficients).double() * far + near
+    return ((weights / weights.sum(-1, keepdim=True).clamp_min(1e-30)) @ sample.v.double()).float()
 
 
 def _ratio(diff2: torch.Tensor | float, ref2: torch.Tensor | float) -> float:
@@ -333,7 +351,8 @@ class _Drawn:
     def __init__(self, sample: Sample, degree: int, groups: int):
         self.sample, self.degree, self.groups = sample, degree, groups
         self.heads = sample.logits.shape[1]
-        factors = _key_factors(sample)
+        factors, near = _near_weights(sample, _key_factors(sample))
+        self.near_num, self.near_den = near @ sample.v.double(), near.sum(-1)  # the exact window's part
         self.powers, self.sums = [], []
         for g in range(degree + 1):
             if g:
@@ -345,8 +364,11 @@ class _Drawn:
         self._diff2: dict[tuple[float, ...], torch.Tensor] = {}
         self._logit_stats: tuple[list[float], list[float], list[float]] | None = None
         # B: max |scale q.k| over all sampled logits (float32 may overflow: NaN/inf stay)
-        bounds = sample.logits.abs().amax((0, 2, 3)).clamp_min(1e-6)
-        moments, largest = _moments(sample, degree)
+        # (with an exact window: over the far keys, the only ones the polynomial weights)
+        far = sample if sample.near is None else dataclasses.replace(sample, allowed=sample.allowed & ~sample.near)
+        bounds = (sample.logits.abs() if sample.near is None
+                  else torch.where(far.allowed, sample.logits.abs(), 0.0)).amax((0, 2, 3)).clamp_min(1e-6)
+        moments, largest = _moments(far, degree)
         agreed = agree(bounds.tolist() + largest.tolist())  # one collective for both
         self.bounds, self.mass_bounds = agreed[:self.heads], agreed[self.heads:]
         self.moments = summed(moments)  # [H, K], a collective: every rank takes part
@@ -365,8 +387,8 @@ class _Drawn:
         """Per query head: the squared error of the op's output with these coefficients (cached)."""
         key = tuple(float(c) for c in coefficients)
         if key not in self._diff2:
-            num = sum(c * t for c, t in zip(key, self.powers))
-            den = sum(c * d for c, d in zip(key, self.sums))
+            num = sum(c * t for c, t in zip(key, self.powers)) + self.near_num
+            den = sum(c * d for c, d in zip(key, self.sums)) + self.near_den
             out = num / den.clamp_min(1e-30).unsqueeze(-1)
             self._diff2[key] = ((out - self.reference) ** 2).sum((0, 2, 3))
         return self._diff2[key]
@@ -485,7 +507,8 @@ def _per_head_fit(drawn: _Drawn, budget: float, all_heads: _Fit) -> tuple[_Fit, 
 
 def calibrate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, degree: int, budget: float,
               causal: bool = False, window: int = 0, sample: int = 128, key_weight: torch.Tensor | None = None,
-              alibi_slopes: torch.Tensor | None = None, per_head: bool = False, pairs: int = PAIRS) -> Calibration:
+              alibi_slopes: torch.Tensor | None = None, per_head: bool = False, pairs: int = PAIRS,
+              exact_window: int = 0) -> Calibration:
     """Logit range and measured error on sampled queries, the polynomial's error bound, the degrees, the
     coefficients, and the approximability of each head.
 
@@ -495,6 +518,8 @@ def calibrate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, d
     ``per_head`` (method="auto", where only the heads within budget are approximated): the coefficients may be
     chosen on a subset of the key/value heads (:func:`_per_head_fit`; ``fit_groups``).  Raises
     CalibrationInputError on inputs it cannot use (see unusable_reason); the budget search checks first.
+    ``exact_window`` > 0: the op keeps exact weights on each query's nearest keys (kernels/exact_window.py): the
+    errors are those of that op, and B and the fits cover the other (far) keys only.
     """
     reason = unusable_reason(q, k, v)
     if reason is not None:
@@ -513,7 +538,8 @@ def calibrate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, d
     # Under torch.distributed every number that chooses the polynomial is agreed (MAX over ranks, the fits'
     # moments summed), so all ranks fit on the same logit range and pick the same coefficients: no rank runs a
     # different graph.
-    drawn = _Drawn(sample_attention(q, k, v, scale, causal, window, index, key_weight, alibi_slopes), degree, groups)
+    drawn = _Drawn(sample_attention(q, k, v, scale, causal, window, index, key_weight, alibi_slopes, exact_window),
+                   degree, groups)
     all_heads = fitted = _group_fit(drawn, None)
     fit_groups = None
     if per_head:

@@ -21,11 +21,14 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 
-from ..kernels import drop_masked_keys, exact_attention, feature_rank, naive_poly_attention
+from ..kernels import (drop_masked_keys, exact_attention, feature_rank, naive_poly_attention,
+                       naive_window_attention)
 from ..kernels.switchable import SWITCHABLE_OP, heads_in_mode, mixed_modes
 from ..passes.graph_utils import concrete_int, rng_preserved
 
 POLY_OP = torch.ops.almostlinear.poly_attention.default
+WINDOW_OP = torch.ops.almostlinear.poly_window_attention.default
+APPROXIMATE_OPS = (POLY_OP, WINDOW_OP, SWITCHABLE_OP)
 
 
 def finite_or_inf(value: float) -> float:
@@ -95,11 +98,11 @@ def site_op_args(node: fx.Node):
     """(q, k, v, key_weight, alibi, scale, causal, window, switch-or-None) of an approximate op node."""
     if node.op != "call_function":
         return None
-    if node.target is POLY_OP:
-        q, k, v, key_weight, alibi, scale, _, causal, window = node.args
+    if node.target is POLY_OP or node.target is WINDOW_OP:
+        q, k, v, key_weight, alibi, scale, _, causal, window = node.args[:9]
         return q, k, v, key_weight, alibi, scale, causal, window, None
     if node.target is SWITCHABLE_OP:
-        q, k, v, key_weight, alibi, switch, scale, _, causal, window = node.args
+        q, k, v, key_weight, alibi, switch, scale, _, causal, window = node.args[:10]
         return q, k, v, key_weight, alibi, scale, causal, window, switch
     return None
 
@@ -116,11 +119,14 @@ def materialised_op(target, args: tuple, kwargs: dict):
     semantics (zero-weight keys dropped, rows with no key 0), or None where the op is cheaper or the call is not
     one it can stand in for (degree from the coefficients; the state / logsumexp outputs are empty, read only by
     the op's own backward)."""
-    if target is POLY_OP:
+    exact_window = 0
+    if target is POLY_OP or target is WINDOW_OP:
         q, k, v, key_weight, alibi, scale, coefficients, causal, window = args[:9]
+        exact_window = args[9] if target is WINDOW_OP else 0
         switch = None
     elif target is SWITCHABLE_OP:
         q, k, v, key_weight, alibi, switch, scale, coefficients, causal, window = args[:10]
+        exact_window = args[10] if len(args) > 10 else kwargs.get("exact_window", 0)
     else:
         return None
     B, Hq, L, D = q.shape
@@ -137,6 +143,9 @@ def materialised_op(target, args: tuple, kwargs: dict):
         if not polynomial:
             return exact_attention(qh, kh, vh, alibi_slopes=slopes, **common)
         kh, vh = drop_masked_keys(kh, vh, key_weight)  # as the op (its exact branch does not)
+        if exact_window:
+            return naive_window_attention(qh, kh, vh, degree=len(coefficients) - 1, coefficients=list(coefficients),
+                                          alibi_slopes=slopes, exact_window=exact_window, **common)
         return naive_poly_attention(qh, kh, vh, degree=len(coefficients) - 1, coefficients=list(coefficients),
                                     alibi_slopes=slopes, **common)
 
@@ -146,6 +155,8 @@ def materialised_op(target, args: tuple, kwargs: dict):
         on, off = heads_in_mode(switch, q, k, True), heads_in_mode(switch, q, k, False)
         out = torch.cat([run(True, on), run(False, off)], 1)
         out = out.index_select(1, torch.argsort(torch.cat([on[0], off[0]])))
+    if target is WINDOW_OP:
+        return out, q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)
     if switch is None:
         return out, q.new_empty(0, dtype=torch.float32)
     return out, switch.detach().clone(), q.new_zeros(B, Hq, L, dtype=torch.float32)
@@ -172,7 +183,7 @@ class SiteErrors(fx.Interpreter):
         self.captured: dict[fx.Node, torch.Tensor] = {}
 
     def call_function(self, target, args, kwargs) -> Any:
-        if target is POLY_OP or target is SWITCHABLE_OP:
+        if target in APPROXIMATE_OPS:
             fast = materialised_op(target, args, kwargs)
             if fast is not None:
                 return fast

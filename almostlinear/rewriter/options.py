@@ -32,6 +32,11 @@ class Options:
     attention_dropout  "keep": a site with dropout on its attention weights stays exact (the op has no dropout);
                   "remove" (method="polynomial" only): such sites are approximated and train without that dropout
                   (the report says so on each: the regularisation changed)
+    exact_window  polynomial sites keep exact softmax weights on each query's W nearest keys (causal: the last W,
+                  itself included; otherwise |i - j| < W), P(s) on the others, one normaliser (an int >= 0; 0: none;
+                  self-attention sites only). method="polynomial" trains with it (the road from a softmax-trained
+                  model to linear-time attention: README "Converting a trained model"); method="auto" tries it per
+                  key/value head between the polynomial alone and exact attention
     guard         method="auto": a key/value head whose logit bound on a call leaves the planned range (the
                   planning batch's, times up to 1.5) runs exact attention on that call (rewriter/guard.py)
     strict        raise instead of falling back to exact when the budget cannot be met
@@ -48,6 +53,7 @@ class Options:
     min_seq_len: int | None = None
     sites: Mapping[str, str] = field(default_factory=dict)
     recheck_every: int = 0
+    exact_window: int = 0
     guard: bool = True
     attention_dropout: str = "keep"
     strict: bool = False
@@ -60,7 +66,7 @@ class Options:
         object.__setattr__(self, "method", Choice(self.method))
         if self.sites:
             object.__setattr__(self, "sites", types.MappingProxyType({k: Choice(v) for k, v in self.sites.items()}))
-        for name in ("degree", "min_seq_len", "recheck_every"):
+        for name in ("degree", "min_seq_len", "recheck_every", "exact_window"):
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, int(value))
@@ -105,6 +111,11 @@ class Options:
         _check(
             _is_int(self.recheck_every) and self.recheck_every >= 0,
             f"recheck_every must be an int >= 0 (0 disables re-checks), got {self.recheck_every!r}",
+        )
+        _check(
+            _is_int(self.exact_window) and self.exact_window >= 0,
+            f"exact_window must be an int >= 0 (the number of nearest keys kept exact; 0: none), got "
+            f"{self.exact_window!r}",
         )
         _check(isinstance(self.strict, bool), f"strict must be True or False, got {self.strict!r}")
         _check(isinstance(self.guard, bool), f"guard must be True or False, got {self.guard!r}")

@@ -168,7 +168,7 @@ def _rewrite_polynomial(gm, site, row: Site, decision: Decision, fake_mode, opti
         applied.op_nodes[site.id] = rewrite_polynomial(gm, site, fake_mode, coefficients,
                                                        switchable=bool(options.recheck_every),
                                                        min_seq_len=decision.min_seq_len, heads=decision.heads,
-                                                       guard=decision.guard)
+                                                       guard=decision.guard, exact_window=decision.exact_window)
     except rewriter.RewriteError as exc:
         fallback = Decision(Method.EXACT, f"fused exact: the polynomial rewrite failed ({exc})")
         applied.decisions[site.id] = fallback
@@ -176,6 +176,7 @@ def _rewrite_polynomial(gm, site, row: Site, decision: Decision, fake_mode, opti
         return False
     row.rank = feature_rank(concrete_int(shape_of(site.q)[-1]) or 0, degree)
     row.rewritten, row.method, row.degree = True, Method.POLYNOMIAL, degree
+    row.exact_window = decision.exact_window
     row.coefficients = tuple(decision.coefficients) if decision.coefficients else None
     kind = "fitted" if decision.coefficients else "Taylor"
     row.reason = f"{decision.reason}; polynomial degree {degree} ({kind}), rank {row.rank}, mask {site.mask.kind}"

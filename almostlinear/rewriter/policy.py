@@ -39,6 +39,7 @@ class Decision:
     min_seq_len: int | None = None  # the op runs from this key length on (dynamic lengths: decided at run time)
     heads: tuple[int, ...] | None = None  # the key/value heads the op computes (None: all); exact on the others
     guard: tuple[float, ...] | None = None  # per key/value head: the logit bound above which a call runs exact
+    exact_window: int = 0  # exact softmax on each query's nearest keys (kernels/exact_window.py); 0: none
 
 
 def site_override(module_path: str, options: Options) -> tuple[str, Choice] | None:
@@ -75,7 +76,27 @@ def _decide(site: AttentionSite, module_path: str, options: Options) -> Decision
     if not ok:
         return Decision(Method.EXACT, f"fused exact: {why}")
     threshold = min_seq_len_for(site, options) if is_dynamic_length(site) else None
-    return Decision(Method.POLYNOMIAL, why, degree=options.degree or 2, min_seq_len=threshold)
+    window, why = _exact_window(site, options, why)
+    if window < 0:
+        return Decision(Method.EXACT, f"fused exact: {why}")
+    return Decision(Method.POLYNOMIAL, why, degree=options.degree or 2, min_seq_len=threshold, exact_window=window)
+
+
+def _exact_window(site: AttentionSite, options: Options, why: str) -> tuple[int, str]:
+    """(the site's exact window, the reason): 0 where the option is off or the site is not self-attention (the
+    window is defined on query and key positions that coincide); -1 where the window covers every key the site's
+    own window lets a query see (then the site is exact attention)."""
+    window = options.exact_window
+    if not window:
+        return 0, why
+    q_len, k_len = shape_of(site.q)[-2], shape_of(site.op_kv[0])[-2]
+    known = concrete_int(q_len)
+    if not (known == concrete_int(k_len) if known is not None else str(q_len) == str(k_len)):
+        return 0, f"{why}; no exact window: query length {q_len} and key length {k_len} may differ"
+    if site.mask.window and site.mask.window <= window:
+        return -1, (f"the exact window ({window} keys) covers the mask's own window ({site.mask.window}): every "
+                    f"weight would be exact")
+    return window, f"{why}; exact softmax on the {window} nearest keys (exact_window)"
 
 
 def min_seq_len_for(site: AttentionSite, options: Options) -> int:

@@ -49,6 +49,7 @@ class Site:
     paper_degree: int | None = None  # the Taylor degree the error bound would need for the budget
     coefficients: tuple | None = None
     region: str = ""  # the higher-order op body the site is in, e.g. "checkpoint wrap_body_0, use_reentrant=False"
+    exact_window: int = 0  # exact softmax on each query's nearest keys (the op with an exact window); 0: none
     approximated_heads: list | None = None  # query heads the op computes when not all of them (per-head decisions)
     heads: list = field(default_factory=list)  # the approximability map: one dict per query head (calibrate.HeadStats)
 
@@ -97,7 +98,9 @@ class Report:
         header = ("id", "module", "source", "shapes q/k/v", "mask", "scale", "drop", "gqa", "decision", "reason")
         rows = [header]
         for s in self.sites:
-            decision = f"{s.method}" + (f" (deg {s.degree}, r={s.rank})" if s.degree and s.method == "polynomial" else "")
+            window = f", window {s.exact_window}" if s.exact_window else ""
+            decision = f"{s.method}" + (f" (deg {s.degree}, r={s.rank}{window})" if s.degree and s.method == "polynomial"
+                                        else "")
             rows.append(
                 (
                     str(s.id),

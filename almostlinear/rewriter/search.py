@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import time
 import warnings
@@ -154,11 +155,15 @@ def _calibrate_all(search: _Search, reference: Measurement, measuring: Measureme
         q, k, v = _captured(site, reference)
         if q is None or k is None or v is None or q.dim() != 4:
             continue
-        search.calibrations[site.id] = calibrate(
-            fit(q), fit(k), fit(v), site_scale(site), search.decisions[site.id].degree or 2, options.budget,
+        d = search.decisions[site.id]
+        run = functools.partial(
+            calibrate, fit(q), fit(k), fit(v), site_scale(site), d.degree or 2, options.budget,
             causal=site.mask.causal, window=site.mask.window,
             key_weight=fit(key_weight_value(site, reference.captured, q)), alibi_slopes=alibi_value(site, q),
             per_head=options.method is Choice.AUTO)
+        search.calibrations[site.id] = run(exact_window=d.exact_window)
+        if d.exact_window and options.method is Choice.AUTO:
+            search.decisions[site.id] = _window_or_not(search.calibrations, site.id, d, run(), options.budget)
         bounds[site.id] = logit_bounds(q, k, site_scale(site))
     ids = sorted(search.calibrations)
     for sid, agreed in zip(ids, agree([search.calibrations[sid].sampled_error for sid in ids])):
@@ -183,7 +188,29 @@ def _calibrate_all(search: _Search, reference: Measurement, measuring: Measureme
             guard = limits(agree(bounds[sid]), cal.group_errors, options.budget)
             reason += f"; {describe_guard(guard)}"
         search.decisions[sid] = Decision(Method.POLYNOMIAL, reason, d.degree or 2,
-                                         cal.coefficients if cal.fitted else None, d.min_seq_len, heads, guard)
+                                         cal.coefficients if cal.fitted else None, d.min_seq_len, heads, guard,
+                                         d.exact_window)
+
+
+def _within_budget(cal, budget: float) -> int:
+    """How many key/value heads are within the budget on the sampled queries."""
+    return sum(e <= budget for e in cal.group_errors)
+
+
+def _window_or_not(calibrations: dict, sid: int, d: Decision, plain, budget: float) -> Decision:
+    """method="auto" with an exact window: the step between the polynomial alone and exact attention.  The
+    window (exact softmax on each query's nearest keys, at some extra cost: benchmarks/attention.py) is kept where
+    it brings more key/value heads within the budget than the polynomial alone; otherwise the site runs the
+    polynomial alone.  Both sampled errors are in the reason."""
+    windowed = calibrations[sid]
+    errors = (f"per key/value head without / with the window: "
+              + ", ".join(f"{a:.3g} / {b:.3g}" for a, b in zip(plain.group_errors, windowed.group_errors)))
+    if _within_budget(windowed, budget) > _within_budget(plain, budget):
+        return dataclasses.replace(d, reason=f"{d.reason} ({errors})")
+    calibrations[sid] = plain
+    reason = d.reason.split("; exact softmax on the")[0]
+    return dataclasses.replace(d, exact_window=0, reason=f"{reason}; no exact window: it brings no head within "
+                                                         f"budget ({errors})")
 
 
 def _keep_uncalibrated(search: _Search, sid: int, reason: str, empty: bool) -> None:
@@ -193,7 +220,8 @@ def _keep_uncalibrated(search: _Search, sid: int, reason: str, empty: bool) -> N
         search.decisions[sid] = Decision(Method.EXACT, f"kept exact: {reason}, nothing to approximate")
     elif search.options.method is Choice.POLYNOMIAL:
         search.decisions[sid] = Decision(Method.POLYNOMIAL, f"{d.reason}; not calibrated ({reason}): Taylor "
-                                                            f"coefficients", d.degree or 2, None, d.min_seq_len)
+                                                            f"coefficients", d.degree or 2, None, d.min_seq_len,
+                                                            exact_window=d.exact_window)
     else:
         search.decisions[sid] = Decision(Method.EXACT, f"kept exact: {reason}")
 

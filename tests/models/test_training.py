@@ -1,5 +1,6 @@
 """The main job (examples/train_gpt.py): a small GPT trained with method="auto" follows the exact run's loss
-curve, and the three-way run (exact, auto, polynomial) prints finite losses and per-site decisions."""
+curve, and the four-way run (exact, auto, polynomial, polynomial + exact window) prints finite losses and
+per-site decisions."""
 import math
 
 from almostlinear.zoo import GPTConfig
@@ -21,16 +22,17 @@ def test_auto_training_follows_the_exact_loss_curve():
         approx.final_loss(), exact.final_loss(), str(report))
 
 
-def test_three_way_run_prints_losses_and_decisions(tmp_path, capsys):
+def test_four_way_run_prints_losses_and_decisions(tmp_path, capsys):
     main(["--steps", "12", "--layers", "1", "--heads", "2", "--embd", "32", "--seq-len", "32", "--batch", "2",
           "--recheck-every", "5", "--out", str(tmp_path / "curves.png")])
     out = capsys.readouterr().out
     rows = {line.split()[0]: line.split() for line in out.splitlines()
-            if line.split() and line.split()[0] in ("exact", "auto", "polynomial") and len(line.split()) >= 7}
-    assert set(rows) == {"exact", "auto", "polynomial"}, out
+            if line.split() and line.split()[0] in ("exact", "auto", "polynomial", "window") and len(line.split()) >= 7}
+    assert set(rows) == {"exact", "auto", "polynomial", "window"}, out
+    assert "window 8" in out  # the window run's report: a quarter of the context
     for name, cells in rows.items():
         assert all(math.isfinite(float(c)) for c in cells[1:5]), (name, cells)  # tokens/s, compile, train, val
-    assert rows["exact"][6] == "0" and rows["polynomial"][6] == "2", out  # heads approximated at the end
+    assert rows["exact"][6] == "0" and rows["polynomial"][6] == rows["window"][6] == "2", out  # heads at the end
     assert "approximability map" in out and "auto's decisions over time" in out, out
     assert "distance to softmax" in out, out
     assert ("matplotlib is not installed" in out) or (tmp_path / "curves.png").exists(), out
