@@ -3,6 +3,7 @@ ask almostlinear how much of it degree-2 polynomial attention could replace.
 
     python benchmarks/reach.py                          # the main job's GPT; 3-8 minutes on 2 CPU cores
     python benchmarks/reach.py --seq-len 256 --checkpoints 0,50,100,300,600
+    python benchmarks/reach.py --exact-window 32 --out benchmarks/results/reach_window32.md   # auto may add a window
 
 The model trains uncompiled (plain PyTorch softmax attention, AdamW) on the standard library's source, as in
 examples/train_gpt.py. At each checkpoint a copy is compiled twice on one held-out batch, through the public
@@ -34,11 +35,12 @@ from almostlinear.zoo import GPT, GPTConfig
 from almostlinear.zoo.data import batches, split, stdlib_text
 
 
-def report_of(model: GPT, method: str, x: torch.Tensor, y: torch.Tensor, budget: float):
+def report_of(model: GPT, method: str, x: torch.Tensor, y: torch.Tensor, budget: float, exact_window: int = 0):
     """Compile a copy of `model` with `method` and run one training call on (x, y): the backend plans at
     compile time on these inputs and returns the report (the copy and its gradients are thrown away)."""
     torch._dynamo.reset()
-    backend = almostlinear.Backend(method=method, budget=budget, min_seq_len=0, inner="eager")
+    backend = almostlinear.Backend(method=method, budget=budget, min_seq_len=0, inner="eager",
+                                   exact_window=exact_window)
     compiled = torch.compile(copy.deepcopy(model), backend=backend)
     compiled(x, y)
     return backend.reports[-1]
@@ -68,6 +70,7 @@ def summary(step: int, val_loss: float, auto, poly, budget: float) -> dict:
         approximated=sum(bool(h["approximated"]) for h in heads),
         heads=len(heads),
         sites_auto=sum(s.method == "polynomial" for s in auto.sites),
+        sites_window=sum(s.method == "polynomial" and bool(s.exact_window) for s in auto.sites),
         sites=len(auto.sites),
         auto_error=auto.grad_error,
         poly_error=poly.grad_error,
@@ -84,11 +87,12 @@ def table(rows: list[dict], budget: float) -> list[str]:
              f"(sites) | auto gradient error | gradient error, all heads polynomial |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        windowed = f", {r['sites_window']} with the window" if r.get("sites_window") else ""
         lines.append(
             f"| {r['step']} | {r['val_loss']:.3f} | {r['std'][0]:.2f}–{r['std'][1]:.2f} | {r['logit_max']:.1f} "
             f"| {r['keys'][0]:.1f}–{r['keys'][1]:.1f} | {r['sampled'][0]:.3g}–{r['sampled'][1]:.3g} "
             f"| {r['within']}/{r['heads']} ({100 * r['within'] / r['heads']:.0f}%) "
-            f"| {r['approximated']}/{r['heads']} ({r['sites_auto']}/{r['sites']}) "
+            f"| {r['approximated']}/{r['heads']} ({r['sites_auto']}/{r['sites']}{windowed}) "
             f"| {err(r['auto_error']) if r['approximated'] else '- (all exact)'} "
             f"| {err(r['poly_error'])} |")
     return lines
@@ -105,6 +109,8 @@ def main(argv=None) -> None:
     parser.add_argument("--checkpoints", default="0,25,50,100,200,400",
                         help="comma-separated training steps at which to measure (the last one ends training)")
     parser.add_argument("--budget", type=float, default=0.05)
+    parser.add_argument("--exact-window", type=int, default=0,
+                        help="the option exact_window for both compiles (auto: per site, where it brings heads in)")
     parser.add_argument("--val-batches", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/reach.md"))
@@ -121,7 +127,7 @@ def main(argv=None) -> None:
     probe_x, probe_y = val[0]  # the held-out batch both compiles plan on
     header = (f"char-level GPT {args.layers} layers x {args.heads} heads of dim {args.embd // args.heads}, context "
               f"{args.seq_len}, batch {args.batch}, AdamW lr {args.lr}, softmax attention (uncompiled); budget "
-              f"{args.budget}; machine {platform.machine()}, {torch.get_num_threads()} threads, torch "
+              f"{args.budget}; exact_window {args.exact_window}; machine {platform.machine()}, {torch.get_num_threads()} threads, torch "
               f"{torch.__version__}, {datetime.datetime.now():%Y-%m-%d %H:%M}")
     print(header, flush=True)
     rows, step, started = [], 0, time.perf_counter()
@@ -134,8 +140,8 @@ def main(argv=None) -> None:
             loss.backward()
             optimizer.step()
             step += 1
-        auto = report_of(model, "auto", probe_x, probe_y, args.budget)
-        poly = report_of(model, "polynomial", probe_x, probe_y, args.budget)
+        auto = report_of(model, "auto", probe_x, probe_y, args.budget, args.exact_window)
+        poly = report_of(model, "polynomial", probe_x, probe_y, args.budget, args.exact_window)
         rows.append(summary(step, validation_loss(model, val), auto, poly, args.budget))
         print("\n".join(table(rows[-1:], args.budget)[2:]), f"  [{time.perf_counter() - started:.0f} s]", flush=True)
         if checkpoint == checkpoints[-1]:

@@ -92,7 +92,7 @@ def backward(grad, q, k, v, out, aux, key_weight=None, alibi_slopes=None, *, sca
                                   causal=causal, window=window, state=state)
         nf = _near(q, k, v, key_weight, alibi_slopes, scale, coeffs, causal, window, exact_window)
         near = near_backward(nf, grad, out, t, den)
-    return dq + near[0], dk + near[1], dv + near[2]
+    return dq.add_(near[0]), dk.add_(near[1]), dv.add_(near[2])
 
 
 @torch.library.custom_op("almostlinear::poly_window_attention", mutates_args=())

@@ -237,3 +237,26 @@ def test_heads_far_over_budget_are_not_fitted(monkeypatch):
     assert fits == [None, (0, 1), (0, 1, 2)]
     assert [e <= 0.05 for e in trying.group_errors] == [e <= 0.05 for e in skipping.group_errors]
     assert trying.fit_groups == skipping.fit_groups and trying.coefficients == skipping.coefficients
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_sampled_error_with_an_exact_window_is_that_of_the_windowed_op(causal):
+    """The sample's error (the per-head sums that decide, and candidate_error) is the windowed op's error against
+    softmax on the sampled queries: the naive windowed reference computed on all queries, read at the sample."""
+    from almostlinear.kernels import naive_exact_attention, naive_window_attention
+    q, k, v = _qkv(1.5, L=128)
+    index = torch.arange(0, 128, 3)
+    coeffs = (1.0, 0.9, 0.45)
+    sample = sample_attention(q, k, v, 1.0, causal, 0, index, exact_window=8)
+    want_out = naive_window_attention(q.double(), k.double(), v.double(), scale=1.0, exact_window=8, causal=causal,
+                                      coefficients=coeffs)[:, :, index]
+    exact = naive_exact_attention(q.double(), k.double(), v.double(), scale=1.0, causal=causal)[:, :, index]
+    want = float((want_out - exact).norm() / exact.norm())
+    assert candidate_error(sample, coeffs) == pytest.approx(want, rel=1e-4)
+    cal = calibrate(q, k, v, 1.0, 2, budget=0.05, causal=causal, exact_window=8)  # samples all 128 queries here
+    every = naive_window_attention(q.double(), k.double(), v.double(), scale=1.0, exact_window=8, causal=causal,
+                                   coefficients=cal.coefficients)
+    exact_all = naive_exact_attention(q.double(), k.double(), v.double(), scale=1.0, causal=causal)
+    assert cal.sampled_error == pytest.approx(float((every - exact_all).norm() / exact_all.norm()), rel=1e-4)
+    plain = candidate_error(sample_attention(q, k, v, 1.0, causal, 0, index), coeffs)
+    assert want < plain  # the window helps on these logits

@@ -153,3 +153,18 @@ def test_a_window_covering_the_masks_own_window_is_exact():
 def test_a_bad_exact_window_names_the_value(bad):
     with pytest.raises(ValueError, match=r"exact_window must be an int >= 0 .* got " + repr(bad).replace("(", r"\(")):
         almostlinear.Backend(exact_window=bad)
+
+
+def test_inductor_compiles_the_windowed_op_with_no_graph_break():
+    model = LocalHeads()
+    x = torch.randn(4, T, 48)
+    results = []
+    for inner in ("aot_eager", "inductor"):
+        torch._dynamo.reset()
+        backend = almostlinear.Backend(method="polynomial", exact_window=16, min_seq_len=0, inner=inner)
+        loss = torch.compile(model, backend=backend, fullgraph=True)(x)
+        results.append((loss, torch.autograd.grad(loss, list(model.parameters()))))
+        assert backend.reports[-1].sites[0].exact_window == 16
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

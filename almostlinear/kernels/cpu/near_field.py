@@ -72,9 +72,11 @@ class NearField:
         self.bands = bd = layout(self.L, self.S, exact_window, causal)
         dt, dev = q.dtype, q.device
         Lp = bd.nc * bd.C
-        # queries chunk-first: [B, Hk, nc, G*C, D]
-        q5 = F.pad(q, (0, 0, 0, Lp - self.L)).view(self.B, self.Hk, self.G, bd.nc, bd.C, self.D)
-        self.qc = q5.transpose(2, 3).reshape(self.B, self.Hk, bd.nc, self.G * bd.C, self.D) * scale  # scale q
+        # scale q, chunk-first: [B, Hk, nc, G*C, D] (one copy where L is a multiple of C and G = 1)
+        qs = q * scale
+        q5 = (qs if Lp == self.L else F.pad(qs, (0, 0, 0, Lp - self.L))).view(self.B, self.Hk, self.G, bd.nc, bd.C,
+                                                                             self.D)
+        self.qc = q5.transpose(2, 3).reshape(self.B, self.Hk, bd.nc, self.G * bd.C, self.D)
         self.kp = F.pad(k, (0, 0, bd.front, bd.back))
         self.vp = F.pad(v, (0, 0, bd.front, bd.back))
         kw = torch.ones(self.B, self.S, dtype=dt, device=dev) if key_weight is None else key_weight.to(dt)
@@ -83,7 +85,9 @@ class NearField:
         self.rel = _relative_log_mask(bd, causal, window, exact_window, alibi, self.Hk, self.G, dt, dev)
         h = self.rel.shape[0]
         self.rel = self.rel.expand(h, self.G, bd.C, bd.U).reshape(1, h, 1, self.G * bd.C, bd.U)
-        self.outside = self.rel[0, :1] == float("-inf")  # [1, 1, G*C, U]
+        # [1, 1, G*C, U]: where a band's score is set to 0 (a NaN or inf key outside a query's band must not reach
+        # it); not needed when every key is finite (keys of weight 0 were zeroed by the op, pads are 0)
+        self.outside = None if bool(torch.isfinite(k).all()) else self.rel[0, :1] == float("-inf")
         self.log_scale = None if log_scale is None else self.chunked(log_scale.to(dt).expand(1, self.Hq, self.L))[0]
         self.g = max(1, ROWS // max(1, self.B * self.Hq * bd.C))
         # rows with no allowed key outside their window (causal i < W, ...): their weights are all exact; the
@@ -125,18 +129,22 @@ class NearField:
         the row; keys of weight 0 and the pads are zero already)."""
         C, U = self.bands.C, self.bands.U
         kb = self.band(self.kp, c0, c1)
-        s = (self.qc[:, :, c0:c1] @ kb.transpose(-1, -2)).masked_fill_(self.outside, 0.0)
+        s = self.qc[:, :, c0:c1] @ kb.transpose(-1, -2)
+        if self.outside is not None:
+            s.masked_fill_(self.outside, 0.0)
         logw = self.logw.narrow(1, c0 * C, (c1 - c0 - 1) * C + U).unfold(1, U, C)  # [B, g, U]
         lp = self.rel + logw[:, None, :, None, :]
         if self.log_scale is not None:
             lp = lp + self.log_scale[:, c0:c1].unsqueeze(0).unsqueeze(-1)
         return s, lp
 
-    def weights(self, s, lp, t, c0, c1):
+    def weights(self, s, lp, t, c0, c1, x=None):
         """(E, F) given the row shift t [B, Hk, g, G*C]: E = exp(s + l' - t) and F = exp(l' - t), both 0 where a
-        key is not near or not allowed (l' = -inf); F is 0 on the rows with no far key."""
+        key is not near or not allowed (l' = -inf); F is 0 on the rows with no far key.  ``x``: s + l', if the
+        caller has it (overwritten)."""
         t = t.unsqueeze(-1)
-        return torch.add(s, lp).sub_(t).exp_(), torch.exp(lp - (t + self.no_far[:, c0:c1].unsqueeze(-1)))
+        x = torch.add(s, lp) if x is None else x
+        return x.sub_(t).exp_(), torch.exp(lp - (t + self.no_far[:, c0:c1].unsqueeze(-1)))
 
 
 def far_rows(L, S, causal, window, exact_window, device):
@@ -175,17 +183,18 @@ def near_forward(nf: NearField, out_poly, den_poly):
         ld = log_den[:, :, c0:c1]
         # the largest log-weight: exact (s + l'), polynomial (log den_p; l' for the band's P(s) terms, which
         # cancel against den_p: only on rows that have far keys)
-        t = torch.maximum(torch.maximum(ld, torch.add(s, lp).amax(-1)), lp.amax(-1) - nf.no_far[:, c0:c1])
+        x = torch.add(s, lp)
+        t = torch.maximum(torch.maximum(ld, x.amax(-1)), lp.amax(-1) - nf.no_far[:, c0:c1])
         t = torch.where(torch.isfinite(t), t, 0.0)
-        E, F_ = nf.weights(s, lp, t, c0, c1)
+        E, F_ = nf.weights(s, lp, t, c0, c1, x)
         corr = E.sub_(evaluate_polynomial(s, nf.coeffs).mul_(F_))
         a = torch.exp(ld - t)  # den_poly e^{-t}; 0 where den_poly is 0
         num[:, :, c0:c1] = torch.addcmul(corr @ nf.band(nf.vp, c0, c1), a.unsqueeze(-1), outp[:, :, c0:c1])
         den_all[:, :, c0:c1] = a + corr.sum(-1)
         t_all[:, :, c0:c1] = t
         a_all[:, :, c0:c1] = a
-    out = num * reciprocal(den_all).unsqueeze(-1)
-    return nf.unchunk(out).contiguous(), nf.unchunk(t_all), nf.unchunk(den_all), nf.unchunk(a_all)
+    out = nf.unchunk(num.mul_(reciprocal(den_all).unsqueeze(-1)))
+    return out if out.is_contiguous() else out.contiguous(), nf.unchunk(t_all), nf.unchunk(den_all), nf.unchunk(a_all)
 
 
 def near_backward(nf: NearField, grad, out, t, den):
