@@ -122,6 +122,14 @@ def train(name: str, config: GPTConfig, data: torch.Tensor, *, steps: int, batch
     return run
 
 
+def guarded_sites(report) -> tuple[int, int, int]:
+    """(call, sites the guard ran exact, sites re-checked) at the last re-check: a site the run-time guard sends
+    to exact attention on a call shows as approximated in the map (its plan) but computed softmax on that call."""
+    last = max((h["call"] for h in report.history if "site" in h), default=0)
+    checked = [h for h in report.history if "site" in h and h["call"] == last]
+    return last, sum("ran exact on this call" in h["event"] for h in checked), len(checked)
+
+
 def decision_changes(run: Run) -> list[str]:
     """The steps at which the approximated heads per site changed, as 'step N: 4/4/2/0' lines."""
     lines, previous = [], None
@@ -238,6 +246,11 @@ def main(argv=None) -> None:
         heads = "/".join(map(str, run.heads[-1])) if run.heads and run.heads[-1] else "-"
         print(f"{name:<11} {run.tokens_per_second(tokens):>9.0f} {run.compile_seconds:>23.1f} "
               f"{run.final_loss():>11.4f} {run.val_loss:>9.4f} {versus:>12}  {heads} (of {args.heads})")
+    if "auto" in runs and runs["auto"].backend.reports:
+        call, guarded, checked = guarded_sites(runs["auto"].backend.reports[-1])
+        if checked:
+            print(f"auto: at the last re-check (call {call}) the run-time guard ran {guarded} of the {checked} sites "
+                  f"planned polynomial as exact attention (logit bounds over their planned limits)")
     for name in ("auto", "polynomial", "window"):
         if name in runs and runs[name].backend.reports and runs[name].backend.reports[-1].grad_error is not None:
             what = f"budget {args.budget:g}" if name == "auto" else "distance to softmax, information"

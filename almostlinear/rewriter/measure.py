@@ -179,6 +179,7 @@ class SiteErrors(fx.Interpreter):
         self.local_errors: dict[fx.Node, float] = {}
         self.head_errors: dict[fx.Node, list[float]] = {}  # per key/value head (its query heads together)
         self.unmeasured: dict[fx.Node, str] = {}
+        self.ran_exact: set[fx.Node] = set()  # op nodes whose every head ran exact on this call (guard, crossover)
         self.watch = watch or {}
         self.captured: dict[fx.Node, torch.Tensor] = {}
 
@@ -207,8 +208,9 @@ class SiteErrors(fx.Interpreter):
             out = result[0] if isinstance(result, (tuple, list)) else result
             if active is None or bool(active.any()):
                 self._measure(n, out, q, k, v, key_weight, alibi, scale, causal, window)
-            else:  # the site ran exact on this call (switched, or its key length is below min_seq_len)
+            else:  # the site ran exact on this call (switched, the guard, or its key length is below min_seq_len)
                 self.local_errors[n] = math.nan
+                self.ran_exact.add(n)
                 self.unmeasured[n] = ("the site ran exact on this call (key length below min_seq_len, switched, or "
                                       "its logits left the planned range: the guard)")
         return result

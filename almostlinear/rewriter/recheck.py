@@ -68,8 +68,14 @@ class Rechecker:
         # NaN: not measurable on this call's inputs (on any rank: agree() returns inf there, so count the
         # ranks that could not measure as well)
         unmeasured = agree([1.0 if self.poly_nodes[sid] in interpreter.unmeasured else 0.0 for sid in ids])
+        exact_now = agree([1.0 if self.poly_nodes[sid] in interpreter.ran_exact else 0.0 for sid in ids])
         measured: dict[int, float] = {}
-        for sid, error, skip in zip(ids, errors, unmeasured):
+        for sid, error, skip, ran_exact in zip(ids, errors, unmeasured, exact_now):
+            if ran_exact:  # nothing approximate to measure: the run-time guard (or the crossover) chose exact
+                self._record(sid, math.nan, False, "ran exact on this call: the run-time guard found every head's "
+                                                   "logit bound over its limit (or the key length is below the "
+                                                   "crossover)")
+                continue
             if skip:
                 why = interpreter.unmeasured.get(self.poly_nodes[sid], "not measurable on another rank")
                 self._record(sid, math.nan, False, f"not measured: {why}")

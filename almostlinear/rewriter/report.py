@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -132,6 +133,9 @@ class Report:
             for m in self.near_misses:
                 lines.append(f"  - {m.module_path or '-'} {m.source_line or ''}: {m.reason}")
         for step in self.history:
+            if "site" in step and math.isnan(step["measured_error"]):  # nothing measured: the event says why
+                lines.append(f"  call {step['call']}: {step['event']}")
+                continue
             if "site" in step:  # a re-check of one site
                 lines.append(f"  call {step['call']}: site {step['site']} measured error {step['measured_error']:.3g} "
                              f"-> {step['decision']}")
