@@ -194,7 +194,7 @@ def _measure(a, d, causal, n, rank):
             s, p = row.get(f"sdpa_{stat}"), row.get(f"{i}_{stat}")
             row[f"{i}_speedup_{stat}"] = s / p if s and p else None
     print(f"d={d} causal={causal!s:5} n={n:6d} " + "  ".join(
-        f"{i}={_fmt(row[i + '_min'])} ({_fmt(row[i + '_median'])}) s" for i in impls) +
+        f"{i}={_fmt(row[i.split(':')[0] + '_min'])} ({_fmt(row[i.split(':')[0] + '_median'])}) s" for i in impls) +
         f"  speed-up={_fmt(row['poly_speedup_min'])}x ({_fmt(row['poly_speedup_median'])}x)"
         f"  flop-limit={row['flop_limit']:.1f}x {row['error']}"
         + (f"  window/poly={_fmt(row['window_cost_min'])} ({_fmt(row['window_cost_median'])})" if a.window else ""),

@@ -176,7 +176,8 @@ def plot(runs: dict[str, Run], n_heads: int, path: Path, title: str) -> str:
         ax_sites.imshow(grid, aspect="auto", cmap="RdYlGn", vmin=0, vmax=1, interpolation="nearest")
         ax_sites.set_yticks(range(n_sites))
         ax_sites.set_yticklabels([s.module_path for s in auto.backend.reports[-1].sites])
-    ax_sites.set_xlabel("step; auto's share of heads approximated per site (green: all polynomial, red: all exact)")
+    ax_sites.set_xlabel("step; auto's planned share of heads approximated per site (green: all polynomial, red: all "
+                        "exact;\nthe run-time guard may still run a planned head exact on a call: see the re-checks)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -77,8 +77,7 @@ class NearField:
         q5 = (qs if Lp == self.L else F.pad(qs, (0, 0, 0, Lp - self.L))).view(self.B, self.Hk, self.G, bd.nc, bd.C,
                                                                              self.D)
         self.qc = q5.transpose(2, 3).reshape(self.B, self.Hk, bd.nc, self.G * bd.C, self.D)
-        self.kp = F.pad(k, (0, 0, bd.front, bd.back))
-        self.vp = F.pad(v, (0, 0, bd.front, bd.back))
+        self.kp, self.vp = _padded(k, bd.front, bd.back), _padded(v, bd.front, bd.back)
         kw = torch.ones(self.B, self.S, dtype=dt, device=dev) if key_weight is None else key_weight.to(dt)
         logw = torch.where(kw > 0, kw.clamp_min(1e-38).log(), float("-inf"))
         self.logw = F.pad(logw, (bd.front, bd.back), value=float("-inf"))  # [B, Sp]: pads never count
@@ -87,7 +86,8 @@ class NearField:
         self.rel = self.rel.expand(h, self.G, bd.C, bd.U).reshape(1, h, 1, self.G * bd.C, bd.U)
         # [1, 1, G*C, U]: where a band's score is set to 0 (a NaN or inf key outside a query's band must not reach
         # it); not needed when every key is finite (keys of weight 0 were zeroed by the op, pads are 0)
-        self.outside = None if bool(torch.isfinite(k).all()) else self.rel[0, :1] == float("-inf")
+        # (a finite sum of k: every key finite; an overflow to inf only costs the mask)
+        self.outside = None if bool(torch.isfinite(k.sum())) else self.rel[0, :1] == float("-inf")
         self.log_scale = None if log_scale is None else self.chunked(log_scale.to(dt).expand(1, self.Hq, self.L))[0]
         self.g = max(1, ROWS // max(1, self.B * self.Hq * bd.C))
         # rows with no allowed key outside their window (causal i < W, ...): their weights are all exact; the
@@ -157,6 +157,16 @@ def far_rows(L, S, causal, window, exact_window, device):
     return (i >= exact_window) | (i + exact_window <= S - 1)
 
 
+def _padded(x, front, back):
+    """x [B, H, S, X] with `front` and `back` zero rows along S (only the pads are zero-filled: a full fill of a
+    fresh multi-MB tensor costs as much as the copy)."""
+    out = x.new_empty(x.shape[0], x.shape[1], front + x.shape[2] + back, x.shape[3])
+    out[:, :, :front].zero_()
+    out[:, :, front + x.shape[2]:].zero_()
+    out[:, :, front:front + x.shape[2]].copy_(x)
+    return out
+
+
 def _tiny(t):
     return 1e-300 if t.dtype == torch.float64 else 1e-30
 
@@ -205,7 +215,7 @@ def near_backward(nf: NearField, grad, out, t, den):
     gs = nf.chunked(grad) * inv                                   # G / den'
     delta = (gs * nf.chunked(out)).sum(-1, keepdim=True)          # G . out / den'
     tc = nf.chunked(t)
-    dq = torch.zeros_like(nf.qc)
+    dq = torch.empty_like(nf.qc)  # every block writes its rows
     dkp, dvp = torch.zeros_like(nf.kp), torch.zeros_like(nf.vp)
     for c0, c1 in nf.blocks():
         s, lp = nf.logits(c0, c1)
