@@ -40,7 +40,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import cpu
-from .cpu.near_field import NearField, near_backward, near_forward, reciprocal
+from .cpu.near_field import NearField, kept_size, near_backward, near_forward, reciprocal
 from .features import validate_polynomial
 from .op import compute_dtype, compute_inputs, validate_arguments, drop_masked_keys, exact_attention, register_autocast
 
@@ -70,28 +70,39 @@ def _near(q, k, v, kw, al, scale, coeffs, causal, window, exact_window):
                      scale=scale, coeffs=coeffs, causal=causal, window=window, exact_window=exact_window)
 
 
+def band_size(q, k, exact_window, causal, keep_states) -> int:
+    """Elements of the band weights the forward keeps for the backward (0: none): with ``keep_states``, up to
+    cpu.KEEP_STATES_MIB per call (~1.15 KB per token and query head at W = 64 non-causal, 0.64 KB causal)."""
+    if not keep_states:
+        return 0
+    itemsize = 8 if q.dtype == torch.float64 else 4
+    return kept_size(q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], exact_window, causal, itemsize,
+                     cpu.KEEP_STATES_MIB)
+
+
 def forward(q, k, v, key_weight=None, alibi_slopes=None, *, scale, coeffs, causal=False, window=0, exact_window,
             keep_states=False):
     """(out [B, Hq, L, Dv], the polynomial part's state (None: none), aux [3, B, Hq, L] = (a, t, den'): see
-    near_field.near_forward)."""
+    near_field.near_forward, the kept band weights (flat; empty: none))."""
     with cpu.autocast_disabled(q):
         out_p, den_p, state = cpu.forward(q, k, v, key_weight, alibi_slopes, scale=scale, coeffs=coeffs,
                                           causal=causal, window=window, keep_states=keep_states)
         nf = _near(q, k, v, key_weight, alibi_slopes, scale, coeffs, causal, window, exact_window)
-        out, t, den, a = near_forward(nf, out_p, den_p)
-    return out, state, torch.stack([a, t, den])
+        band = q.new_empty(band_size(q, k, exact_window, causal, keep_states))
+        out, t, den, a = near_forward(nf, out_p, den_p, band if band.numel() else None)
+    return out, state, torch.stack([a, t, den]), band
 
 
 def backward(grad, q, k, v, out, aux, key_weight=None, alibi_slopes=None, *, scale, coeffs, causal=False, window=0,
-             exact_window, state=None):
-    """dq, dk, dv given the forward's out and aux (and its polynomial state, or None: recomputed)."""
+             exact_window, state=None, band=None):
+    """dq, dk, dv given the forward's out and aux (and its polynomial state and kept band, or None: recomputed)."""
     a, t, den = aux.unbind(0)
     with cpu.autocast_disabled(q):
         share = (a * reciprocal(den)).unsqueeze(-1)  # the polynomial part's share of each row
         dq, dk, dv = cpu.backward(grad * share, q, k, v, out, key_weight, alibi_slopes, scale=scale, coeffs=coeffs,
                                   causal=causal, window=window, state=state)
         nf = _near(q, k, v, key_weight, alibi_slopes, scale, coeffs, causal, window, exact_window)
-        near = near_backward(nf, grad, out, t, den)
+        near = near_backward(nf, grad, out, t, den, band)
     return dq.add_(near[0]), dk.add_(near[1]), dv.add_(near[2])
 
 
@@ -99,14 +110,15 @@ def backward(grad, q, k, v, out, aux, key_weight=None, alibi_slopes=None, *, sca
 def _window_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_weight: Optional[torch.Tensor],
                alibi_slopes: Optional[torch.Tensor], scale: float, coefficients: Sequence[float], causal: bool,
                window: int, exact_window: int,
-               keep_states: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out [B, Hq, L, Dv] in q's dtype, the polynomial part's state (empty: none), aux [3, B, Hq, L])."""
+               keep_states: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out [B, Hq, L, Dv] in q's dtype, the polynomial part's state (empty: none), aux [3, B, Hq, L], the kept
+    band weights (flat; empty: none))."""
     coeffs = tuple(coefficients)
     q32, k32, v32, kw, al = compute_inputs(q, k, v, key_weight, alibi_slopes)
     k32, v32 = drop_masked_keys(k32, v32, kw)
-    out, state, aux = forward(q32, k32, v32, kw, al, scale=scale, coeffs=coeffs, causal=causal, window=window,
-                              exact_window=exact_window, keep_states=keep_states)
-    return out.to(q.dtype), q32.new_empty(0) if state is None else state, aux
+    out, state, aux, band = forward(q32, k32, v32, kw, al, scale=scale, coeffs=coeffs, causal=causal, window=window,
+                                    exact_window=exact_window, keep_states=keep_states)
+    return out.to(q.dtype), q32.new_empty(0) if state is None else state, aux, band
 
 
 @_window_op.register_fake
@@ -115,43 +127,49 @@ def _(q, k, v, key_weight, alibi_slopes, scale, coefficients, causal, window, ex
     dtype = compute_dtype(q)
     shape = cpu.state_shape(B, Hq, k.shape[1], D, v.shape[-1], len(coefficients) - 1, alibi_slopes is not None,
                             causal, window, L=L, keep_states=keep_states, itemsize=dtype.itemsize)
-    return q.new_empty(B, Hq, L, v.shape[-1]), q.new_empty(shape, dtype=dtype), q.new_empty(3, B, Hq, L, dtype=dtype)
+    band = kept_size(B, Hq, k.shape[1], L, k.shape[2], exact_window, causal, dtype.itemsize,
+                     cpu.KEEP_STATES_MIB) if keep_states else 0
+    return (q.new_empty(B, Hq, L, v.shape[-1]), q.new_empty(shape, dtype=dtype), q.new_empty(3, B, Hq, L, dtype=dtype),
+            q.new_empty(band, dtype=dtype))
 
 
 @torch.library.custom_op("almostlinear::poly_window_attention_backward", mutates_args=())
 def _window_bwd_op(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                   state: torch.Tensor, aux: torch.Tensor, key_weight: Optional[torch.Tensor],
+                   state: torch.Tensor, aux: torch.Tensor, band: torch.Tensor, key_weight: Optional[torch.Tensor],
                    alibi_slopes: Optional[torch.Tensor], scale: float, coefficients: Sequence[float], causal: bool,
                    window: int, exact_window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     coeffs = tuple(coefficients)
     g32, q32, k32, v32, o32, kw, al = compute_inputs(grad, q, k, v, out, key_weight, alibi_slopes)
     k32, v32 = drop_masked_keys(k32, v32, kw)
     dq, dk, dv = backward(g32, q32, k32, v32, o32, aux, kw, al, scale=scale, coeffs=coeffs, causal=causal,
-                          window=window, exact_window=exact_window, state=state if state.numel() else None)
+                          window=window, exact_window=exact_window, state=state if state.numel() else None,
+                          band=band if band.numel() else None)
     if kw is not None:
         dk, dv = drop_masked_keys(dk, dv, kw)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 @_window_bwd_op.register_fake
-def _(grad, q, k, v, out, state, aux, key_weight, alibi_slopes, scale, coefficients, causal, window, exact_window):
+def _(grad, q, k, v, out, state, aux, band, key_weight, alibi_slopes, scale, coefficients, causal, window,
+      exact_window):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, key_weight, alibi_slopes, scale, coefficients, causal, window, exact_window, _keep = inputs
-    out, state, aux = output
-    ctx.mark_non_differentiable(state, aux)
+    out, state, aux, band = output
+    ctx.mark_non_differentiable(state, aux, band)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(q, k, v, out, state, aux, key_weight, alibi_slopes)
+    ctx.save_for_backward(q, k, v, out, state, aux, band, key_weight, alibi_slopes)
     ctx.args = (scale, list(coefficients), causal, window, exact_window)
 
 
-def _backward(ctx, grad, _grad_state, _grad_aux):
+def _backward(ctx, grad, _grad_state, _grad_aux, _grad_band):
     if grad is None:
         return (None,) * 11
-    q, k, v, out, state, aux, key_weight, alibi_slopes = ctx.saved_tensors
-    dq, dk, dv = _window_bwd_op(grad.contiguous(), q, k, v, out, state, aux, key_weight, alibi_slopes, *ctx.args)
+    q, k, v, out, state, aux, band, key_weight, alibi_slopes = ctx.saved_tensors
+    dq, dk, dv = _window_bwd_op(grad.contiguous(), q, k, v, out, state, aux, band, key_weight, alibi_slopes,
+                                *ctx.args)
     return (dq, dk, dv) + (None,) * 8
 
 
@@ -162,10 +180,12 @@ def window_backward_recomputed(grad, q, k, v, key_weight, alibi_slopes, scale, c
                                exact_window):
     """dq, dk, dv with the forward recomputed (its row shifts, denominators and out): for callers that did not
     keep them (the switchable op, whose saved state does not depend on its mode)."""
-    out, state, aux = _window_op(q, k, v, key_weight, alibi_slopes, scale, list(coefficients), causal, window,
-                                 exact_window)
-    return _window_bwd_op(grad, q, k, v, out, state, aux, key_weight, alibi_slopes, scale, list(coefficients),
+    out, state, aux, band = _window_op(q, k, v, key_weight, alibi_slopes, scale, list(coefficients), causal, window,
+                                       exact_window)
+    return _window_bwd_op(grad, q, k, v, out, state, aux, band, key_weight, alibi_slopes, scale, list(coefficients),
                           causal, window, exact_window)
+
+
 register_autocast(torch.ops.almostlinear.poly_window_attention.default)
 
 

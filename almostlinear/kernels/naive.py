@@ -111,9 +111,12 @@ def naive_window_attention(q, k, v, *, scale: float, exact_window: int, degree: 
     allowed = torch.isfinite(logb) & near
     s_safe = torch.where(torch.isfinite(logb), s, torch.zeros_like(s))
     log_exact = torch.where(allowed, s_safe + logb, torch.full_like(s, float("-inf")))
-    m = torch.maximum(log_exact.amax(-1, keepdim=True), logb.amax(-1, keepdim=True))
+    poly = evaluate_polynomial(s_safe, coeffs)
+    log_poly = torch.where(near, torch.full_like(s, float("-inf")), torch.log(poly.clamp_min(1e-300)) + logb)
+    # the row's largest log-weight (exact on the near keys, log P(s) + bias on the others): no underflow in fp32
+    m = torch.maximum(log_exact.amax(-1, keepdim=True), log_poly.amax(-1, keepdim=True))
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
-    w = torch.where(near, torch.exp(log_exact - m), evaluate_polynomial(s_safe, coeffs) * torch.exp(logb - m))
+    w = torch.where(near, torch.exp(log_exact - m), poly * torch.exp(logb - m))
     den = w.sum(-1, keepdim=True)
     ok = den > 0
     out = (w @ vf) / torch.where(ok, den, torch.ones_like(den))

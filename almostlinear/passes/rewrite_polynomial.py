@@ -2,7 +2,7 @@
 is chosen at run time, torch.ops.almostlinear.switchable_attention). The pass knows the ops only by name.
 
     out, state = poly_attention(q, k, v, key_weight, alibi_slopes, scale, coefficients, causal, window)
-    out, state, aux = poly_window_attention(q, k, v, key_weight, alibi_slopes, scale, coefficients, causal,
+    out, state, aux, band = poly_window_attention(q, k, v, key_weight, alibi_slopes, scale, coefficients, causal,
                                             window, exact_window)          (an exact window)
     out, mode, lse = switchable_attention(q, k, v, key_weight, alibi_slopes, switch, scale, coefficients,
                                           causal, window)

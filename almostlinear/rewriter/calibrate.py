@@ -16,7 +16,6 @@ encoder at 16 x 256 calibrates in ~2-4 s instead of 30-100 s on one (busy) threa
 from __future__ import annotations
 
 import dataclasses
-
 import math
 from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence

@@ -164,12 +164,14 @@ def compile_for_ddp(model: torch.nn.Module, backend: Backend | None = None, spli
 
 
 def decision_signature(reports: Sequence[Any]) -> list[tuple]:
-    """What must be identical on every rank: per graph and site, the method, degree and coefficients."""
+    """What must be identical on every rank: per graph and site, the method, degree, coefficients, the heads
+    approximated and the exact window."""
     rows = []
     for index, report in enumerate(reports):
         for site in report.sites:
             coefficients = tuple(round(float(c), 12) for c in site.coefficients) if site.coefficients else None
-            rows.append((index, site.module_path, site.method, site.degree, coefficients))
+            heads = tuple(site.approximated_heads) if site.approximated_heads else None
+            rows.append((index, site.module_path, site.method, site.degree, coefficients, heads, site.exact_window))
     return rows
 
 

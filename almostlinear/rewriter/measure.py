@@ -122,7 +122,7 @@ def materialised_op(target, args: tuple, kwargs: dict):
     exact_window = 0
     if target is POLY_OP or target is WINDOW_OP:
         q, k, v, key_weight, alibi, scale, coefficients, causal, window = args[:9]
-        exact_window = args[9] if target is WINDOW_OP else 0
+        exact_window = (args[9] if len(args) > 9 else kwargs["exact_window"]) if target is WINDOW_OP else 0
         switch = None
     elif target is SWITCHABLE_OP:
         q, k, v, key_weight, alibi, switch, scale, coefficients, causal, window = args[:10]
@@ -156,7 +156,7 @@ def materialised_op(target, args: tuple, kwargs: dict):
         out = torch.cat([run(True, on), run(False, off)], 1)
         out = out.index_select(1, torch.argsort(torch.cat([on[0], off[0]])))
     if target is WINDOW_OP:
-        return out, q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)
+        return out, *(q.new_empty(0, dtype=torch.float32) for _ in range(3))
     if switch is None:
         return out, q.new_empty(0, dtype=torch.float32)
     return out, switch.detach().clone(), q.new_zeros(B, Hq, L, dtype=torch.float32)

@@ -180,6 +180,10 @@ def _rewrite_polynomial(gm, site, row: Site, decision: Decision, fake_mode, opti
     row.coefficients = tuple(decision.coefficients) if decision.coefficients else None
     kind = "fitted" if decision.coefficients else "Taylor"
     row.reason = f"{decision.reason}; polynomial degree {degree} ({kind}), rank {row.rank}, mask {site.mask.kind}"
+    if decision.exact_window:
+        near = "i - W < j <= i" if site.mask.causal else "|i - j| < W"
+        row.reason += (f"; exact softmax on each query's window of W = {decision.exact_window} keys ({near}; "
+                       f"exact_window), the polynomial beyond")
     if decision.heads is not None:
         groups = concrete_int(shape_of(site.q)[1]) // concrete_int(shape_of(site.op_kv[0])[1])
         row.approximated_heads = query_heads_of(decision.heads, groups)

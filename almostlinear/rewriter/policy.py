@@ -96,7 +96,7 @@ def _exact_window(site: AttentionSite, options: Options, why: str) -> tuple[int,
     if site.mask.window and site.mask.window <= window:
         return -1, (f"the exact window ({window} keys) covers the mask's own window ({site.mask.window}): every "
                     f"weight would be exact")
-    return window, f"{why}; exact softmax on the {window} nearest keys (exact_window)"
+    return window, why
 
 
 def min_seq_len_for(site: AttentionSite, options: Options) -> int:

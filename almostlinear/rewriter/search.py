@@ -208,8 +208,7 @@ def _window_or_not(calibrations: dict, sid: int, d: Decision, plain, budget: flo
     if _within_budget(windowed, budget) > _within_budget(plain, budget):
         return dataclasses.replace(d, reason=f"{d.reason} ({errors})")
     calibrations[sid] = plain
-    reason = d.reason.split("; exact softmax on the")[0]
-    return dataclasses.replace(d, exact_window=0, reason=f"{reason}; no exact window: it brings no head within "
+    return dataclasses.replace(d, exact_window=0, reason=f"{d.reason}; no exact window: it brings no head within "
                                                          f"budget ({errors})")
 
 

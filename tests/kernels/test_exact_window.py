@@ -114,3 +114,48 @@ def test_bad_arguments_name_the_value(bad, message):
     q, k, v, _, _ = make_inputs(1, 2, 2, 10, 12 if bad.pop("cross", False) else None, D=4, Dv=4)
     with pytest.raises(ValueError, match=message):
         poly_window_attention(q, k, v, scale=0.5, **bad)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_the_kept_band_gives_the_recomputed_gradients(causal, monkeypatch):
+    """With a backward to come the forward keeps the band's weights (within cpu.KEEP_STATES_MIB); the gradients
+    are those of the backward that recomputes them (limit 0)."""
+    from almostlinear.kernels import cpu
+    q, k, v, key_weight, slopes = make_inputs(2, 4, 2, 70, D=8, Dv=6, kw=True, alibi=True)
+    g = torch.randn(2, 4, 70, 6)
+    args = dict(scale=0.4, exact_window=9, causal=causal, key_weight=key_weight, alibi_slopes=slopes)
+    out = OP(q, k, v, key_weight, slopes, 0.4, [1.0, 1.0, 0.5], causal, 0, 9, True)
+    assert out[3].numel() > 0  # kept
+    kept = _grads(poly_window_attention, q, k, v, g, **args)
+    monkeypatch.setattr(cpu, "KEEP_STATES_MIB", 0.0)
+    assert OP(q, k, v, key_weight, slopes, 0.4, [1.0, 1.0, 0.5], causal, 0, 9, True)[3].numel() == 0
+    recomputed = _grads(poly_window_attention, q, k, v, g, **args)
+    for a, b in zip(kept, recomputed):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_rows_whose_far_keys_are_all_padding_are_exact_in_fp32():
+    """A left-padded row whose only far keys are padding has no polynomial part: it is left out, not subtracted
+    (den_p - sum P(s) cancelled to round-off and moved its gradients by 9% of their size: found in review)."""
+    L, W, pad = 32, 8, 16
+    q = torch.tensor([3.0, 0, 0, 0]).expand(1, 1, L, 4).clone().requires_grad_()
+    k = torch.tensor([-3.0, 0, 0, 0]).expand(1, 1, L, 4).clone().requires_grad_()  # s = -9: P(s) >> e^s
+    v = torch.randn(1, 1, L, 4, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    key_weight = torch.cat([torch.zeros(1, pad), torch.ones(1, L - pad)], 1)
+    g = torch.randn(1, 1, L, 4, generator=torch.Generator().manual_seed(1))
+    args = dict(scale=1.0, exact_window=W, causal=True, key_weight=key_weight)
+    got = _grads(poly_window_attention, q, k, v, g, **args)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want = _grads(naive_window_attention, q64, k64, v64, g.double(), key_weight=key_weight.double(),
+                  **{a: b for a, b in args.items() if a != "key_weight"})
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        assert (a.double() - b).abs().max() <= 1e-5 * max(1.0, b.abs().max().item()), name
+
+
+def test_the_reference_does_not_underflow_in_fp32():
+    """Rows with no far key and logits of -144: the reference's shift is the row's largest weight, not 0."""
+    q = torch.full((1, 1, 8, 1), 12.0)
+    k = torch.full((1, 1, 8, 1), -12.0)
+    v = torch.arange(8.0).view(1, 1, 8, 1)
+    out = naive_window_attention(q, k, v, scale=1.0, exact_window=4, causal=True)
+    torch.testing.assert_close(out[0, 0, :4, 0], torch.tensor([0.0, 0.5, 1.0, 1.5]))

@@ -79,7 +79,7 @@ class NearField:
         self.qc = q5.transpose(2, 3).reshape(self.B, self.Hk, bd.nc, self.G * bd.C, self.D)
         self.kp, self.vp = _padded(k, bd.front, bd.back), _padded(v, bd.front, bd.back)
         kw = torch.ones(self.B, self.S, dtype=dt, device=dev) if key_weight is None else key_weight.to(dt)
-        logw = torch.where(kw > 0, kw.clamp_min(1e-38).log(), float("-inf"))
+        logw = torch.where(kw > 0, kw.clamp_min(torch.finfo(dt).tiny).log(), float("-inf"))
         self.logw = F.pad(logw, (bd.front, bd.back), value=float("-inf"))  # [B, Sp]: pads never count
         self.rel = _relative_log_mask(bd, causal, window, exact_window, alibi, self.Hk, self.G, dt, dev)
         h = self.rel.shape[0]
@@ -93,9 +93,10 @@ class NearField:
         # rows with no allowed key outside their window (causal i < W, ...): their weights are all exact; the
         # polynomial part is left out there instead of subtracted (den_p - sum P(s) would cancel to round-off,
         # and a row of very negative logits would lose its exact weights e^s under it)
-        far = far_rows(self.L, self.S, causal, window, exact_window, dev)
-        no_far = torch.zeros(self.L, dtype=dt, device=dev).masked_fill_(~far, float("inf"))
-        self.no_far = self.chunked(no_far.expand(1, self.Hq, self.L))[0]  # [Hk, nc, G*C]: +inf where no far key
+        far = far_rows(self.L, self.S, causal, window, exact_window, key_weight, dev)  # [B|1, L]
+        no_far = torch.zeros(far.shape, dtype=dt, device=dev).masked_fill_(~far, float("inf"))
+        # [B|1, Hk, nc, G*C]: +inf on the rows with no far key
+        self.no_far = self.chunked(no_far.unsqueeze(1).expand(far.shape[0], self.Hq, self.L))
 
     def chunked(self, x, fill=0.0):
         """[B, Hq, L(, X)] -> chunk-first rows [B, Hk, nc, G*C(, X)] (a copy; padded rows ``fill``)."""
@@ -144,17 +145,26 @@ class NearField:
         caller has it (overwritten)."""
         t = t.unsqueeze(-1)
         x = torch.add(s, lp) if x is None else x
-        return x.sub_(t).exp_(), torch.exp(lp - (t + self.no_far[:, c0:c1].unsqueeze(-1)))
+        return x.sub_(t).exp_(), torch.exp(lp - (t + self.no_far[:, :, c0:c1].unsqueeze(-1)))
 
 
-def far_rows(L, S, causal, window, exact_window, device):
-    """[L] bool: whether query i has an allowed key outside its exact window."""
+def far_rows(L, S, causal, window, exact_window, key_weight, device):
+    """[B|1, L] bool: whether query i has a key outside its exact window that it may see and whose weight is not 0
+    (a running count of the kept keys read at both ends of each far range): a left-padded row whose only far keys
+    are padding has none."""
+    kept = torch.ones(1, S, device=device) if key_weight is None else (key_weight > 0).to(torch.float32)
+    count = torch.nn.functional.pad(kept.cumsum(-1), (1, 0))  # count[:, j] = kept keys before j
+
+    def kept_between(lo, hi):  # kept keys in [lo, hi] (inclusive; none where hi < lo)
+        a, b = lo.clamp(0, S), (hi + 1).clamp(0, S)
+        return torch.where(b > a, count[:, b] - count[:, a], 0.0)
+
     i = torch.arange(L, device=device)
-    if window and window <= exact_window:
-        return torch.zeros(L, dtype=torch.bool, device=device)
-    if causal:
-        return i >= exact_window
-    return (i >= exact_window) | (i + exact_window <= S - 1)
+    lo = (i - window + 1) if window else torch.zeros_like(i)
+    far = kept_between(lo, i - exact_window)
+    if not causal:
+        far = far + kept_between(i + exact_window, (i + window - 1) if window else torch.full_like(i, S - 1))
+    return far > 0
 
 
 def _padded(x, front, back):
@@ -168,7 +178,7 @@ def _padded(x, front, back):
 
 
 def _tiny(t):
-    return 1e-300 if t.dtype == torch.float64 else 1e-30
+    return torch.finfo(t.dtype).tiny
 
 
 def _log(x):
@@ -180,10 +190,31 @@ def reciprocal(x):
     return torch.where(x > _tiny(x), 1.0 / x.clamp_min(_tiny(x)), 0.0)
 
 
-def near_forward(nf: NearField, out_poly, den_poly):
+def kept_size(B, Hq, Hk, L, S, exact_window, causal, itemsize, limit_mib) -> int:
+    """Elements of the band weights the forward keeps for the backward (corr and d corr / d s per block, see
+    :func:`near_forward`), or 0 where they exceed ``limit_mib`` MiB.  Arithmetic only (the fake kernel's)."""
+    bd = layout(L, S, exact_window, causal)
+    numel = 2 * B * Hq * bd.nc * bd.C * bd.U
+    return numel if numel * itemsize <= limit_mib * 2 ** 20 else 0
+
+
+def _kept_blocks(nf, kept):
+    """Per block (c0, c1): the views [2, B, Hk, g, G*C, U] of a flat kept tensor (each block one contiguous run)."""
+    off, views = 0, {}
+    for c0, c1 in nf.blocks():
+        n = 2 * nf.B * nf.Hk * (c1 - c0) * nf.G * nf.bands.C * nf.bands.U
+        views[c0] = kept[off:off + n].view(2, nf.B, nf.Hk, c1 - c0, nf.G * nf.bands.C, nf.bands.U)
+        off += n
+    return views
+
+
+def near_forward(nf: NearField, out_poly, den_poly, kept=None):
     """Combine the polynomial op's out [B, Hq, L, Dv] and den [B, Hq, L] (in the kernel's scale) with the near
     keys' correction.  Returns out [B, Hq, L, Dv] and, [B, Hq, L] each, the row shift t, the combined denominator
-    den' and the polynomial part's a = den_p e^{-t} (both in the scale e^{-t}; a = 0 on rows with no far key)."""
+    den' and the polynomial part's a = den_p e^{-t} (both in the scale e^{-t}; a = 0 on rows with no far key).
+    ``kept`` (flat, :func:`kept_size` elements): filled with each block's corr and d corr / d s = E - P'(s) F, so
+    that the backward reads them instead of recomputing the band's scores and weights."""
+    views = None if kept is None else _kept_blocks(nf, kept)
     log_den = nf.chunked(_log(den_poly), float("-inf")) - nf.no_far  # a = 0 on the rows with no far key
     outp = nf.chunked(out_poly)
     num = torch.empty_like(outp)
@@ -194,10 +225,15 @@ def near_forward(nf: NearField, out_poly, den_poly):
         # the largest log-weight: exact (s + l'), polynomial (log den_p; l' for the band's P(s) terms, which
         # cancel against den_p: only on rows that have far keys)
         x = torch.add(s, lp)
-        t = torch.maximum(torch.maximum(ld, x.amax(-1)), lp.amax(-1) - nf.no_far[:, c0:c1])
+        t = torch.maximum(torch.maximum(ld, x.amax(-1)), lp.amax(-1) - nf.no_far[:, :, c0:c1])
         t = torch.where(torch.isfinite(t), t, 0.0)
         E, F_ = nf.weights(s, lp, t, c0, c1, x)
-        corr = E.sub_(evaluate_polynomial(s, nf.coeffs).mul_(F_))
+        if views is None:
+            corr = E.sub_(evaluate_polynomial(s, nf.coeffs).mul_(F_))
+        else:
+            corr, slope = views[c0].unbind(0)
+            torch.sub(E, torch.mul(evaluate_polynomial_derivative(s, nf.coeffs), F_, out=slope), out=slope)
+            torch.sub(E, torch.mul(evaluate_polynomial(s, nf.coeffs), F_, out=corr), out=corr)
         a = torch.exp(ld - t)  # den_poly e^{-t}; 0 where den_poly is 0
         num[:, :, c0:c1] = torch.addcmul(corr @ nf.band(nf.vp, c0, c1), a.unsqueeze(-1), outp[:, :, c0:c1])
         den_all[:, :, c0:c1] = a + corr.sum(-1)
@@ -207,10 +243,11 @@ def near_forward(nf: NearField, out_poly, den_poly):
     return out if out.is_contiguous() else out.contiguous(), nf.unchunk(t_all), nf.unchunk(den_all), nf.unchunk(a_all)
 
 
-def near_backward(nf: NearField, grad, out, t, den):
+def near_backward(nf: NearField, grad, out, t, den, kept=None):
     """dq [B, Hq, L, D], dk, dv of the correction, given the combined out and the forward's t and den'
-    ([B, Hq, L]).  The polynomial part's gradients are the polynomial op's backward with grad alpha * G and the
-    combined out (exact_window.py)."""
+    ([B, Hq, L]) and its kept band weights (None: recomputed).  The polynomial part's gradients are the polynomial
+    op's backward with grad alpha * G and the combined out (exact_window.py)."""
+    views = None if kept is None else _kept_blocks(nf, kept)
     inv = nf.chunked(reciprocal(den)).unsqueeze(-1)
     gs = nf.chunked(grad) * inv                                   # G / den'
     delta = (gs * nf.chunked(out)).sum(-1, keepdim=True)          # G . out / den'
@@ -218,14 +255,17 @@ def near_backward(nf: NearField, grad, out, t, den):
     dq = torch.empty_like(nf.qc)  # every block writes its rows
     dkp, dvp = torch.zeros_like(nf.kp), torch.zeros_like(nf.vp)
     for c0, c1 in nf.blocks():
-        s, lp = nf.logits(c0, c1)
-        E, F_ = nf.weights(s, lp, tc[:, :, c0:c1], c0, c1)
-        corr = E - evaluate_polynomial(s, nf.coeffs).mul_(F_)
+        if views is None:
+            s, lp = nf.logits(c0, c1)
+            E, F_ = nf.weights(s, lp, tc[:, :, c0:c1], c0, c1)
+            corr = E - evaluate_polynomial(s, nf.coeffs).mul_(F_)
+            slope = E.sub_(evaluate_polynomial_derivative(s, nf.coeffs).mul_(F_))  # d corr / d s = E - P'(s) F
+        else:
+            corr, slope = views[c0].unbind(0)
         kb, vb = nf.band(nf.kp, c0, c1), nf.band(nf.vp, c0, c1)
         g = gs[:, :, c0:c1]
         dcorr = (g @ vb.transpose(-1, -2)).sub_(delta[:, :, c0:c1])
-        # d corr / d s = E - P'(s) F
-        ds = dcorr.mul_(E.sub_(evaluate_polynomial_derivative(s, nf.coeffs).mul_(F_)))  # dL/ds / scale
+        ds = dcorr.mul_(slope)  # dL/ds / scale
         dq[:, :, c0:c1] = (ds @ kb).mul_(nf.scale)
         _add_bands(nf, dkp, ds.transpose(-1, -2) @ nf.qc[:, :, c0:c1], c0, c1)  # qc is scale q
         _add_bands(nf, dvp, corr.transpose(-1, -2) @ g, c0, c1)
