@@ -347,8 +347,8 @@ class _Drawn:
     error of any set of heads is a sum). Per query head: the logit statistics, the logit bound and the
     mass-fit moments (agreed / summed over ranks once, in this order, on every rank)."""
 
-    def __init__(self, sample: Sample, degree: int, groups: int):
-        self.sample, self.degree, self.groups = sample, degree, groups
+    def __init__(self, sample: Sample, degree: int, groups: int, fit: bool = True):
+        self.sample, self.degree, self.groups, self.fit = sample, degree, groups, fit
         self.heads = sample.logits.shape[1]
         factors, near = _near_weights(sample, _key_factors(sample))
         self.near_num, self.near_den = near @ sample.v.double(), near.sum(-1)  # the exact window's part
@@ -443,6 +443,9 @@ def _choose(sub: _Heads, bound: float) -> tuple[tuple[float, ...], str, float]:
     """(coefficients, fit, sampled error): Taylor, or a fit that measures clearly better (< 0.8x). Every
     number is agreed across ranks, so all ranks pick the same coefficients."""
     degree = sub.drawn.degree
+    if not sub.drawn.fit:  # the option coefficients="taylor"
+        taylor = taylor_coefficients(degree)
+        return tuple(taylor), "Taylor", agree([candidate_error(sub, taylor)])[0]
     candidates = {"Taylor": taylor_coefficients(degree), "range": fitted_coefficients(degree, bound),
                   "mass": sub.drawn.mass_fit(sub.heads)}
     names = list(candidates)
@@ -507,7 +510,7 @@ def _per_head_fit(drawn: _Drawn, budget: float, all_heads: _Fit) -> tuple[_Fit, 
 def calibrate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, degree: int, budget: float,
               causal: bool = False, window: int = 0, sample: int = 128, key_weight: torch.Tensor | None = None,
               alibi_slopes: torch.Tensor | None = None, per_head: bool = False, pairs: int = PAIRS,
-              exact_window: int = 0) -> Calibration:
+              exact_window: int = 0, fit: bool = True) -> Calibration:
     """Logit range and measured error on sampled queries, the polynomial's error bound, the degrees, the
     coefficients, and the approximability of each head.
 
@@ -518,7 +521,8 @@ def calibrate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, d
     chosen on a subset of the key/value heads (:func:`_per_head_fit`; ``fit_groups``).  Raises
     CalibrationInputError on inputs it cannot use (see unusable_reason); the budget search checks first.
     ``exact_window`` > 0: the op keeps exact weights on each query's nearest keys (kernels/exact_window.py): the
-    errors are those of that op, and B and the fits cover the other (far) keys only.
+    errors are those of that op, and B and the fits cover the other (far) keys only.  ``fit`` False (the option
+    coefficients="taylor"): Taylor coefficients, never a fit.
     """
     reason = unusable_reason(q, k, v)
     if reason is not None:
@@ -538,7 +542,7 @@ def calibrate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, d
     # moments summed), so all ranks fit on the same logit range and pick the same coefficients: no rank runs a
     # different graph.
     drawn = _Drawn(sample_attention(q, k, v, scale, causal, window, index, key_weight, alibi_slopes, exact_window),
-                   degree, groups)
+                   degree, groups, fit)
     all_heads = fitted = _group_fit(drawn, None)
     fit_groups = None
     if per_head:

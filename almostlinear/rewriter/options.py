@@ -15,6 +15,7 @@ INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 SITE_CHOICES = tuple(c.value for c in (Choice.EXACT, Choice.POLYNOMIAL, Choice.SKIP))
 DEGREES = (2, 4, 6)
 ATTENTION_DROPOUT = ("keep", "remove")
+COEFFICIENTS = ("fit", "taylor")
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,9 @@ class Options:
     attention_dropout  "keep": a site with dropout on its attention weights stays exact (the op has no dropout);
                   "remove" (method="polynomial" only): such sites are approximated and train without that dropout
                   (the report says so on each: the regularisation changed)
+    coefficients  "fit": Taylor coefficients of exp, or a polynomial fitted to the planning batch's logits where that
+                  measures >= 20% better there; "taylor": always Taylor (for training from scratch, where the
+                  planning batch, the initialisation, says nothing about the logits the model will learn)
     exact_window  polynomial sites keep exact softmax weights on each query's W nearest keys (causal: the last W,
                   itself included; otherwise |i - j| < W), P(s) on the others, one normaliser (an int >= 0; 0: none;
                   self-attention sites only). method="polynomial" trains with it (the road from a softmax-trained
@@ -54,6 +58,7 @@ class Options:
     sites: Mapping[str, str] = field(default_factory=dict)
     recheck_every: int = 0
     exact_window: int = 0
+    coefficients: str = "fit"
     guard: bool = True
     attention_dropout: str = "keep"
     strict: bool = False
@@ -117,6 +122,8 @@ class Options:
             f"exact_window must be an int >= 0 (the number of nearest keys kept exact; 0: none), got "
             f"{self.exact_window!r}",
         )
+        _check(_is_str(self.coefficients) and self.coefficients in COEFFICIENTS,
+               f"coefficients must be one of {list(COEFFICIENTS)}, got {self.coefficients!r}")
         _check(isinstance(self.strict, bool), f"strict must be True or False, got {self.strict!r}")
         _check(isinstance(self.guard, bool), f"guard must be True or False, got {self.guard!r}")
         _check(_is_str(self.attention_dropout) and self.attention_dropout in ATTENTION_DROPOUT,

@@ -160,7 +160,7 @@ def _calibrate_all(search: _Search, reference: Measurement, measuring: Measureme
             calibrate, fit(q), fit(k), fit(v), site_scale(site), d.degree or 2, options.budget,
             causal=site.mask.causal, window=site.mask.window,
             key_weight=fit(key_weight_value(site, reference.captured, q)), alibi_slopes=alibi_value(site, q),
-            per_head=options.method is Choice.AUTO)
+            per_head=options.method is Choice.AUTO, fit=options.coefficients == "fit")
         search.calibrations[site.id] = run(exact_window=d.exact_window)
         if d.exact_window and options.method is Choice.AUTO:
             search.decisions[site.id] = _window_or_not(search.calibrations, site.id, d, run(), options.budget)

@@ -168,3 +168,19 @@ def test_inductor_compiles_the_windowed_op_with_no_graph_break():
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
     for a, b in zip(results[1][1], results[0][1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_taylor_coefficients_on_request():
+    """coefficients="taylor": never a fit (training from scratch: the planning batch is the initialisation)."""
+    model = LocalHeads()
+    with torch.no_grad():  # diffuse heads: a fit measures better than Taylor there
+        model.gain.fill_(0.2)
+        model.local.zero_()
+    x = torch.randn(4, T, 48)
+    for choice in ("fit", "taylor"):
+        compiled, backend = _compile(model, method="polynomial", exact_window=16, coefficients=choice)
+        compiled(x)
+        site = backend.reports[-1].sites[0]
+        assert (site.coefficients is None) == (choice == "taylor"), str(backend.reports[-1])
+    with pytest.raises(ValueError, match=r"coefficients must be one of \['fit', 'taylor'\], got 'exact'"):
+        almostlinear.Backend(coefficients="exact")
