@@ -75,9 +75,8 @@ def band_size(q, k, exact_window, causal, keep_states) -> int:
     cpu.KEEP_STATES_MIB per call (~1.15 KB per token and query head at W = 64 non-causal, 0.64 KB causal)."""
     if not keep_states:
         return 0
-    itemsize = 8 if q.dtype == torch.float64 else 4
-    return kept_size(q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], exact_window, causal, itemsize,
-                     cpu.KEEP_STATES_MIB)
+    return kept_size(q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], exact_window, causal,
+                     compute_dtype(q).itemsize, cpu.KEEP_STATES_MIB)
 
 
 def forward(q, k, v, key_weight=None, alibi_slopes=None, *, scale, coeffs, causal=False, window=0, exact_window,
@@ -127,10 +126,8 @@ def _(q, k, v, key_weight, alibi_slopes, scale, coefficients, causal, window, ex
     dtype = compute_dtype(q)
     shape = cpu.state_shape(B, Hq, k.shape[1], D, v.shape[-1], len(coefficients) - 1, alibi_slopes is not None,
                             causal, window, L=L, keep_states=keep_states, itemsize=dtype.itemsize)
-    band = kept_size(B, Hq, k.shape[1], L, k.shape[2], exact_window, causal, dtype.itemsize,
-                     cpu.KEEP_STATES_MIB) if keep_states else 0
     return (q.new_empty(B, Hq, L, v.shape[-1]), q.new_empty(shape, dtype=dtype), q.new_empty(3, B, Hq, L, dtype=dtype),
-            q.new_empty(band, dtype=dtype))
+            q.new_empty(band_size(q, k, exact_window, causal, keep_states), dtype=dtype))
 
 
 @torch.library.custom_op("almostlinear::poly_window_attention_backward", mutates_args=())

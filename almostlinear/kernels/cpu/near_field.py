@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..features import evaluate_polynomial, evaluate_polynomial_derivative
+from ..key_mask import allowed_key_block
 
 ROWS = 4096  # query rows (B * Hq * tokens) per block
 
@@ -47,12 +48,10 @@ def layout(L: int, S: int, exact_window: int, causal: bool) -> Bands:
 def _relative_log_mask(bands: Bands, causal: bool, window: int, exact_window: int, alibi, Hk: int, G: int, dt, dev):
     """[Hk|1, G|1, C, U]: 0 (+ ALiBi m (j - i)) where key offset u of query r is near and allowed, else -inf."""
     r = torch.arange(bands.C, device=dev).unsqueeze(-1)
-    rel = torch.arange(bands.U, device=dev).unsqueeze(0) - bands.front - r  # j - i
-    near = (rel <= 0) & (rel > -exact_window) if causal else rel.abs() < exact_window
-    if window:
-        near &= (rel > -window) & ((rel <= 0) if causal else (rel < window))
-    elif causal:
-        near &= rel <= 0
+    j = torch.arange(bands.U, device=dev).unsqueeze(0) - bands.front  # relative to the chunk's first query
+    rel = j - r  # j - i
+    # near (the exact window's rule is the op's window rule) and allowed by the site's own mask
+    near = allowed_key_block(r, j, causal, exact_window) & allowed_key_block(r, j, causal, window)
     out = torch.zeros(bands.C, bands.U, dtype=dt, device=dev).masked_fill(~near, float("-inf"))
     if alibi is None:
         return out.view(1, 1, bands.C, bands.U)
@@ -79,7 +78,7 @@ class NearField:
         self.qc = q5.transpose(2, 3).reshape(self.B, self.Hk, bd.nc, self.G * bd.C, self.D)
         self.kp, self.vp = _padded(k, bd.front, bd.back), _padded(v, bd.front, bd.back)
         kw = torch.ones(self.B, self.S, dtype=dt, device=dev) if key_weight is None else key_weight.to(dt)
-        logw = torch.where(kw > 0, kw.clamp_min(torch.finfo(dt).tiny).log(), float("-inf"))
+        logw = _log(kw)
         self.logw = F.pad(logw, (bd.front, bd.back), value=float("-inf"))  # [B, Sp]: pads never count
         self.rel = _relative_log_mask(bd, causal, window, exact_window, alibi, self.Hk, self.G, dt, dev)
         h = self.rel.shape[0]
