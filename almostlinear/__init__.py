@@ -9,6 +9,7 @@ from .rewriter import Backend, Options, Report, Site, explain
 from .rewriter import options
 from .rewriter.backend import RECENT_REPORTS, almostlinear_backend
 from .rewriter.distributed import DistributedBackend, assert_same_decisions, compile_for_ddp
+from .sharding import context_parallel, gather_sequence, shard_lengths, shard_sequence
 
 __version__ = "0.1.0"
 
@@ -20,4 +21,5 @@ def last_reports(n: int | None = None) -> list[Report]:
 
 
 __all__ = ["Backend", "Options", "Report", "Site", "explain", "options", "almostlinear_backend", "last_reports",
-           "compile_for_ddp", "DistributedBackend", "assert_same_decisions"]
+           "compile_for_ddp", "DistributedBackend", "assert_same_decisions", "context_parallel", "shard_sequence",
+           "shard_lengths", "gather_sequence"]

@@ -5,6 +5,8 @@ Public API::
     poly_attention(q, k, v, *, scale, degree=2, coefficients=None, causal=False, key_weight=None,
                    alibi_slopes=None, window=0, min_seq_len=0)             -> [B, Hq, L, Dv]
     poly_window_attention(q, k, v, *, scale, exact_window, ...)   exp(s) on the nearest keys, P(s) on the others
+    key_state(k, v, ...), poly_state_attention(q, k, v, ext_values, ext_moments, ...)   context parallelism: a
+                                     rank's key state, and its queries against its keys plus an external state
     naive_poly_attention(...)        the reference (materialises [L, S]); naive_window_attention likewise
     exact_attention(...)             exact softmax with the same mask semantics (SDPA)
     naive_exact_attention(...)       its reference
@@ -26,8 +28,9 @@ from .naive import naive_exact_attention, naive_poly_attention, naive_window_att
 from .op import (DEFAULT_MIN_SEQ_LEN, DEFAULT_MIN_SEQ_LEN_CAUSAL, default_min_seq_len, drop_masked_keys,
                  exact_attention, mask_kind, poly_attention)
 from .exact_window import poly_window_attention
+from .context_parallel import key_state, poly_state_attention
 
 __all__ = ["taylor_coefficients", "validate_polynomial", "evaluate_polynomial", "feature_rank", "poly_attention",
            "naive_poly_attention", "naive_exact_attention", "exact_attention", "DEFAULT_MIN_SEQ_LEN",
            "DEFAULT_MIN_SEQ_LEN_CAUSAL", "default_min_seq_len", "mask_kind", "allowed_keys", "drop_masked_keys",
-           "poly_window_attention", "naive_window_attention"]
+           "poly_window_attention", "naive_window_attention", "key_state", "poly_state_attention"]

@@ -78,7 +78,7 @@ def _key_factor(cx, j0, j1):
     f = None
     if cx.alibi is not None:
         f = torch.exp(cx.m.unsqueeze(-1) * (cx.positions(j0, j1) - float(cx.S - 1))).unsqueeze(0)
-    return cx._with_key_weight(f, j0, j1)
+    return cx.with_key_weight(f, j0, j1)
 
 
 def _key_blocks(cx):

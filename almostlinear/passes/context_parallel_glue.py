@@ -11,7 +11,8 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["external_state", "exchange_states", "gather_lengths", "gather_sequence", "global_offset"]
+__all__ = ["external_state", "exchange_states", "gather_lengths", "gather_sequence", "global_offset", "global_key_mean",
+           "exact_sharded_attention", "global_argmax_mean"]
 
 
 def gather_lengths(length, group_name: str, device) -> torch.Tensor:
@@ -80,3 +81,67 @@ def gather_sequence(x: torch.Tensor, dim: int, lengths: Sequence[int], group_nam
     gathered = all_gather_single(x.unsqueeze(0).contiguous(), 0, group_name)  # [W, ...]
     parts = [gathered[r].narrow(dim, 0, n) for r, n in enumerate(lengths) if n]
     return torch.cat(parts, dim)
+
+
+def global_key_mean(v: torch.Tensor, length, group_name: str) -> torch.Tensor:
+    """[B, Hk, 1, Dv]: the mean of the values of the whole sequence (every rank's keys)."""
+    from torch.distributed._functional_collectives import all_gather_single
+
+    sums = v.to(torch.float32).sum(-2).reshape(1, -1)
+    count = torch.full((1, 1), length, dtype=torch.float32, device=v.device)
+    gathered = all_gather_single(torch.cat([sums, count], 1), 0, group_name).sum(0)
+    return (gathered[:-1] / gathered[-1]).reshape(v.shape[0], v.shape[1], 1, v.shape[-1])
+
+
+def global_argmax_mean(v: torch.Tensor, bias: torch.Tensor, group_name: str, neginf_row: float) -> torch.Tensor:
+    """[B, Hk, 1, Dv]: the mean of the values at the keys of the whole sequence whose additive key bias [B, L] is
+    the sequence's largest (what softmax gives a row whose every score is that bias plus -inf elsewhere);
+    `neginf_row` where the largest bias is -inf."""
+    from torch.distributed._functional_collectives import all_gather_single
+
+    B, Hk, _, Dv = v.shape
+    bias = bias.to(torch.float32).expand(B, bias.shape[-1])
+    local_top = bias.amax(-1, keepdim=True) if bias.shape[-1] else torch.full((B, 1), float("-inf"), device=v.device)
+    top = all_gather_single(local_top.reshape(1, B), 0, group_name).amax(0).reshape(B, 1)
+    chosen = (bias == top).to(torch.float32)  # [B, L]
+    sums = torch.einsum("bs,bhsd->bhd", chosen, v.to(torch.float32)).reshape(B, -1)
+    packed = torch.cat([sums, chosen.sum(-1, keepdim=True)], 1).unsqueeze(0)
+    total = all_gather_single(packed, 0, group_name).sum(0)  # [B, Hk * Dv + 1]
+    mean = (total[:, :-1] / total[:, -1:]).reshape(B, Hk, 1, Dv)
+    return torch.where(torch.isneginf(top).reshape(B, 1, 1, 1), neginf_row, mean)
+
+
+def exact_sharded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_weight: Optional[torch.Tensor],
+                            alibi_slopes: Optional[torch.Tensor], scale: float, causal: bool, window: int,
+                            lengths: Sequence[int], rank: int, group_name: str,
+                            dropout_p) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, empty): exact softmax attention of this rank's queries q [B, Hq, L, D] over the keys and values of
+    every rank (gathered: [B, Hk, N, .]), with the global positions of the queries (offset s_r = the lengths
+    before it): causal j <= i, window (causal i - w < j <= i, else |i - j| < w), ALiBi m (j - i), key weights
+    [B, L] (0 removes a key, else log w is added); `empty` [B|1, 1, L, 1] marks the rows with no key (their out is
+    0: the caller gives them the matched code's value)."""
+    k_all, v_all = gather_sequence(k, 2, lengths, group_name), gather_sequence(v, 2, lengths, group_name)
+    B, Hq, L, _ = q.shape
+    N = k_all.shape[2]
+    i = sum(lengths[:rank]) + torch.arange(L, device=q.device).unsqueeze(-1)
+    j = torch.arange(N, device=q.device).unsqueeze(0)
+    allowed = torch.ones(L, N, dtype=torch.bool, device=q.device)
+    if causal:
+        allowed = allowed & (j <= i)
+    if window:
+        allowed = allowed & ((j > i - window) if causal else ((i - j).abs() < window))
+    bias = torch.zeros(1, 1, L, N, dtype=torch.float32, device=q.device)
+    if alibi_slopes is not None:
+        bias = bias + alibi_slopes.to(torch.float32).reshape(1, Hq, 1, 1) * (j - i).to(torch.float32)
+    valid = allowed.reshape(1, 1, L, N)
+    if key_weight is not None:
+        kw = gather_sequence(key_weight, 1, lengths, group_name).to(torch.float32).reshape(B, 1, 1, N)
+        valid = valid & (kw > 0)
+        bias = bias + torch.log(kw.clamp_min(1e-38))
+    any_valid = valid.any(-1, keepdim=True)
+    bias = torch.where(valid, bias, float("-inf"))
+    bias = torch.where(any_valid, bias, 0.0)  # no NaN inside SDPA; such rows are zeroed
+    out = torch.nn.functional.scaled_dot_product_attention(q, k_all, v_all, attn_mask=bias.to(q.dtype),
+                                                           dropout_p=dropout_p, scale=scale,
+                                                           enable_gqa=Hq != k_all.shape[1])
+    return out * any_valid.to(out.dtype), ~any_valid

@@ -82,7 +82,7 @@ def dropout_active(site: AttentionSite) -> bool:
     return not (is_number(p) and p == 0)
 
 
-def _sdpa_dropout_p(site: AttentionSite) -> Any:
+def sdpa_dropout_p(site: AttentionSite) -> Any:
     if isinstance(site.dropout_training, fx.Node):
         raise RewriteError("dropout's `training` flag is computed in the graph")
     return dropout_probability(site) if site.dropout_training else 0.0
@@ -112,7 +112,7 @@ def rewrite_exact(gm: fx.GraphModule, site: AttentionSite, fake_mode) -> str:
     if site.score_transform:  # SDPA would compute softmax(s) without it: never drop a transform
         raise RewriteError(f"the scores pass through a transform SDPA cannot apply: {site.score_transform}")
     build = NodeBuilder(gm, site.output, fake_mode, source=site.anchor)
-    dropout_p = _sdpa_dropout_p(site)
+    dropout_p = sdpa_dropout_p(site)
     q, scale = scaled_query(site, build)
     causal = site.mask.kind == "causal"
     mask = None if causal else additive_mask(site, build)

@@ -71,7 +71,7 @@ def static_key_weight(site: AttentionSite) -> torch.Tensor | None:
     return keys.reshape(1, -1).to(device=tensor_meta(site.q).device, dtype=torch.float32)
 
 
-def _key_weight(site: AttentionSite, q: fx.Node, build: NodeBuilder) -> fx.Node | None:
+def key_weight_node(site: AttentionSite, q: fx.Node, build: NodeBuilder) -> fx.Node | None:
     """The per-key weight [B, S] (float32): product of the proved key terms and of the static key mask (held
     by the graph module as a buffer)."""
     weight = None
@@ -204,14 +204,14 @@ def _switch(site: AttentionSite, build: NodeBuilder, switchable: bool, min_seq_l
     return switch
 
 
-def _alibi_slopes(site: AttentionSite, build: NodeBuilder) -> fx.Node | None:
+def alibi_node(site: AttentionSite, build: NodeBuilder) -> fx.Node | None:
     if site.mask.alibi_slopes is None:
         return None
     device = tensor_meta(site.q).device
     return build.call(torch.tensor, alibi_per_query_head(site), dtype=torch.float32, device=device)
 
 
-def _scaled_query(site: AttentionSite, build: NodeBuilder) -> tuple[fx.Node, float]:
+def op_query(site: AttentionSite, build: NodeBuilder) -> tuple[fx.Node, float]:
     if site.form != "sdpa":
         return scaled_query(site, build)
     if not is_number(site.scale):
@@ -231,11 +231,11 @@ def rewrite_polynomial(gm: fx.GraphModule, site: AttentionSite, fake_mode, coeff
     query's nearest keys, P(s) on the others (torch.ops.almostlinear.poly_window_attention). Returns the op node
     (its output 0 is the attention output)."""
     build = NodeBuilder(gm, site.output, fake_mode, source=site.anchor)
-    q, scale = _scaled_query(site, build)
+    q, scale = op_query(site, build)
     k, v = site.op_kv
     mask = site.mask
-    alibi = _alibi_slopes(site, build)
-    key_weight = _key_weight(site, q, build)
+    alibi = alibi_node(site, build)
+    key_weight = key_weight_node(site, q, build)
     within = _within_guard(site, build, q, k, scale, guard) if guard is not None else None
     switch = _switch(site, build, switchable, min_seq_len, k, heads, within)
     tail = (list(coefficients), bool(mask.causal), int(mask.window))

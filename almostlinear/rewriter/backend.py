@@ -35,6 +35,11 @@ def _transform(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Optio
     started = time.perf_counter()
     report = Report(graph_name=f"graph_{next(_graph_counter)}", options=options.as_dict(), budget=options.budget,
                     graph_before=code_with_bodies(gm))
+    if options.context_parallel:
+        from ..passes.rewrite_context_parallel import ContextGroup
+
+        group = ContextGroup.resolve(options.context_parallel)
+        report.context_parallel = {"ranks": group.world, "rank": group.rank}
     prepared = prepare(gm, example_inputs)
     decisions = {site.id: decide(site, row, options) for site, row in zip(prepared.sites, prepared.rows)}
     if any(d.method is Method.POLYNOMIAL for d in decisions.values()):

@@ -44,6 +44,10 @@ class Options:
     guard         method="auto": a key/value head whose logit bound on a call leaves the planned range (the
                   planning batch's, times up to 1.5) runs exact attention on that call (rewriter/guard.py)
     strict        raise instead of falling back to exact when the budget cannot be met
+    context_parallel  None (off), True (the default process group) or a torch.distributed ProcessGroup: the model
+                  runs on a sequence split across the group's ranks, each holding a contiguous shard of every
+                  sequence (almostlinear.context_parallel); polynomial sites exchange fixed-size states, exact ones
+                  all-gather keys and values. method "polynomial" or "exact" (README "Context parallelism")
 
     Validated on construction (however constructed). Numbers are stored as Python numbers (a numpy
     integer or float is accepted where its value is valid) and `sites` as a read-only copy, so that
@@ -62,6 +66,7 @@ class Options:
     guard: bool = True
     attention_dropout: str = "keep"
     strict: bool = False
+    context_parallel: Any = None
 
     def __post_init__(self) -> None:
         if isinstance(self.sites, Mapping):  # a snapshot: later changes to the caller's dict do not leak in
@@ -128,6 +133,7 @@ class Options:
         _check(isinstance(self.guard, bool), f"guard must be True or False, got {self.guard!r}")
         _check(_is_str(self.attention_dropout) and self.attention_dropout in ATTENTION_DROPOUT,
                f"attention_dropout must be one of {list(ATTENTION_DROPOUT)}, got {self.attention_dropout!r}")
+        _check_context_parallel(self)
         _check(self.attention_dropout == "keep" or self.method == Choice.POLYNOMIAL,
                f"attention_dropout='remove' changes how the model trains, so it is offered with "
                f"method='polynomial' only; got method={str(getattr(self.method, 'value', self.method))!r}")
@@ -140,6 +146,27 @@ class Options:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["sites"] = dict(self.sites)
         return d
+
+
+def _check_context_parallel(options: Options) -> None:
+    cp = options.context_parallel
+    if cp is None or cp is False:
+        return
+    if cp is not True:
+        import torch.distributed as dist
+
+        _check(dist.is_available() and isinstance(cp, dist.ProcessGroup),
+               f"context_parallel must be None, True (the default process group) or a torch.distributed "
+               f"ProcessGroup, got {cp!r}")
+    method = str(getattr(options.method, "value", options.method))
+    _check(method in ("polynomial", "exact"),
+           f"context_parallel supports method 'polynomial' or 'exact', got method={method!r} ('auto' decides per "
+           f"head and per call from local measurements, which ranks splitting one sequence cannot do apart)")
+    for name, off in (("recheck_every", 0), ("exact_window", 0)):
+        _check(getattr(options, name) == off,
+               f"context_parallel does not support {name}={getattr(options, name)!r} (valid with it: {off})")
+    _check(options.degree in (None, 2), f"context_parallel exchanges degree-2 states; got degree={options.degree!r} "
+                                        f"(valid with it: None or 2)")
 
 
 def _is_int(value: Any) -> bool:

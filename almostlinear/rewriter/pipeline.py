@@ -26,7 +26,9 @@ from ..passes import rewrite as rewriter
 from ..passes.graph_utils import concrete_int, fake_mode_of, shape_of
 from ..passes.mha import decompose_mha
 from ..passes.normalize import normalize
+from ..passes.rewrite_context_parallel import ContextGroup
 from ..passes.rewrite_polynomial import rewrite_polynomial
+from .context_parallel import check_shard_lengths, raise_near_misses, rewrite_site_context_parallel
 from ..passes.subgraphs import Region, copy_graph_module, copy_with_node_map, find_regions
 from .options import Options
 from .policy import Decision
@@ -129,11 +131,20 @@ def apply(prepared: Prepared, decisions: dict[int, Decision], options: Options) 
     owners = {module.graph: module for module in [work, *bodies]}
     fake_mode = fake_mode_of(work)
     applied = Applied(work, [], dict(decisions))
+    group = ContextGroup.resolve(options.context_parallel) if options.context_parallel else None
+    if group is not None:
+        if prepared.near_misses:
+            raise_near_misses(prepared.near_misses)
+        check_shard_lengths(prepared.sites, group)
     for prepared_site, prepared_row, region in zip(prepared.sites, prepared.rows, prepared.site_regions):
         site = remap_nodes(prepared_site, node_map)
         row = dataclasses.replace(prepared_row)
         owner = owners[site.anchor.graph]
-        _rewrite_site(owner, site, row, fake_mode_of(owner) or fake_mode, options, applied)
+        if group is None:
+            _rewrite_site(owner, site, row, fake_mode_of(owner) or fake_mode, options, applied)
+        else:
+            rewrite_site_context_parallel(owner, site, row, fake_mode_of(owner) or fake_mode, applied, group,
+                                          polynomial_row)
         # a later site may read this one's output (attention applied to an attention output): it reads the
         # node that replaced it
         node_map[prepared_site.output] = site.output
@@ -162,8 +173,7 @@ def _rewrite_site(gm: fx.GraphModule, site, row: Site, fake_mode, options: Optio
 
 
 def _rewrite_polynomial(gm, site, row: Site, decision: Decision, fake_mode, options: Options, applied) -> bool:
-    degree = decision.degree or 2
-    coefficients = decision.coefficients or taylor_coefficients(degree)
+    coefficients = decision.coefficients or taylor_coefficients(decision.degree or 2)
     try:
         applied.op_nodes[site.id] = rewrite_polynomial(gm, site, fake_mode, coefficients,
                                                        switchable=bool(options.recheck_every),
@@ -174,6 +184,13 @@ def _rewrite_polynomial(gm, site, row: Site, decision: Decision, fake_mode, opti
         applied.decisions[site.id] = fallback
         row.reason = fallback.reason
         return False
+    polynomial_row(row, site, decision)
+    return True
+
+
+def polynomial_row(row: Site, site, decision: Decision) -> None:
+    """Fill the report row of a site rewritten to the polynomial op as `decision` says."""
+    degree = decision.degree or 2
     row.rank = feature_rank(concrete_int(shape_of(site.q)[-1]) or 0, degree)
     row.rewritten, row.method, row.degree = True, Method.POLYNOMIAL, degree
     row.exact_window = decision.exact_window
@@ -188,7 +205,6 @@ def _rewrite_polynomial(gm, site, row: Site, decision: Decision, fake_mode, opti
         groups = concrete_int(shape_of(site.q)[1]) // concrete_int(shape_of(site.op_kv[0])[1])
         row.approximated_heads = query_heads_of(decision.heads, groups)
         row.reason += f"; heads {row.approximated_heads} approximated, the others exact"
-    return True
 
 
 def _rewrite_exact(gm, site, row: Site, fake_mode) -> None:
@@ -209,4 +225,4 @@ def _prefix_region(row: Site, region: Region) -> None:
         row.reason += f" [mask values unknown: {region.values_note}]"
 
 
-__all__ = ["Prepared", "Applied", "prepare", "apply", "remap_nodes"]
+__all__ = ["Prepared", "Applied", "prepare", "apply", "remap_nodes", "polynomial_row"]

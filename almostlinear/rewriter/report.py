@@ -52,6 +52,8 @@ class Site:
     region: str = ""  # the higher-order op body the site is in, e.g. "checkpoint wrap_body_0, use_reentrant=False"
     exact_window: int = 0  # exact softmax on each query's nearest keys (the op with an exact window); 0: none
     approximated_heads: list | None = None  # query heads the op computes when not all of them (per-head decisions)
+    context_parallel: str = ""  # under context parallelism: how the site reaches the other ranks' keys
+    sent_bytes: int | None = None  # ... and the bytes this rank sends per call (its share of the all-gathers)
     heads: list = field(default_factory=list)  # the approximability map: one dict per query head (calibrate.HeadStats)
 
     def as_dict(self) -> dict[str, Any]:
@@ -75,6 +77,7 @@ class Report:
     planning_seconds: float = 0.0
     history: list[dict] = field(default_factory=list)
     ddp_pieces: int | None = None  # graphs the DDP backend split the rewritten graph into (None: not split)
+    context_parallel: dict | None = None  # {"ranks": W, "rank": r} when the sequence is split over a group
     warnings: list[str] = field(default_factory=list)  # what the user must know (also issued as warnings.warn)
     _graph_module_before: object = field(default=None, repr=False, compare=False)  # kept for drawings only
     _graph_module_after: object = field(default=None, repr=False, compare=False)
@@ -117,6 +120,7 @@ class Report:
                 )
             )
         lines.extend(_table(rows))
+        lines.extend(context_parallel_lines(self))
         calibrated = [s for s in self.sites if s.logit_bound is not None]
         if calibrated:
             lines.append("approximation (calibrated on the example inputs; errors relative to exact attention):")
@@ -162,6 +166,19 @@ class Report:
             lines.append(f"  the planning figure: {self.grad_error_covers}")
         lines += [f"WARNING: {w}" for w in self.warnings]
         return "\n".join(lines)
+
+
+def context_parallel_lines(report: Report) -> list[str]:
+    """The group size and, per site, how it reaches the other ranks' keys and what this rank sends per call."""
+    cp = report.context_parallel
+    if not cp:
+        return []
+    lines = [f"context parallel: the sequence is split over {cp['ranks']} rank(s) (this is rank {cp['rank']}); "
+             f"per site and call this rank sends:"]
+    for s in report.sites:
+        sent = "-" if s.sent_bytes is None else f"{s.sent_bytes / 1e6:.3g} MB"
+        lines.append(f"  site {s.id}: {sent} ({s.context_parallel})")
+    return lines
 
 
 def query_heads_of(kv_heads, groups: int) -> list[int]:

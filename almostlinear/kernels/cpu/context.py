@@ -198,7 +198,7 @@ class CallContext:
             jstar = torch.where(self.m > 0, float(self.S - 1), 0.0)
             f = torch.exp(self.m.unsqueeze(-1) * (self.positions(j0, j1) - jstar.unsqueeze(-1)))  # [Hk, G, C]
             f = f.unsqueeze(0)
-        return self._with_key_weight(f, j0, j1)
+        return self.with_key_weight(f, j0, j1)
 
     def causal_key_factor(self, blk):
         """[B, Hk, Gs, i1 - i0] | None: exp(a (j - c1) + (m - a) j) * key_weight_j (a = max(m, 0), c1 the end of
@@ -208,9 +208,9 @@ class CallContext:
             j = self.positions(blk.i0, blk.i1)
             c1 = blk.i0 + (torch.div(j - blk.i0, blk.C, rounding_mode="floor") + 1) * blk.C
             f = torch.exp(self.a.unsqueeze(-1) * (j - c1) + (self.m - self.a).unsqueeze(-1) * j).unsqueeze(0)
-        return self._with_key_weight(f, blk.i0, blk.i1)
+        return self.with_key_weight(f, blk.i0, blk.i1)
 
-    def _with_key_weight(self, f, j0, j1):
+    def with_key_weight(self, f, j0, j1):
         """Multiply a key factor (or None) by the key weights of keys j0..j1; [B, Hk, Gs, C] | None."""
         kw = self.key_weights(j0, j1)
         if kw is not None:

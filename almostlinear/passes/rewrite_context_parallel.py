@@ -1,0 +1,170 @@
+"""The rewrite under context parallelism (a sequence split across the ranks of a group, each holding a contiguous
+shard): every attention site must see the keys of the whole sequence.
+
+Polynomial sites pass fixed-size states (kernels/context_parallel.py has the math)::
+
+    values, moments = poly_key_state(k, v, key_weight, alibi_slopes, Hq, scale, coefficients)
+    ext_values, ext_moments = exchange_states(values, moments, S, rank, world, group, causal, alibi_slopes)
+    out, kept, aux = poly_state_attention(q, k, v, key_weight, alibi_slopes, scale, coefficients, causal,
+                                          ext_values, ext_moments)
+
+Exact sites all-gather K, V (and the key weights) and attend with the rank's global causal offset
+(context_parallel_glue.exact_sharded_attention).  A site the rewrite cannot shard raises: left as written it
+would attend to this rank's keys only, a silently different model.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+
+from .builder import NodeBuilder
+from .context_parallel_glue import exact_sharded_attention, exchange_states, global_argmax_mean, global_key_mean
+from .graph_utils import concrete_int, example_value, shape_of, tensor_meta
+from .rewrite import RewriteError, replace_output, sdpa_dropout_p
+from .rewrite_polynomial import alibi_node, key_weight_node, op_query
+from .site import AttentionSite
+
+__all__ = ["ContextGroup", "rewrite_context_parallel_polynomial", "rewrite_context_parallel_exact",
+           "shardable_or_why"]
+
+
+@dataclass(frozen=True)
+class ContextGroup:
+    """The process group a sequence is split over, as the rewrite needs it (resolved at compile time)."""
+
+    group: Any  # the torch.distributed ProcessGroup
+    rank: int
+    world: int
+    name: str  # the group's name, what the functional collectives take
+
+    @classmethod
+    def resolve(cls, group: Any) -> "ContextGroup":
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("almostlinear: context_parallel needs torch.distributed initialised "
+                               "(torch.distributed.init_process_group) before the model is compiled")
+        group = dist.group.WORLD if group is None or group is True else group
+        return cls(group, dist.get_rank(group), dist.get_world_size(group), group.group_name)
+
+    def lengths(self, mine: int) -> list[int]:
+        """Every rank's value of `mine` (a collective, at compile time: every rank rewrites the same sites in the
+        same order)."""
+        import torch.distributed as dist
+
+        out: list = [None] * self.world
+        dist.all_gather_object(out, int(mine), group=self.group)
+        return [int(n) for n in out]
+
+
+def shardable_or_why(site: AttentionSite) -> str | None:
+    """None where the site is self-attention over the sharded sequence, else why it cannot be sharded."""
+    q_len, k_len = shape_of(site.q)[-2], shape_of(site.op_kv[0])[-2]
+    same = (concrete_int(q_len) == concrete_int(k_len)) if concrete_int(q_len) is not None else str(q_len) == str(k_len)
+    if not same:
+        return (f"query length {q_len} and key length {k_len} differ (cross-attention or a cache): only "
+                f"self-attention over the sharded sequence can be split")
+    if site.mask.kind == "dense":
+        return f"a dense mask ({site.mask.reason or 'not per-key, causal, window or ALiBi'}) cannot be split by rows"
+    if site.score_transform:
+        return f"the scores pass through a transform ({site.score_transform})"
+    return None
+
+
+def _site_inputs(site: AttentionSite, build: NodeBuilder):
+    q, scale = op_query(site, build)
+    k, v = site.op_kv
+    return q, scale, k, v, alibi_node(site, build), key_weight_node(site, q, build)
+
+
+def _bytes(shape: Sequence, dtype) -> int:
+    return math.prod(int(x) for x in shape) * torch.empty(0, dtype=dtype).element_size()
+
+
+def rewrite_context_parallel_polynomial(gm: fx.GraphModule, site: AttentionSite, fake_mode,
+                                        coefficients: Sequence[float], group: ContextGroup) -> tuple[fx.Node, int]:
+    """Replace the site with the states' exchange and poly_state_attention. Returns (the op node, the bytes this rank
+    contributes to the all-gather per call)."""
+    why = shardable_or_why(site)
+    if why is None and len(coefficients) != 3:
+        why = f"degree {len(coefficients) - 1}: the states' exchange is built for degree 2"
+    if why is None and site.mask.window:
+        why = f"a mask window ({site.mask.window}): the polynomial states' exchange does not cut bands"
+    if why is None and site.mask.alibi_slopes is not None and not site.mask.causal:
+        why = "ALiBi without a causal mask: the rescaled states of later ranks could overflow"
+    if why is None and site.mask.alibi_slopes is not None and min(site.mask.alibi_slopes) < 0:
+        why = "negative ALiBi slopes: the rescaled states of earlier ranks could overflow"
+    if why is not None:
+        raise RewriteError(why)
+    build = NodeBuilder(gm, site.output, fake_mode, source=site.anchor)
+    q, scale, k, v, alibi, key_weight = _site_inputs(site, build)
+    heads = concrete_int(shape_of(site.q)[1])
+    coeffs = [float(c) for c in coefficients]
+    state = build.call(torch.ops.almostlinear.poly_key_state.default, k, v, key_weight, alibi, heads, scale, coeffs)
+    values, moments = build.getitem(state, 0), build.getitem(state, 1)
+    causal = bool(site.mask.causal)
+    length = build.method("size", k, -2)
+    ext = build.call(exchange_states, values, moments, length, group.rank, group.world, group.name, causal, alibi)
+    keep = bool(getattr(example_value(site.output), "requires_grad", False))
+    op_node = build.call(torch.ops.almostlinear.poly_state_attention.default, q, k, v, key_weight, alibi, scale,
+                         coeffs, causal, build.getitem(ext, 0), build.getitem(ext, 1), keep_states=keep)
+    out = build.getitem(op_node, 0)
+    if site.mask.empty_rows_possible and key_weight is not None:
+        den = build.getitem(build.getitem(op_node, 2), 1)  # [B, Hq, L]: 0 exactly where a row sees no key
+        empty = build.method("unsqueeze", build.call(operator.eq, den, 0), -1)
+        out = _empty_rows(site, out, empty, v, group, build)
+    replace_output(gm, site, out, build)
+    return op_node, sum(_bytes(shape_of(n), tensor_meta(n).dtype) for n in (values, moments))
+
+
+def _empty_rows(site: AttentionSite, out: fx.Node, empty: fx.Node, v: fx.Node, group: ContextGroup,
+                build: NodeBuilder) -> fx.Node:
+    """The matched code's value on rows that see no key in the whole sequence (passes/mask_ops EMPTY_ROW_RULES):
+    "neginf" (eager softmax: NaN; SDPA: 0), "uniform" (the mean of every value of the sequence), "argmax" (the
+    mean of the values at the keys of the sequence's largest additive key bias)."""
+    rule, neginf = site.mask.empty_row_rule, float(site.mask.neginf_row)
+    if rule == "neginf":
+        return build.call(torch.where, empty, neginf, out)
+    if rule == "uniform":
+        fallback = build.call(global_key_mean, v, build.method("size", v, -2), group.name)  # [B, Hk, 1, Dv]
+    elif rule == "argmax":
+        term = site.mask.key_mask[0]
+        bias = build.call(operator.mul, build.method("to", term.node, torch.float32), float(term.factor))
+        fallback = build.call(global_argmax_mean, v, build.method("flatten", bias, 0, -2), group.name, neginf)
+    else:
+        raise RewriteError(f"rows with no key follow the rule {rule!r}, not reproduced across ranks")
+    groups = concrete_int(shape_of(site.q)[1]) // concrete_int(shape_of(v)[1])
+    if groups > 1:
+        fallback = build.method("repeat_interleave", fallback, groups, 1)
+    return build.call(torch.where, empty, build.method("to", fallback, tensor_meta(out).dtype), out)
+
+
+def rewrite_context_parallel_exact(gm: fx.GraphModule, site: AttentionSite, fake_mode, group: ContextGroup) -> int:
+    """Replace the site with exact attention over the group's gathered keys and values. Returns the bytes this rank
+    contributes to the all-gathers per call."""
+    why = shardable_or_why(site)
+    length = concrete_int(shape_of(site.op_kv[0])[-2])
+    if why is None and length is None:
+        why = "a dynamic shard length: the gathered keys' layout is fixed at compile time (compile with dynamic=False)"
+    if why is None and site.mask.empty_rows_possible and site.mask.empty_row_rule not in ("neginf", "uniform", "argmax"):
+        why = f"rows with no key follow the rule {site.mask.empty_row_rule!r}, not reproduced across ranks"
+    if why is not None:
+        raise RewriteError(why)
+    lengths = group.lengths(length)
+    build = NodeBuilder(gm, site.output, fake_mode, source=site.anchor)
+    q, scale, k, v, alibi, key_weight = _site_inputs(site, build)
+    dropout = sdpa_dropout_p(site)
+    result = build.call(exact_sharded_attention, q, k, v, key_weight, alibi, scale, bool(site.mask.causal),
+                        int(site.mask.window), lengths, group.rank, group.name, dropout)
+    out = build.getitem(result, 0)
+    if site.mask.empty_rows_possible:
+        out = _empty_rows(site, out, build.getitem(result, 1), v, group, build)
+    replace_output(gm, site, out, build)
+    per_key = sum(int(shape_of(x)[1]) * int(shape_of(x)[-1]) * tensor_meta(x).dtype.itemsize for x in (k, v))
+    batch = int(shape_of(k)[0])
+    return batch * per_key * max(lengths) + (batch * max(lengths) * 4 if key_weight is not None else 0)

@@ -1,0 +1,90 @@
+"""Context parallelism on gloo (CPU), 1, 2 and 3 ranks: a sequence split over the ranks gives every shard the output
+of a single-process run over the whole sequence, and the parameter gradients summed over the ranks equal its
+gradients, to fp32 round-off (polynomial sites: Taylor coefficients on both sides; exact sites: SDPA).  Models:
+the example GPT (causal), a BLOOM/MPT-style ALiBi + GQA + padding layer, nn.TransformerEncoderLayer (non-causal,
+key padding), HF Llama from a config (sdpa, GQA, RoPE from position ids, right padding); Inductor with
+fullgraph=True; unequal shards, a group of one (an empty shard is refused where shards are cut)."""
+import pytest
+import torch
+
+from tests.distributed import _cp_workers as W
+from tests.distributed._harness import run_ranks
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+TWO = {
+    "gpt": ("gpt", [24, 24], False),
+    "gpt_exact": ("gpt_exact", [20, 28], False),
+    "alibi": ("alibi", [20, 28], False),
+    "encoder": ("encoder", [24, 24], False),
+    "llama": ("llama", [24, 24], False),
+    "gpt_inductor": ("gpt_inductor", [24, 24], True),
+}
+THREE = {
+    "gpt": ("gpt", [10, 20, 18], False),
+    "alibi": ("alibi", [10, 20, 18], False),
+    "gpt_exact": ("gpt_exact", [16, 16, 16], False),
+}
+
+
+@pytest.fixture(scope="module")
+def two():
+    return run_ranks("tests.distributed._cp_workers:suite", world=2, timeout=600, cases=TWO)
+
+
+@pytest.fixture(scope="module")
+def three():
+    return run_ranks("tests.distributed._cp_workers:suite", world=3, timeout=600, cases=THREE)
+
+
+_REFERENCES = {}
+
+
+def reference(name):
+    if name not in _REFERENCES:
+        _REFERENCES[name] = W.reference(name)
+    return _REFERENCES[name]
+
+
+def assert_equals_one_process(ranks, key, name):
+    for r, result in enumerate(ranks):
+        assert not isinstance(result[key], str), f"rank {r}: {result[key]}"
+    want_out, want_grads = reference(name)
+    out = torch.cat([r[key]["out"] for r in ranks], 1)
+    torch.testing.assert_close(out, want_out, rtol=1e-4, atol=2e-5)
+    for n, g in want_grads.items():
+        summed = sum(r[key]["grads"][n] for r in ranks)
+        torch.testing.assert_close(summed, g, rtol=1e-3, atol=1e-4 * max(1.0, float(g.abs().max())),
+                                   msg=lambda m: f"grad of {n}: {m}")
+
+
+@pytest.mark.parametrize("key", list(TWO))
+def test_two_ranks_equal_one_process(two, key):
+    assert_equals_one_process(two, key, TWO[key][0])
+
+
+@pytest.mark.parametrize("key", list(THREE))
+def test_three_ranks_with_unequal_shards_equal_one_process(three, key):
+    assert_equals_one_process(three, key, THREE[key][0])
+
+
+def test_shard_lengths_never_leave_a_rank_empty():
+    import almostlinear
+
+    assert almostlinear.shard_lengths(10, 3) == [4, 3, 3]
+    with pytest.raises(ValueError, match="2 tokens cannot be split over 3 ranks"):
+        almostlinear.shard_lengths(2, 3)
+
+
+def test_the_graph_exchanges_states_and_the_report_says_so(two):
+    result = two[0]["gpt"]
+    assert "exchange_states" in result["graph"] and "poly_state_attention" in result["graph"]
+    assert "split over 2 rank(s)" in result["report"] and "key states all-gathered" in result["report"]
+    exact = two[1]["gpt_exact"]
+    assert "exact_sharded_attention" in exact["graph"] and "keys and values all-gathered" in exact["report"]
+
+
+def test_a_group_of_one_is_the_plain_run():
+    ranks = run_ranks("tests.distributed._cp_workers:suite", world=1, timeout=300,
+                      cases={"gpt": ("gpt", [W.T], False)})
+    assert_equals_one_process(ranks, "gpt", "gpt")
