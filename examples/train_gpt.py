@@ -4,6 +4,9 @@ attention with an exact window.
 
     python examples/train_gpt.py                          # defaults: about 2 minutes on 2 quiet CPU cores
     python examples/train_gpt.py --seq-len 256 --steps 500   # the longer run in docs/benchmarks.md
+    python examples/train_gpt.py --context-parallel 2        # the polynomial run, its sequence split over 2
+                                                             # ranks (spawned here: gloo on CPU, NCCL on GPUs),
+                                                             # against the same run on one rank
 
 The four runs:
 
@@ -34,6 +37,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -207,6 +211,9 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("results/train_gpt.png"))
+    parser.add_argument("--context-parallel", type=int, default=0, metavar="RANKS",
+                        help="train the polynomial run with each sequence split over RANKS ranks (spawned processes) "
+                             "and compare its losses with the same run on one rank")
     args = parser.parse_args(argv)
     if args.embd % args.heads:
         parser.error(f"--embd {args.embd} must be divisible by --heads {args.heads}")
@@ -217,6 +224,8 @@ def main(argv=None) -> None:
     train_data, val_data = split(stdlib_text())
     config = GPTConfig(vocab_size=256, block_size=args.seq_len, n_layer=args.layers, n_head=args.heads,
                        n_embd=args.embd, dropout=0.0)
+    if args.context_parallel:
+        return compare_context_parallel(args, config, train_data, val_data)
     common = dict(steps=args.steps, batch=args.batch, seed=args.seed, lr=args.lr, device=args.device,
                   inner=args.inner, min_seq_len=args.min_seq_len, val_data=val_data)
     print(f"char-level GPT: {args.layers} layers, {args.heads} heads of dim {args.embd // args.heads}, context "
@@ -265,6 +274,94 @@ def main(argv=None) -> None:
         print(plot(runs, args.heads, args.out, f"char GPT {args.layers}x{args.heads} heads of "
                                                 f"{args.embd // args.heads}, context {args.seq_len}, "
                                                 f"budget {args.budget}"))
+
+
+def _context_parallel_rank(rank: int, world: int, port: int, args, config: GPTConfig, queue) -> None:
+    """One rank of the context-parallel run: the polynomial GPT on this rank's contiguous slice of every sequence
+    (positions passed), the loss as the sum of the ranks' token losses over all tokens, the parameter gradients
+    summed over the ranks (what DDP over the same ranks would do), the same AdamW steps on every rank."""
+    import os
+
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    cuda = args.device.startswith("cuda")
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+    device = f"cuda:{rank}" if cuda else "cpu"
+    if cuda:
+        torch.cuda.set_device(rank)
+    try:
+        train_data, val_data = split(stdlib_text())
+        torch.manual_seed(args.seed)
+        model = GPT(config).to(device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+        compiled = almostlinear.context_parallel(model, method="polynomial", coefficients="taylor",
+                                                 min_seq_len=args.min_seq_len, inner=args.inner)
+        lengths = almostlinear.shard_lengths(args.seq_len, world)
+        start = sum(lengths[:rank])
+        mine = slice(start, start + lengths[rank])
+        positions = torch.arange(start, start + lengths[rank], device=device)
+
+        def loss_of(x, y):
+            logits = compiled(x[:, mine].to(device), positions=positions)
+            local = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y[:, mine].reshape(-1).to(device),
+                                    reduction="sum") / y.numel()
+            total = local.detach().clone()
+            dist.all_reduce(total)
+            return local, float(total)
+
+        losses, started = [], time.perf_counter()
+        for x, y in batches(train_data, args.seq_len, args.batch, args.steps, args.seed):
+            local, total = loss_of(x, y)
+            optimizer.zero_grad(set_to_none=True)
+            local.backward()
+            for p in model.parameters():
+                dist.all_reduce(p.grad)
+            optimizer.step()
+            losses.append(total)
+        seconds = time.perf_counter() - started
+        val = [loss_of(x, y)[1] for x, y in batches(val_data, args.seq_len, args.batch, 8, seed=12345)]
+        if rank == 0:
+            queue.put((losses, sum(val) / len(val), seconds, str(compiled.almostlinear_backend.reports[-1])))
+    finally:
+        dist.destroy_process_group()
+
+
+def compare_context_parallel(args, config: GPTConfig, train_data, val_data) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    world = args.context_parallel
+    print(f"polynomial GPT (Taylor), context {args.seq_len} split over {world} ranks "
+          f"({almostlinear.shard_lengths(args.seq_len, world)} tokens), against the same run on one rank")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_context_parallel_rank, args=(r, world, port, args, config, queue))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    losses, val, seconds, report = queue.get()
+    for p in procs:
+        p.join()
+    if any(p.exitcode for p in procs):
+        raise SystemExit(f"a rank failed: exit codes {[p.exitcode for p in procs]}")
+    one = train("polynomial", config, train_data, steps=args.steps, batch=args.batch, seed=args.seed, lr=args.lr,
+                device=args.device, inner=args.inner, min_seq_len=args.min_seq_len, val_data=val_data,
+                method="polynomial", coefficients="taylor", progress=False)
+    print(report)
+    print(f"{'step':>6} {'1 rank':>10} {f'{world} ranks':>10} {'difference':>11}")
+    for step in sorted({0, 1, 2, args.steps - 1} | set(range(0, args.steps, max(1, args.steps // 8)))):
+        print(f"{step:>6} {one.losses[step]:>10.5f} {losses[step]:>10.5f} {losses[step] - one.losses[step]:>+11.2e}")
+    first = max(abs(a - b) for a, b in zip(one.losses[:10], losses[:10]))
+    worst = max(abs(a - b) for a, b in zip(one.losses, losses))
+    print(f"largest loss difference: {first:.2e} over the first 10 steps, {worst:.2e} over all {args.steps}; "
+          f"validation loss 1 rank {one.val_loss:.5f}, {world} ranks {val:.5f} ({val - one.val_loss:+.2e}); "
+          f"{world} ranks trained in {seconds:.0f} s, 1 rank in {sum(one.step_seconds):.0f} s")
 
 
 if __name__ == "__main__":

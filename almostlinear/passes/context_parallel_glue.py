@@ -111,6 +111,21 @@ def global_argmax_mean(v: torch.Tensor, bias: torch.Tensor, group_name: str, neg
     return torch.where(torch.isneginf(top).reshape(B, 1, 1, 1), neginf_row, mean)
 
 
+def _unmasked(q, k_all, v_all, scale, causal, offset: int, dropout_p, gqa):
+    """Exact attention with no mask tensor, so that SDPA keeps its fused (flash) kernels and O(n) memory.  Causal
+    with the rank's offset: q is front-padded with `offset` zero rows so that SDPA's top-left causal mask puts
+    query i at global position offset + i (the padded rows' outputs are dropped; they cost compute, not memory)."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    if not causal:
+        return sdpa(q, k_all, v_all, dropout_p=dropout_p, scale=scale, enable_gqa=gqa)
+    L = q.shape[2]
+    padded = torch.nn.functional.pad(q, (0, 0, offset, 0))
+    keys = offset + L
+    out = sdpa(padded, k_all[:, :, :keys], v_all[:, :, :keys], dropout_p=dropout_p, is_causal=True, scale=scale,
+               enable_gqa=gqa)
+    return out[:, :, offset:]
+
+
 def exact_sharded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_weight: Optional[torch.Tensor],
                             alibi_slopes: Optional[torch.Tensor], scale: float, causal: bool, window: int,
                             lengths: Sequence[int], rank: int, group_name: str,
@@ -123,6 +138,10 @@ def exact_sharded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k
     k_all, v_all = gather_sequence(k, 2, lengths, group_name), gather_sequence(v, 2, lengths, group_name)
     B, Hq, L, _ = q.shape
     N = k_all.shape[2]
+    gqa = Hq != k_all.shape[1]
+    if key_weight is None and alibi_slopes is None and not window:  # no mask tensor: SDPA's fused kernels
+        return _unmasked(q, k_all, v_all, scale, causal, sum(lengths[:rank]), dropout_p, gqa), torch.zeros(
+            1, 1, L, 1, dtype=torch.bool, device=q.device)
     i = sum(lengths[:rank]) + torch.arange(L, device=q.device).unsqueeze(-1)
     j = torch.arange(N, device=q.device).unsqueeze(0)
     allowed = torch.ones(L, N, dtype=torch.bool, device=q.device)

@@ -1,0 +1,215 @@
+"""Context parallelism on CPU (gloo): a polynomial GPT over one sequence, on 1 rank and on 2 ranks that each hold
+half of it.  Per configuration and total length: the training step time (fwd+bwd), the peak memory per rank during
+the steps, the bytes each rank sends per layer (counted by the rewrite: the report's `sent_bytes`) against what
+ring attention would send (its K/V shard, fp32), and the longest sequence whose step fits a per-rank memory cap.
+
+    python benchmarks/context_parallel.py                       # ~15 min on 2 quiet cores
+    python benchmarks/context_parallel.py --lengths 8192,16384 --memory-lengths 8192,16384 --rounds 1   # quick
+
+Configurations: "1 rank x 2 threads" (the machine's two cores on one process), "1 rank x 1 thread" and
+"2 ranks x 1 thread" (the same two cores as two ranks).  Every (configuration, length) runs in fresh processes;
+the timing rounds alternate the configurations (the VM's speed drifts), and the table gives the minimum and the
+median over rounds and steps.  Memory: the peak resident set during the steps (VmHWM, reset after the compile and
+planning with /proc/self/clear_refs) minus the resident set before them, i.e. what the step itself needs; the
+model, torch and compiled code are the same in every configuration.  The model: the example GPT, 2 layers, 2 heads
+of 32, width 64, batch 1, `method="polynomial"`, Taylor coefficients, aot_eager, positions passed per shard.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = {"1x2": (1, 2), "1x1": (1, 1), "2x1": (2, 1)}  # name -> (ranks, threads per rank)
+LABELS = {"1x2": "1 rank x 2 threads", "1x1": "1 rank x 1 thread", "2x1": "2 ranks x 1 thread"}
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _reset_peak() -> None:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed planning memory back, so the peak below is the steps'
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM (the peak resident set) to the current resident set
+
+
+def worker(rank: int, world: int, length: int, threads: int, steps: int) -> dict:
+    import almostlinear
+    from almostlinear.zoo import GPT, GPTConfig
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=96, block_size=length, n_layer=2, n_head=2, n_embd=64))
+    ids = torch.randint(0, 96, (1, length), generator=torch.Generator().manual_seed(1))
+    options = dict(method="polynomial", min_seq_len=0, coefficients="taylor", inner="aot_eager")
+    if world > 1:
+        lengths = almostlinear.shard_lengths(length, world)
+        start = sum(lengths[:rank])
+        ids, positions = ids[:, start:start + lengths[rank]], torch.arange(start, start + lengths[rank])
+        compiled = almostlinear.context_parallel(model, **options)
+        backend = compiled.almostlinear_backend
+    else:
+        positions = torch.arange(length)
+        backend = almostlinear.Backend(**options)
+        compiled = torch.compile(model, backend=backend, dynamic=False)
+
+    def step() -> float:
+        started = time.perf_counter()
+        compiled(ids, positions=positions).float().square().mean().backward()
+        model.zero_grad(set_to_none=True)
+        return time.perf_counter() - started
+
+    first = step()  # compile and planning
+    _reset_peak()
+    before = _rss_kib("VmRSS")
+    times = [step() for _ in range(steps)]
+    peak = _rss_kib("VmHWM")
+    report = backend.reports[-1]
+    return {"times": times, "first": first, "step_mib": (peak - before) / 1024, "peak_mib": peak / 1024,
+            "sent": [s.sent_bytes for s in report.sites], "shard": int(ids.shape[1]),
+            "methods": [str(s.method) for s in report.sites]}
+
+
+def _entry(rank, world, port, length, threads, steps, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS=str(threads))
+    import torch.distributed as dist
+
+    if world > 1:
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        queue.put((rank, worker(rank, world, length, threads, steps)))
+    except BaseException as exc:  # noqa: BLE001 - reported by the parent
+        queue.put((rank, repr(exc)))
+        raise
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def run(config: str, length: int, steps: int) -> list[dict]:
+    """One (configuration, length) in fresh processes: every rank's result."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    world, threads = CONFIGS[config]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_entry, args=(r, world, port, length, threads, steps, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=1800) for _ in procs)
+    for p in procs:
+        p.join(60)
+    bad = {r: v for r, v in results.items() if isinstance(v, str)}
+    if bad:
+        raise RuntimeError(f"{config} at {length}: {bad}")
+    return [results[r] for r in range(world)]
+
+
+def ring_bytes(shard: int, heads: int = 2, d: int = 32, itemsize: int = 4) -> int:
+    """What ring attention sends per hop and layer: this rank's K and V shard (batch 1)."""
+    return shard * heads * 2 * d * itemsize
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", default="8192,16384,32768", help="total lengths timed (comma-separated)")
+    parser.add_argument("--memory-lengths", default="4096,8192,12288,16384,24576,32768",
+                        help="total lengths whose step memory is measured (1x2 and 2x1)")
+    parser.add_argument("--cap-mib", type=float, default=None,
+                        help="per-rank step memory cap (default: the 1-rank step memory at the middle memory length)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/context_parallel")
+    args = parser.parse_args()
+    lengths = [int(x) for x in args.lengths.split(",")]
+    memory_lengths = [int(x) for x in args.memory_lengths.split(",")]
+
+    timing: dict = {}
+    results: dict = {}
+    for rnd in range(args.rounds):
+        for n in lengths:
+            for config in (CONFIGS if rnd % 2 == 0 else list(CONFIGS)[::-1]):
+                ranks = run(config, n, args.steps)
+                results[(config, n)] = ranks
+                # a step ends when the slowest rank's does
+                timing.setdefault((config, n), []).extend(max(r["times"][i] for r in ranks)
+                                                          for i in range(args.steps))
+                print(f"round {rnd} {config} n={n}: min {min(timing[(config, n)]):.3f} s, step memory "
+                      f"{max(r['step_mib'] for r in ranks):.0f} MiB/rank", flush=True)
+    memory: dict = {}
+    for n in memory_lengths:
+        for config in ("1x2", "2x1"):
+            ranks = results.get((config, n)) or run(config, n, 1)
+            memory[(config, n)] = max(r["step_mib"] for r in ranks)
+            print(f"memory {config} n={n}: {memory[(config, n)]:.0f} MiB/rank", flush=True)
+
+    cap = args.cap_mib or memory[("1x2", memory_lengths[len(memory_lengths) // 2 - 1])]
+    longest = {c: max([n for n in memory_lengths if memory[(c, n)] <= cap], default=0) for c in ("1x2", "2x1")}
+
+    lines = [f"# Context parallelism: polynomial GPT, 1 vs 2 ranks (CPU, gloo)", "",
+             f"`python benchmarks/context_parallel.py {' '.join(sys.argv[1:])}`".replace("  ", " "), "",
+             "## Step time (fwd+bwd, s; min (median) over rounds x steps; a step ends with the slowest rank)", "",
+             "| total length | " + " | ".join(LABELS[c] for c in CONFIGS) + " | 2x1 vs 1x2 |",
+             "|---|" + "---|" * (len(CONFIGS) + 1)]
+    for n in lengths:
+        cells = [f"{min(timing[(c, n)]):.3f} ({statistics.median(timing[(c, n)]):.3f})" for c in CONFIGS]
+        speed = min(timing[("1x2", n)]) / min(timing[("2x1", n)])
+        lines.append(f"| {n} | " + " | ".join(cells) + f" | {speed:.2f}x |")
+    lines += ["", "## Bytes each rank sends per layer and step (forward; the backward's reduce-scatter sends the same)",
+              "", "| total length | shard | state (counted, 2 ranks) | ring attention K/V per hop (fp32) | ratio |",
+              "|---|---|---|---|---|"]
+    for n in lengths:
+        ranks = results[("2x1", n)]
+        sent, shard = ranks[0]["sent"][0], ranks[0]["shard"]
+        lines.append(f"| {n} | {shard} | {sent / 1e6:.3f} MB | {ring_bytes(shard) / 1e6:.3f} MB | "
+                     f"{ring_bytes(shard) / sent:.1f}x |")
+    lines += ["", f"## Step memory per rank (MiB above the resident set before the steps); cap {cap:.0f} MiB", "",
+              "| total length | 1 rank | 2 ranks (per rank) |", "|---|---|---|"]
+    for n in memory_lengths:
+        lines.append(f"| {n} | {memory[('1x2', n)]:.0f} | {memory[('2x1', n)]:.0f} |")
+    ratio = longest["2x1"] / longest["1x2"] if longest["1x2"] else float("inf")
+    lines += ["", f"Longest measured total length within {cap:.0f} MiB per rank: 1 rank {longest['1x2']}, "
+              f"2 ranks {longest['2x1']} ({ratio:.2f}x)."]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".md").write_text(text)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for c in ("1x2", "2x1"):
+            ax.plot(memory_lengths, [memory[(c, n)] for n in memory_lengths], "o-", label=LABELS[c])
+        ax.axhline(cap, color="grey", ls="--", label=f"cap {cap:.0f} MiB")
+        ax.set_xlabel("total sequence length")
+        ax.set_ylabel("step memory per rank (MiB)")
+        ax.set_title("polynomial GPT, context parallel over ranks")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(args.out.with_suffix(".png"), dpi=120)
+    except ImportError:
+        pass
+
+
+if __name__ == "__main__":
+    main()
