@@ -14,18 +14,17 @@ passes/rewrite_context_parallel.py); rank r sums those it sees, each rescaled to
 by exp(m (s_r' + L_r' - 1 - s_r)): causal the ranks r' < r (an exclusive prefix), otherwise all of them (its own
 included).  That sum is the *external state* (E_values, E_moments) :func:`poly_state_attention` reads::
 
-    causal:      out_i = (out_l,i den_l,i + e_i phi_q(q_i) E_values) / (den_l,i + e_i den_E(q_i))
-    non-causal:  out_i = phi_q(q_i) E_values / den_E(q_i)
+    causal:      the causal op over the rank's own keys, its running key state started at E (kernels/cpu/causal.py:
+                 E's key factor exp(m (j - s_r)) is the causal layout's for keys before local position 0), so every
+                 chunk reads E with its own prefix: no extra pass over the queries
+    non-causal:  out_i = phi_q(q_i) E_values / den_E(q_i)   (the rank's own keys are in E)
 
-where out_l, den_l are the polynomial op's causal result over the rank's own keys (den_l in the kernels' per-row
-scale c_i, kernel_log_scale) and e_i = c_i exp(-m i) (local i) the query factor that puts the external part in
-the same scale.  den_E(q) = c0 M0 + c1 s q.M1 + c2 s^2 q^T M2 q.  A row whose total weight is 0 gives 0.
+with den_E(q) = c0 M0 + c1 s q.M1 + c2 s^2 q^T M2 q.  A row whose total weight is 0 gives 0.
 
-Backward (analytic).  With G = dL/dout, D_i the row's total denominator and Gd = [G / D | -G.out / D]:
-the local part is the polynomial op's backward called with grad G den_l / D and the combined out (as in
-exact_window.py); the external read gives dq through the feature map's VJP (states.query_grads), and the
-external state's cotangents dE_values = sum_i phi_q(q_i)^T e_i G_i / D_i and dE_moments = c * (the queries'
-moments weighted e_i Gd_i[den]) with c = [c0 | c1 s | c2 s^2] (the true cotangent of the moments: read's
+Backward (analytic).  Causal: the causal op's backward, whose reverse scan of the query dstates, carried past
+chunk 0, is E's cotangent.  Non-causal, with G = dL/dout and Gd = [G / den | -G.out / den]: dq through the
+feature map's VJP (states.query_grads) and dE_values = sum_i phi_q(q_i)^T G_i / den_i.  In both, E_moments'
+true cotangent is c * (the queries' moments weighted by Gd's den column), c = [c0 | c1 s | c2 s^2] (the read's
 derivative).  The cotangents travel back through the collectives (the autograd of an all-gather is a
 reduce-scatter: each rank receives the sum of every reader's cotangent of its state) into :func:`key_state`'s
 backward: dv_j = f_j phi_k(k_j) dE_values, dk_j = J_phi^T (dE_values (f_j v_j)^T) + f_j (dM1 + (dM2 + dM2^T) k_j).
@@ -193,61 +192,71 @@ def _moment_coefficients(cx):
     return c
 
 
-def _state_forward(q, k, v, kw, al, scale, coeffs, causal, E, keep_states):
+def _read_forward(q, k, v, kw, al, scale, coeffs, E):
+    """Non-causal: out = phi_q(q) E_values / den_E(q) with the query factor exp(-m i); (out, den)."""
     B, Hq, L, Dv = q.shape[0], q.shape[1], q.shape[2], v.shape[-1]
-    kept = None
-    if causal and L:
-        out_l, den_l, kept = cpu.forward(q, k, v, kw, al, scale=scale, coeffs=coeffs, causal=True,
-                                         keep_states=keep_states)
-    else:
-        out_l, den_l = q.new_zeros(B, Hq, L, Dv), q.new_zeros(B, Hq, L)
     cx = _context(q, k, v, kw, al, scale, coeffs)
-    e = _query_factor(cx, al, L, causal)
-    num = out_l.view(cx.B, cx.Hk, cx.G, L, Dv) * den_l.view(cx.B, cx.Hk, cx.G, L, 1)
-    den = den_l.view(cx.B, cx.Hk, cx.G, L).clone()
+    e = _query_factor(cx, al, L, False)
+    out = q.new_empty(cx.B, cx.Hk, cx.G, L, Dv)
+    den = q.new_empty(cx.B, cx.Hk, cx.G, L)
     for blk in cx.blocks(L, chunked=False):
         i0, i1 = blk.i0, blk.i1
         qT = cx.queries_t(cx.q5[:, :, :, i0:i1])
-        n_e = cx.ungrouped(apply(cx, cx.phi(qT, "q"), E.values), blk.C)
-        d_e = cx.ungrouped(read_denominator(cx, qT, E.moments)[0].unsqueeze(-1), blk.C).squeeze(-1)
+        num = cx.ungrouped(apply(cx, cx.phi(qT, "q"), E.values), blk.C)
+        d = cx.ungrouped(read_denominator(cx, qT, E.moments)[0].unsqueeze(-1), blk.C).squeeze(-1)
         if e is not None:
-            n_e, d_e = n_e * e[..., i0:i1, None], d_e * e[..., i0:i1]
-        num[:, :, :, i0:i1] += n_e
-        den[:, :, :, i0:i1] += d_e
-    out = num * safe_reciprocal(den).unsqueeze(-1)
-    aux = torch.stack([den_l.view_as(den), den]).view(2, B, Hq, L)
-    return out.view(B, Hq, L, Dv), kept, aux
+            num, d = num * e[..., i0:i1, None], d * e[..., i0:i1]
+        cx.store_normalised(num, d, out[:, :, :, i0:i1], den[:, :, :, i0:i1])
+    return out.view(B, Hq, L, Dv), den.view(B, Hq, L)
 
 
-def _state_backward(grad, q, k, v, out, kept, aux, kw, al, scale, coeffs, causal, E):
-    B, Hq, L, Dv = q.shape[0], q.shape[1], q.shape[2], v.shape[-1]
-    den_l, den = aux.unbind(0)
-    if causal and L:
-        share = (den_l * safe_reciprocal(den)).unsqueeze(-1)
-        dq, dk, dv = cpu.backward(grad * share, q, k, v, out, kw, al, scale=scale, coeffs=coeffs, causal=True,
-                                  state=kept)
-        dq = dq.clone()
-    else:
-        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+def _read_backward(grad, q, k, v, out, den, kw, al, scale, coeffs, E):
+    """dq and the external state's dstates (moments: the queries' moments) of :func:`_read_forward`."""
+    L = q.shape[2]
     cx = _context(q, k, v, kw, al, scale, coeffs)
     cx.start_backward(grad, out)
-    e = _query_factor(cx, al, L, causal)
+    e = _query_factor(cx, al, L, False)
+    dq = torch.zeros_like(q)
     dq5 = dq.view(cx.B, cx.Hk, cx.G, L, cx.D)
     den5 = den.view(cx.B, cx.Hk, cx.G, L)
     dE = None
     for blk in cx.blocks(L, chunked=False):
         i0, i1 = blk.i0, blk.i1
         gd = cx.grad_augmented(cx.g5[:, :, :, i0:i1], cx.o5[:, :, :, i0:i1], den5[:, :, :, i0:i1])
-        if e is not None:
-            gd = gd * e[..., i0:i1, None]
-        gd = cx.grouped(gd)
+        gd = cx.grouped(gd if e is None else gd * e[..., i0:i1, None])
         qT = cx.queries_t(cx.q5[:, :, :, i0:i1])
         _, cache = read_denominator(cx, qT, E.moments)
-        dqT = query_grads(cx, qT, E, gd, cache)
-        dq5[:, :, :, i0:i1] += cx.ungrouped(dqT.transpose(-1, -2), blk.C)
+        dq5[:, :, :, i0:i1] = cx.ungrouped(query_grads(cx, qT, E, gd, cache).transpose(-1, -2), blk.C)
         dE = query_states(cx, qT, cx.phi(qT, "q"), gd, into=dE)
-    if dE is None:
-        return dq, dk, dv, torch.zeros_like(E.values), torch.zeros_like(E.moments)
+    return dq, dE
+
+
+def _state_forward(q, k, v, kw, al, scale, coeffs, causal, E, keep_states):
+    """(out, the causal op's kept states | None, den [B, Hq, L]): causal, the op over the rank's own keys with the
+    external state as its initial state (every chunk reads it with its prefix); otherwise the read alone."""
+    B, Hq, L, Dv = q.shape[0], q.shape[1], q.shape[2], v.shape[-1]
+    if not L:
+        return q.new_zeros(B, Hq, 0, Dv), None, q.new_zeros(B, Hq, 0)
+    if causal:
+        out, den, kept = cpu.forward(q, k, v, kw, al, scale=scale, coeffs=coeffs, causal=True,
+                                     keep_states=keep_states, init=E)
+        return out, kept, den
+    out, den = _read_forward(q, k, v, kw, al, scale, coeffs, E)
+    return out, None, den
+
+
+def _state_backward(grad, q, k, v, out, kept, den, kw, al, scale, coeffs, causal, E):
+    """dq, dk, dv, d E_values, d E_moments (the true cotangents)."""
+    if not q.shape[2]:
+        return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), torch.zeros_like(E.values),
+                torch.zeros_like(E.moments))
+    if causal:
+        dq, dk, dv, dE = cpu.backward(grad, q, k, v, out, kw, al, scale=scale, coeffs=coeffs, causal=True,
+                                      state=kept, init=E)
+    else:
+        (dq, dE), dk, dv = _read_backward(grad, q, k, v, out, den, kw, al, scale, coeffs, E), torch.zeros_like(k), \
+            torch.zeros_like(v)
+    cx = _context(q, k, v, kw, al, scale, coeffs)
     return dq, dk, dv, dE.values, dE.moments * _moment_coefficients(cx)
 
 
@@ -256,14 +265,14 @@ def _state_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_weight: Opt
               alibi_slopes: Optional[torch.Tensor], scale: float, coefficients: Sequence[float], causal: bool,
               ext_values: torch.Tensor, ext_moments: torch.Tensor,
               keep_states: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out [B, Hq, L, Dv] in q's dtype, the local causal part's kept states (empty: none), aux [2, B, Hq, L] =
-    (den_l, den)): the module docstring's out."""
+    """(out [B, Hq, L, Dv] in q's dtype, the causal op's kept states (empty: none), den [B, Hq, L]: each row's total
+    weight, in the kernels' per-row scale; 0 exactly where the row sees no key)."""
     coeffs = tuple(coefficients)
     q32, k32, v32, kw, al, ev, em = compute_inputs(q, k, v, key_weight, alibi_slopes, ext_values, ext_moments)
     k32, v32 = drop_masked_keys(k32, v32, kw)
     with cpu.autocast_disabled(q):
-        out, kept, aux = _state_forward(q32, k32, v32, kw, al, scale, coeffs, causal, States(ev, em), keep_states)
-    return out.to(q.dtype), q32.new_empty(0) if kept is None else kept, aux
+        out, kept, den = _state_forward(q32, k32, v32, kw, al, scale, coeffs, causal, States(ev, em), keep_states)
+    return out.to(q.dtype), q32.new_empty(0) if kept is None else kept, den
 
 
 @_state_op.register_fake
@@ -272,12 +281,12 @@ def _(q, k, v, key_weight, alibi_slopes, scale, coefficients, causal, ext_values
     dtype = compute_dtype(q)
     shape = cpu.state_shape(B, Hq, k.shape[1], D, v.shape[-1], 2, alibi_slopes is not None, bool(causal), 0, L=L,
                             keep_states=keep_states, itemsize=dtype.itemsize) if causal else (0,)
-    return q.new_empty(B, Hq, L, v.shape[-1]), q.new_empty(shape, dtype=dtype), q.new_empty(2, B, Hq, L, dtype=dtype)
+    return q.new_empty(B, Hq, L, v.shape[-1]), q.new_empty(shape, dtype=dtype), q.new_empty(B, Hq, L, dtype=dtype)
 
 
 @torch.library.custom_op("almostlinear::poly_state_attention_backward", mutates_args=())
 def _state_bwd_op(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                  kept: torch.Tensor, aux: torch.Tensor, key_weight: Optional[torch.Tensor],
+                  kept: torch.Tensor, den: torch.Tensor, key_weight: Optional[torch.Tensor],
                   alibi_slopes: Optional[torch.Tensor], scale: float, coefficients: Sequence[float], causal: bool,
                   ext_values: torch.Tensor, ext_moments: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -287,7 +296,7 @@ def _state_bwd_op(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
                                                              ext_values, ext_moments)
     k32, v32 = drop_masked_keys(k32, v32, kw)
     with cpu.autocast_disabled(q):
-        dq, dk, dv, dev, dem = _state_backward(g32, q32, k32, v32, o32, kept if kept.numel() else None, aux, kw, al,
+        dq, dk, dv, dev, dem = _state_backward(g32, q32, k32, v32, o32, kept if kept.numel() else None, den, kw, al,
                                                scale, coeffs, causal, States(ev, em))
     if kw is not None:
         dk, dv = drop_masked_keys(dk, dv, kw)
@@ -296,26 +305,26 @@ def _state_bwd_op(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
 
 
 @_state_bwd_op.register_fake
-def _(grad, q, k, v, out, kept, aux, key_weight, alibi_slopes, scale, coefficients, causal, ext_values, ext_moments):
+def _(grad, q, k, v, out, kept, den, key_weight, alibi_slopes, scale, coefficients, causal, ext_values, ext_moments):
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), ext_values.new_empty(ext_values.shape),
             ext_moments.new_empty(ext_moments.shape))
 
 
 def _state_setup(ctx, inputs, output):
     q, k, v, key_weight, alibi_slopes, scale, coefficients, causal, ext_values, ext_moments, _keep = inputs
-    out, kept, aux = output
-    ctx.mark_non_differentiable(kept, aux)
+    out, kept, den = output
+    ctx.mark_non_differentiable(kept, den)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(q, k, v, out, kept, aux, key_weight, alibi_slopes, ext_values, ext_moments)
+    ctx.save_for_backward(q, k, v, out, kept, den, key_weight, alibi_slopes, ext_values, ext_moments)
     ctx.args = (scale, list(coefficients), causal)
 
 
 def _state_attention_backward(ctx, grad, _grad_kept, _grad_aux):
     if grad is None:
         return (None,) * 11
-    q, k, v, out, kept, aux, key_weight, alibi_slopes, ext_values, ext_moments = ctx.saved_tensors
+    q, k, v, out, kept, den, key_weight, alibi_slopes, ext_values, ext_moments = ctx.saved_tensors
     scale, coefficients, causal = ctx.args
-    dq, dk, dv, dev, dem = _state_bwd_op(grad.contiguous(), q, k, v, out, kept, aux, key_weight, alibi_slopes, scale,
+    dq, dk, dv, dev, dem = _state_bwd_op(grad.contiguous(), q, k, v, out, kept, den, key_weight, alibi_slopes, scale,
                                          coefficients, causal, ext_values, ext_moments)
     return dq, dk, dv, None, None, None, None, None, dev, dem, None
 

@@ -5,7 +5,7 @@ Polynomial sites pass fixed-size states (kernels/context_parallel.py has the mat
 
     values, moments = poly_key_state(k, v, key_weight, alibi_slopes, Hq, scale, coefficients)
     ext_values, ext_moments = exchange_states(values, moments, S, rank, world, group, causal, alibi_slopes)
-    out, kept, aux = poly_state_attention(q, k, v, key_weight, alibi_slopes, scale, coefficients, causal,
+    out, kept, den = poly_state_attention(q, k, v, key_weight, alibi_slopes, scale, coefficients, causal,
                                           ext_values, ext_moments)
 
 Exact sites all-gather K, V (and the key weights) and attend with the rank's global causal offset
@@ -115,7 +115,7 @@ def rewrite_context_parallel_polynomial(gm: fx.GraphModule, site: AttentionSite,
                          coeffs, causal, build.getitem(ext, 0), build.getitem(ext, 1), keep_states=keep)
     out = build.getitem(op_node, 0)
     if site.mask.empty_rows_possible and key_weight is not None:
-        den = build.getitem(build.getitem(op_node, 2), 1)  # [B, Hq, L]: 0 exactly where a row sees no key
+        den = build.getitem(op_node, 2)  # [B, Hq, L]: 0 exactly where a row sees no key
         empty = build.method("unsqueeze", build.call(operator.eq, den, 0), -1)
         out = _empty_rows(site, out, empty, v, group, build)
     replace_output(gm, site, out, build)

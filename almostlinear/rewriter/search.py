@@ -299,7 +299,7 @@ def _annotate(current: Applied, search: _Search, local: dict[int, float]) -> Non
             on = set(row.approximated_heads) if row.approximated_heads is not None else None
             row.heads = [dict(dataclasses.asdict(h), approximated=row.method == Method.POLYNOMIAL and
                               (on is None or h.head in on)) for h in cal.heads]
-        if row.id in current.op_nodes:
+        if row.id in current.op_nodes and not row.context_parallel:  # (context parallel: no local exact reference)
             value = local.get(row.id)
             row.measured_error = None if value is None or math.isnan(value) else value
 

@@ -96,3 +96,21 @@ def test_a_state_of_the_wrong_shape_is_named():
     ev, em = key_state(k, v, query_heads=2, scale=0.3)
     with pytest.raises(ValueError, match=r"ext_moments must have shape \[1, 2, 1, 73\]"):
         poly_state_attention(q, k, v, ev, em[..., :-1], scale=0.3)
+
+
+@pytest.mark.parametrize("keep_mib", [256.0, 0.0], ids=["kept-states", "recomputed-states"])
+def test_long_shards_over_several_chunks_and_blocks(keep_mib, monkeypatch):
+    """Shards of several chunks (128 tokens) and blocks of several chunks: the initial state enters every chunk's
+    prefix, forward and backward, whether the backward reads the forward's kept states or recomputes them."""
+    from almostlinear.kernels import cpu
+
+    monkeypatch.setattr(cpu, "KEEP_STATES_MIB", keep_mib)
+    q, k, v, key_weight, slopes = make_inputs(2, 4, 2, 600, D=4, Dv=3, dtype=torch.float64, kw=True, alibi=True)
+    slopes = slopes.abs() * 0.05
+    g = torch.randn(2, 4, 600, 3, dtype=torch.float64)
+    args = dict(causal=True, key_weight=key_weight, alibi_slopes=slopes)
+    got = sharded_attention(q, k, v, [260, 340], **args)
+    want = naive_poly_attention(q, k, v, scale=SCALE, **args)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), (got, *torch.autograd.grad(got, (q, k, v), g)),
+                          (want, *torch.autograd.grad(want, (q, k, v), g))):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=lambda m: f"{name}: {m}")

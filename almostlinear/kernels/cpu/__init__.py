@@ -98,11 +98,12 @@ def _kept_views(flat, cx):
 
 @_no_autocast
 def forward(q, k, v, key_weight=None, alibi_slopes=None, *, scale, coeffs, causal=False, window=0,
-            chunk=None, keep_states=False):
+            chunk=None, keep_states=False, init=None):
     """Returns out [B, Hq, L, Dv], den [B, Hq, L] (den = sum_j W_ij) and the state :func:`backward` reuses
     (None where there is none): the global value state S [B, Hk, r, Gs*Dv] in the non-causal, unwindowed case
     (saves rebuilding it, one of the backward's [n, r] x [r, Dv] products); causal, with ``keep_states`` and
-    within KEEP_STATES_MIB, the key States before each chunk, flat (see :func:`state_shape`)."""
+    within KEEP_STATES_MIB, the key States before each chunk, flat (see :func:`state_shape`).  ``init`` (causal
+    only): States of keys before position 0 that every query also attends to (causal.py)."""
     cx = CallContext(q, k, v, key_weight, alibi_slopes, scale, coeffs, causal, window, chunk or CHUNK)
     out = q.new_empty(cx.B, cx.Hk, cx.G, cx.L, cx.Dv)
     den = q.new_empty(cx.B, cx.Hk, cx.G, cx.L)
@@ -114,7 +115,7 @@ def forward(q, k, v, key_weight=None, alibi_slopes=None, *, scale, coeffs, causa
                             L=cx.L, keep_states=keep_states, itemsize=q.element_size(), chunk=cx.chunk)
         if shape != (0,):
             state = q.new_empty(shape)
-        causal_forward(cx, out, den, None if state is None else _kept_views(state, cx))
+        causal_forward(cx, out, den, None if state is None else _kept_views(state, cx), init)
     else:
         state = global_forward(cx, out, den)
     return out.view(cx.B, cx.Hq, cx.L, cx.Dv), den.view(cx.B, cx.Hq, cx.L), state
@@ -122,10 +123,10 @@ def forward(q, k, v, key_weight=None, alibi_slopes=None, *, scale, coeffs, causa
 
 @_no_autocast
 def backward(grad, q, k, v, out, key_weight=None, alibi_slopes=None, *, scale, coeffs, causal=False,
-             window=0, chunk=None, state=None):
+             window=0, chunk=None, state=None, init=None):
     """Analytic backward. grad, out: [B, Hq, L, Dv] (same dtype as q); state: what :func:`forward` returned (the
     non-causal global state, or the causal kept states with the same chunk; rebuilt when None). Returns dq, dk,
-    dv."""
+    dv; with ``init`` (causal, the forward's initial States) dq, dk, dv and the initial States' cotangent."""
     cx = CallContext(q, k, v, key_weight, alibi_slopes, scale, coeffs, causal, window, chunk or CHUNK)
     cx.start_backward(grad, out)
     dq = torch.zeros_like(cx.q5)
@@ -134,7 +135,9 @@ def backward(grad, q, k, v, out, key_weight=None, alibi_slopes=None, *, scale, c
     if window > 0:
         banded_backward(cx, dq, dk, dv)
     elif causal:
-        causal_backward(cx, dq, dk, dv, None if state is None else _kept_views(state, cx))
+        d_init = causal_backward(cx, dq, dk, dv, None if state is None else _kept_views(state, cx), init)
+        if init is not None:
+            return dq.view_as(q), dk, dv, d_init
     else:
         global_backward(cx, dq, dk, dv, state)
     return dq.view_as(q), dk, dv

@@ -8,6 +8,12 @@ per chunk (a = max(m, 0); key factor exp(a (j - c1) + (m - a) j) with c1 the end
 exp(-a (i - i0))).  The backward recomputes the prefix states in forward order (dq, Gd, the diagonal chunks), or
 reads the ones the forward kept (``keep``: per-chunk States [NC, B, Hk, ...], see cpu.KEEP_STATES_MIB), and
 then the suffix sums of the query dstates in reverse order (dk, dv).
+
+An initial state (``init``: States [B, Hk, ...] of keys before position 0, key factor exp(m j) for j < 0, e.g. the
+earlier ranks' keys under context parallelism, kernels/context_parallel.py) starts the running key States, so
+every chunk reads it with its prefix at no extra pass; its cotangent is the suffix sum of the query dstates
+carried past chunk 0 (values: the true cotangent; moments: the queries' moments, not yet times the read's
+coefficients).
 """
 from __future__ import annotations
 
@@ -88,8 +94,10 @@ class _KeyStates:
     of a block, :meth:`advance` moves past the block.  With ``keep`` (per-chunk States [NC, B, Hk, ...]) the
     States before every chunk are written there for the backward."""
 
-    def __init__(self, cx, keep=None):
-        self.cx, self.run, self.keep = cx, None, keep  # run: States [B, Hk, ...], the keys before the current block
+    def __init__(self, cx, keep=None, init=None):
+        # run: States [B, Hk, ...], the keys before the current block (a copy of init: it is updated in place)
+        self.cx, self.keep = cx, keep
+        self.run = None if init is None else States(*(t.clone() for t in init))
 
     def before(self, blk):
         """States [g, B, Hk, ...], or None where all are zero."""
@@ -121,11 +129,13 @@ class _KeyStates:
 class _KeptKeyStates:
     """The key States before each chunk as the forward kept them (:class:`_KeyStates` with ``keep``)."""
 
-    def __init__(self, cx, kept):
-        self.cx, self.kept = cx, kept
+    def __init__(self, cx, kept, init=None):
+        self.cx, self.kept, self.init = cx, kept, init
 
     def before(self, blk):
-        return None if blk.i0 == 0 and blk.g == 1 else _chunks_of(self.kept, blk, self.cx.chunk)
+        if blk.i0 == 0 and blk.g == 1:
+            return _as_block(self.init)
+        return _chunks_of(self.kept, blk, self.cx.chunk)
 
     def advance(self):
         pass
@@ -171,10 +181,11 @@ def _with_query_factor(cx, t, C):
     return t if qf is None else t * qf
 
 
-def causal_forward(cx, out, den, keep=None):
+def causal_forward(cx, out, den, keep=None, init=None):
     """Fills out [B, Hk, G, L, Dv] and den [B, Hk, G, L]; with ``keep`` (States [NC, B, Hk, ...], NC the number
-    of chunks) also the key States before each chunk, which the backward then reuses."""
-    keys = _KeyStates(cx, keep)
+    of chunks) also the key States before each chunk, which the backward then reuses; ``init``: the initial
+    States (module docstring)."""
+    keys = _KeyStates(cx, keep, init)
     for blk in cx.blocks(cx.L, chunked=True):
         qc, _, va, _, _, W = _diagonal(cx, blk)
         num = block_numerator(W, va)
@@ -189,12 +200,14 @@ def causal_forward(cx, out, den, keep=None):
             keys.advance()
 
 
-def causal_backward(cx, dq, dk, dv, kept=None):
+def causal_backward(cx, dq, dk, dv, kept=None, init=None):
     """Fills dq [B, Hk, G, L, D], adds to dk and dv; ``kept``: the forward's per-chunk key States (None:
-    recomputed)."""
+    recomputed); ``init``: the forward's initial States, whose cotangent (States, see the module docstring) is
+    returned (None without one)."""
     gds = cx.q5.new_empty(cx.B, cx.Hk, cx.G, cx.L, cx.Dv + 1)
-    _backward_forward_order(cx, dq, dk, dv, gds, _KeyStates(cx) if kept is None else _KeptKeyStates(cx, kept))
-    _backward_reverse_order(cx, dk, dv, gds)
+    keys = _KeyStates(cx, init=init) if kept is None else _KeptKeyStates(cx, kept, init)
+    _backward_forward_order(cx, dq, dk, dv, gds, keys)
+    return _backward_reverse_order(cx, dk, dv, gds, init is not None)
 
 
 def _backward_forward_order(cx, dq, dk, dv, gds, keys):
@@ -222,15 +235,16 @@ def _backward_forward_order(cx, dq, dk, dv, gds, keys):
             keys.advance()
 
 
-def _backward_reverse_order(cx, dk, dv, gds):
-    """Pass B, blocks in reverse order: the keys' gradients through the suffix sums of the query dstates."""
+def _backward_reverse_order(cx, dk, dv, gds, with_init=False):
+    """Pass B, blocks in reverse order: the keys' gradients through the suffix sums of the query dstates; with an
+    initial state, the dstates of all the queries (its cotangent) are returned."""
     queries = _QueryStates(cx)
     for blk in reversed(cx.blocks(cx.L, chunked=True)):
-        if blk.g == 1 and blk.i0 == 0 and queries.run is None:
+        if blk.g == 1 and blk.i0 == 0 and queries.run is None and not with_init:
             continue  # a single chunk: no later queries
         gd = cx.grouped(_with_query_factor(cx, cx.rows(gds, blk), blk.C))
         qT = phq = None
-        if blk.g > 1 or blk.i0 > 0:
+        if blk.g > 1 or blk.i0 > 0 or with_init:
             qT = cx.queries_t(cx.rows(cx.q5, blk))
             phq = cx.phi(qT, "q")
         dstates = queries.after(blk, qT, phq, gd)
@@ -239,5 +253,6 @@ def _backward_reverse_order(cx, dk, dv, gds):
             dX, dkT = key_grads(cx, kT, phk, X, f, dstates)
             cx.rows(dk, blk, 2).add_(dkT.transpose(-1, -2))
             cx.rows(dv, blk, 2).add_(value_grads(cx, dX, f))
-        if blk.i0 > 0:
+        if blk.i0 > 0 or with_init:
             queries.advance()
+    return queries.run if with_init else None
