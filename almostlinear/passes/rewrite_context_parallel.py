@@ -86,10 +86,7 @@ def _bytes(shape: Sequence, dtype) -> int:
     return math.prod(int(x) for x in shape) * torch.empty(0, dtype=dtype).element_size()
 
 
-def rewrite_context_parallel_polynomial(gm: fx.GraphModule, site: AttentionSite, fake_mode,
-                                        coefficients: Sequence[float], group: ContextGroup) -> tuple[fx.Node, int]:
-    """Replace the site with the states' exchange and poly_state_attention. Returns (the op node, the bytes this rank
-    contributes to the all-gather per call)."""
+def _polynomial_why(site: AttentionSite, coefficients: Sequence[float]) -> str | None:
     why = shardable_or_why(site)
     if why is None and len(coefficients) != 3:
         why = f"degree {len(coefficients) - 1}: the states' exchange is built for degree 2"
@@ -99,17 +96,38 @@ def rewrite_context_parallel_polynomial(gm: fx.GraphModule, site: AttentionSite,
         why = "ALiBi without a causal mask: the rescaled states of later ranks could overflow"
     if why is None and site.mask.alibi_slopes is not None and min(site.mask.alibi_slopes) < 0:
         why = "negative ALiBi slopes: the rescaled states of earlier ranks could overflow"
+    return why
+
+
+def _exact_lengths(site: AttentionSite, group: ContextGroup) -> list[int]:
+    """Every rank's shard length (a compile-time collective), or RewriteError where exact attention cannot gather."""
+    why = shardable_or_why(site)
+    length = concrete_int(shape_of(site.op_kv[0])[-2])
+    if why is None and length is None:
+        why = "a dynamic shard length: the gathered keys' layout is fixed at compile time (compile with dynamic=False)"
+    if why is None and site.mask.empty_rows_possible and site.mask.empty_row_rule not in ("neginf", "uniform", "argmax"):
+        why = f"rows with no key follow the rule {site.mask.empty_row_rule!r}, not reproduced across ranks"
     if why is not None:
         raise RewriteError(why)
-    build = NodeBuilder(gm, site.output, fake_mode, source=site.anchor)
-    q, scale, k, v, alibi, key_weight = _site_inputs(site, build)
-    heads = concrete_int(shape_of(site.q)[1])
-    coeffs = [float(c) for c in coefficients]
+    return group.lengths(length)
+
+
+class _Part:
+    """The site's q, k, v, ALiBi slopes for some heads (all of them, or a per-head decision's share)."""
+
+    def __init__(self, q, k, v, alibi, groups: int):
+        self.q, self.k, self.v, self.alibi, self.groups = q, k, v, alibi, groups
+
+
+def _polynomial_part(site, build, part: _Part, key_weight, scale, coeffs, group) -> tuple[fx.Node, fx.Node, int]:
+    """(out, the op node, bytes sent) of the states' exchange and poly_state_attention on `part`."""
+    q, k, v, alibi = part.q, part.k, part.v, part.alibi
+    heads = concrete_int(shape_of(q)[1])
     state = build.call(torch.ops.almostlinear.poly_key_state.default, k, v, key_weight, alibi, heads, scale, coeffs)
     values, moments = build.getitem(state, 0), build.getitem(state, 1)
     causal = bool(site.mask.causal)
-    length = build.method("size", k, -2)
-    ext = build.call(exchange_states, values, moments, length, group.rank, group.world, group.name, causal, alibi)
+    ext = build.call(exchange_states, values, moments, build.method("size", k, -2), group.rank, group.world,
+                     group.name, causal, alibi)
     keep = bool(getattr(example_value(site.output), "requires_grad", False))
     op_node = build.call(torch.ops.almostlinear.poly_state_attention.default, q, k, v, key_weight, alibi, scale,
                          coeffs, causal, build.getitem(ext, 0), build.getitem(ext, 1), keep_states=keep)
@@ -117,16 +135,71 @@ def rewrite_context_parallel_polynomial(gm: fx.GraphModule, site: AttentionSite,
     if site.mask.empty_rows_possible and key_weight is not None:
         den = build.getitem(op_node, 2)  # [B, Hq, L]: 0 exactly where a row sees no key
         empty = build.method("unsqueeze", build.call(operator.eq, den, 0), -1)
-        out = _empty_rows(site, out, empty, v, group, build)
+        out = _empty_rows(site, out, empty, v, part.groups, group, build)
+    return out, op_node, sum(_bytes(shape_of(n), tensor_meta(n).dtype) for n in (values, moments))
+
+
+def _exact_part(site, build, part: _Part, key_weight, scale, group, lengths) -> tuple[fx.Node, int]:
+    """(out, bytes sent) of exact attention over the gathered keys and values of `part`."""
+    k, v = part.k, part.v
+    result = build.call(exact_sharded_attention, part.q, k, v, key_weight, part.alibi, scale, bool(site.mask.causal),
+                        int(site.mask.window), lengths, group.rank, group.name, sdpa_dropout_p(site))
+    out = build.getitem(result, 0)
+    if site.mask.empty_rows_possible:
+        out = _empty_rows(site, out, build.getitem(result, 1), v, part.groups, group, build)
+    per_key = sum(int(shape_of(x)[1]) * int(shape_of(x)[-1]) * tensor_meta(x).dtype.itemsize for x in (k, v))
+    batch = int(shape_of(k)[0])
+    return out, batch * per_key * max(lengths) + (batch * max(lengths) * 4 if key_weight is not None else 0)
+
+
+def _select(build, x, dim: int, index: list[int]):
+    if x is None:
+        return None
+    device = tensor_meta(x).device
+    return build.method("index_select", x, dim, build.call(torch.tensor, index, dtype=torch.int64, device=device))
+
+
+def rewrite_context_parallel_polynomial(gm: fx.GraphModule, site: AttentionSite, fake_mode,
+                                        coefficients: Sequence[float], group: ContextGroup,
+                                        heads: Sequence[int] | None = None) -> tuple[fx.Node, int]:
+    """Replace the site with the states' exchange and poly_state_attention; `heads`: the key/value heads that run it
+    (None: all), exact attention over the gathered keys and values on the others. Returns (the op node, the bytes
+    this rank contributes to the all-gathers per call)."""
+    why = _polynomial_why(site, coefficients)
+    if why is not None:
+        raise RewriteError(why)
+    Hq, Hk = concrete_int(shape_of(site.q)[1]), concrete_int(shape_of(site.op_kv[0])[1])
+    G = Hq // Hk
+    heads = None if heads is None or len(set(heads)) == Hk else sorted(set(heads))
+    lengths = _exact_lengths(site, group) if heads is not None else None
+    build = NodeBuilder(gm, site.output, fake_mode, source=site.anchor)
+    q, scale, k, v, alibi, key_weight = _site_inputs(site, build)
+    coeffs = [float(c) for c in coefficients]
+    if heads is None:
+        out, op_node, sent = _polynomial_part(site, build, _Part(q, k, v, alibi, G), key_weight, scale, coeffs, group)
+    else:  # one site, two parts: the approximated key/value heads (with their query heads) and the others
+        exact = [h for h in range(Hk) if h not in heads]
+        parts = []
+        for kv in (heads, exact):
+            qh = [h * G + g for h in kv for g in range(G)]
+            parts.append(_Part(_select(build, q, 1, qh), _select(build, k, 1, kv), _select(build, v, 1, kv),
+                               _select(build, alibi, 0, qh), G))
+        out_p, op_node, sent = _polynomial_part(site, build, parts[0], key_weight, scale, coeffs, group)
+        out_e, sent_e = _exact_part(site, build, parts[1], key_weight, scale, group, lengths)
+        sent += sent_e
+        order = [h * G + g for h in heads + exact for g in range(G)]
+        inverse = [order.index(h) for h in range(Hq)]
+        out = _select(build, build.call(torch.cat, [out_p, out_e], 1), 1, inverse)
     replace_output(gm, site, out, build)
-    return op_node, sum(_bytes(shape_of(n), tensor_meta(n).dtype) for n in (values, moments))
+    return op_node, sent
 
 
-def _empty_rows(site: AttentionSite, out: fx.Node, empty: fx.Node, v: fx.Node, group: ContextGroup,
+def _empty_rows(site: AttentionSite, out: fx.Node, empty: fx.Node, v: fx.Node, groups: int, group: ContextGroup,
                 build: NodeBuilder) -> fx.Node:
     """The matched code's value on rows that see no key in the whole sequence (passes/mask_ops EMPTY_ROW_RULES):
     "neginf" (eager softmax: NaN; SDPA: 0), "uniform" (the mean of every value of the sequence), "argmax" (the
-    mean of the values at the keys of the sequence's largest additive key bias)."""
+    mean of the values at the keys of the sequence's largest additive key bias). `groups`: query heads per key/value
+    head."""
     rule, neginf = site.mask.empty_row_rule, float(site.mask.neginf_row)
     if rule == "neginf":
         return build.call(torch.where, empty, neginf, out)
@@ -138,7 +211,6 @@ def _empty_rows(site: AttentionSite, out: fx.Node, empty: fx.Node, v: fx.Node, g
         fallback = build.call(global_argmax_mean, v, build.method("flatten", bias, 0, -2), group.name, neginf)
     else:
         raise RewriteError(f"rows with no key follow the rule {rule!r}, not reproduced across ranks")
-    groups = concrete_int(shape_of(site.q)[1]) // concrete_int(shape_of(v)[1])
     if groups > 1:
         fallback = build.method("repeat_interleave", fallback, groups, 1)
     return build.call(torch.where, empty, build.method("to", fallback, tensor_meta(out).dtype), out)
@@ -147,24 +219,10 @@ def _empty_rows(site: AttentionSite, out: fx.Node, empty: fx.Node, v: fx.Node, g
 def rewrite_context_parallel_exact(gm: fx.GraphModule, site: AttentionSite, fake_mode, group: ContextGroup) -> int:
     """Replace the site with exact attention over the group's gathered keys and values. Returns the bytes this rank
     contributes to the all-gathers per call."""
-    why = shardable_or_why(site)
-    length = concrete_int(shape_of(site.op_kv[0])[-2])
-    if why is None and length is None:
-        why = "a dynamic shard length: the gathered keys' layout is fixed at compile time (compile with dynamic=False)"
-    if why is None and site.mask.empty_rows_possible and site.mask.empty_row_rule not in ("neginf", "uniform", "argmax"):
-        why = f"rows with no key follow the rule {site.mask.empty_row_rule!r}, not reproduced across ranks"
-    if why is not None:
-        raise RewriteError(why)
-    lengths = group.lengths(length)
+    lengths = _exact_lengths(site, group)
     build = NodeBuilder(gm, site.output, fake_mode, source=site.anchor)
     q, scale, k, v, alibi, key_weight = _site_inputs(site, build)
-    dropout = sdpa_dropout_p(site)
-    result = build.call(exact_sharded_attention, q, k, v, key_weight, alibi, scale, bool(site.mask.causal),
-                        int(site.mask.window), lengths, group.rank, group.name, dropout)
-    out = build.getitem(result, 0)
-    if site.mask.empty_rows_possible:
-        out = _empty_rows(site, out, build.getitem(result, 1), v, group, build)
+    groups = concrete_int(shape_of(site.q)[1]) // concrete_int(shape_of(k)[1])
+    out, sent = _exact_part(site, build, _Part(q, k, v, alibi, groups), key_weight, scale, group, lengths)
     replace_output(gm, site, out, build)
-    per_key = sum(int(shape_of(x)[1]) * int(shape_of(x)[-1]) * tensor_meta(x).dtype.itemsize for x in (k, v))
-    batch = int(shape_of(k)[0])
-    return batch * per_key * max(lengths) + (batch * max(lengths) * 4 if key_weight is not None else 0)
+    return sent

@@ -58,11 +58,13 @@ def rewrite_site_context_parallel(gm: fx.GraphModule, site, row: Site, fake_mode
     if decision.method is Method.POLYNOMIAL:
         coefficients = decision.coefficients or taylor_coefficients(decision.degree or 2)
         try:
-            applied.op_nodes[site.id], row.sent_bytes = rewrite_context_parallel_polynomial(gm, site, fake_mode,
-                                                                                           coefficients, group)
+            applied.op_nodes[site.id], row.sent_bytes = rewrite_context_parallel_polynomial(
+                gm, site, fake_mode, coefficients, group, decision.heads)
             polynomial_row(row, site, decision)
             row.context_parallel = "polynomial: the key states all-gathered, " + (
                 "the earlier ranks' summed (causal)" if site.mask.causal else "all ranks' summed")
+            if decision.heads is not None:
+                row.context_parallel += "; the other heads exact over the all-gathered keys and values"
             return
         except RewriteError as exc:
             decision = Decision(Method.EXACT, f"fused exact: the context-parallel polynomial rewrite failed ({exc})")

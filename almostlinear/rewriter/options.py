@@ -47,7 +47,7 @@ class Options:
     context_parallel  None (off), True (the default process group) or a torch.distributed ProcessGroup: the model
                   runs on a sequence split across the group's ranks, each holding a contiguous shard of every
                   sequence (almostlinear.context_parallel); polynomial sites exchange fixed-size states, exact ones
-                  all-gather keys and values. method "polynomial" or "exact" (README "Context parallelism")
+                  all-gather keys and values; under `auto` no run-time guard (README "Context parallelism")
 
     Validated on construction (however constructed). Numbers are stored as Python numbers (a numpy
     integer or float is accepted where its value is valid) and `sites` as a read-only copy, so that
@@ -158,10 +158,6 @@ def _check_context_parallel(options: Options) -> None:
         _check(dist.is_available() and isinstance(cp, dist.ProcessGroup),
                f"context_parallel must be None, True (the default process group) or a torch.distributed "
                f"ProcessGroup, got {cp!r}")
-    method = str(getattr(options.method, "value", options.method))
-    _check(method in ("polynomial", "exact"),
-           f"context_parallel supports method 'polynomial' or 'exact', got method={method!r} ('auto' decides per "
-           f"head and per call from local measurements, which ranks splitting one sequence cannot do apart)")
     for name, off in (("recheck_every", 0), ("exact_window", 0)):
         _check(getattr(options, name) == off,
                f"context_parallel does not support {name}={getattr(options, name)!r} (valid with it: {off})")

@@ -169,6 +169,7 @@ def _calibrate_all(search: _Search, reference: Measurement, measuring: Measureme
     for sid, agreed in zip(ids, agree([search.calibrations[sid].sampled_error for sid in ids])):
         cal = search.calibrations[sid]
         cal.sampled_error = agreed  # the worst rank's number: every rank decides the same
+        cal.group_errors = agree(cal.group_errors)  # (and so are the heads it approximates)
         fits = [g for g, e in enumerate(cal.group_errors) if e <= options.budget]
         if options.method is Choice.AUTO and not fits:
             search.exact(sid, f"fused exact: error on sampled queries {cal.sampled_error:.3g} > budget "
@@ -184,7 +185,9 @@ def _calibrate_all(search: _Search, reference: Measurement, measuring: Measureme
         if cal.fit_groups is not None:
             reason += f"; {cal.fit} coefficients chosen on key/value heads {list(cal.fit_groups)}"
         guard = None
-        if options.method is Choice.AUTO and options.guard:  # batches sharper than this one run exact (guard.py)
+        # batches sharper than this one run exact (guard.py); not under context parallelism, where a head's mode must
+        # be the same on every rank of a sequence and the guard decides from this rank's shard
+        if options.method is Choice.AUTO and options.guard and not options.context_parallel:
             guard = limits(agree(bounds[sid]), cal.group_errors, options.budget)
             reason += f"; {describe_guard(guard)}"
         search.decisions[sid] = Decision(Method.POLYNOMIAL, reason, d.degree or 2,
@@ -233,8 +236,13 @@ def _back_off(search: _Search, inputs: list, rng: torch.Tensor, reference: Measu
         with length_gates_open(current.graph_module):
             measured = run_with_grads(current.graph_module, inputs, rng, rows=search.rows)
         ids = sorted(current.op_nodes)
+        # context parallelism measures no local error (its exact reference needs every rank's keys): the sites are
+        # ordered by their calibration's sampled error instead
+        unmeasured = search.calibrations if options.context_parallel else {}
         agreed = agree([gradient_error(measured.grads, reference.grads)]
-                       + [measured.local_errors.get(current.op_nodes[sid], math.inf) for sid in ids])
+                       + [measured.local_errors.get(current.op_nodes[sid],
+                                                    getattr(unmeasured.get(sid), "sampled_error", math.inf))
+                          for sid in ids])
         error, local = agreed[0], dict(zip(ids, agreed[1:]))
         if search.unmeasurable:
             error = math.nan  # the exact gradients are not finite: no error to measure against them

@@ -1,9 +1,10 @@
 """Context parallelism on gloo (CPU), 1, 2 and 3 ranks: a sequence split over the ranks gives every shard the output
 of a single-process run over the whole sequence, and the parameter gradients summed over the ranks equal its
 gradients, to fp32 round-off (polynomial sites: Taylor coefficients on both sides; exact sites: SDPA).  Models:
-the example GPT (causal), a BLOOM/MPT-style ALiBi + GQA + padding layer, nn.TransformerEncoderLayer (non-causal,
-key padding), HF Llama from a config (sdpa, GQA, RoPE from position ids, right padding); Inductor with
-fullgraph=True; unequal shards, a group of one (an empty shard is refused where shards are cut)."""
+the example GPT (causal), a BLOOM/MPT-style ALiBi + GQA layer, nn.TransformerEncoderLayer (non-causal, key
+padding), HF Llama from a config (sdpa, GQA, RoPE from position ids, right padding); `auto` (the same decisions
+on every rank; a site split by heads against the single-process per-head op); Inductor with fullgraph=True;
+unequal shards; a group of one (an empty shard is refused where shards are cut)."""
 import pytest
 import torch
 
@@ -19,6 +20,8 @@ TWO = {
     "encoder": ("encoder", [24, 24], False),
     "llama": ("llama", [24, 24], False),
     "gpt_inductor": ("gpt_inductor", [24, 24], True),
+    "gpt_auto": ("gpt_auto", [24, 24], False),
+    "gpt_heads": ("gpt_heads", [20, 28], False),
 }
 THREE = {
     "gpt": ("gpt", [10, 20, 18], False),
@@ -82,6 +85,16 @@ def test_the_graph_exchanges_states_and_the_report_says_so(two):
     assert "split over 2 rank(s)" in result["report"] and "key states all-gathered" in result["report"]
     exact = two[1]["gpt_exact"]
     assert "exact_sharded_attention" in exact["graph"] and "keys and values all-gathered" in exact["report"]
+
+
+def test_auto_decides_the_same_on_every_rank_and_splits_a_site_by_heads(two):
+    """`auto` on the sharded run: every rank takes the same decisions (assert_same_decisions ran in each scenario);
+    at this initialisation every head fits the budget; a per-head decision runs its approximated heads through the
+    states and the others exact over the gathered keys (equal to the single-process per-head op: gpt_heads above)."""
+    assert all("polynomial" in str(d) for d in two[0]["gpt_auto"]["decisions"])
+    heads = two[0]["gpt_heads"]
+    assert [d[5] for d in heads["decisions"]] == [(0,), (0,)]
+    assert "the other heads exact over the all-gathered keys and values" in heads["report"]
 
 
 def test_a_group_of_one_is_the_plain_run():
