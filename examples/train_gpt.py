@@ -316,8 +316,11 @@ def _context_parallel_rank(rank: int, world: int, port: int, args, config: GPTCo
             local, total = loss_of(x, y)
             optimizer.zero_grad(set_to_none=True)
             local.backward()
-            for p in model.parameters():
-                dist.all_reduce(p.grad)
+            grads = [p.grad for p in model.parameters()]
+            flat = torch.cat([g.reshape(-1) for g in grads])  # one all-reduce for every gradient
+            dist.all_reduce(flat)
+            for g, summed in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+                g.copy_(summed)
             optimizer.step()
             losses.append(total)
         seconds = time.perf_counter() - started
