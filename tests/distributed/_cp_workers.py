@@ -4,6 +4,7 @@ forward and backward on this rank's shard and returns its outputs and its parame
 ranks by the test), or an error string."""
 from __future__ import annotations
 
+import contextlib
 import traceback
 
 import torch
@@ -82,10 +83,12 @@ MODELS = {"gpt": gpt, "gpt_inductor": gpt, "gpt_exact": gpt, "alibi": AlibiGQA, 
 OPTIONS = {"gpt_inductor": dict(TAYLOR, inner="inductor"), "gpt_exact": EXACT, "gpt_auto": AUTO, "gpt_heads": AUTO}
 
 
-def first_head_only():
-    """Make `auto` approximate key/value head 0 of every site and keep the others exact (a per-head decision, as the
-    search takes when only some heads fit), so that the context-parallel split of a site into an approximated and an
-    exact part can be compared with the single-process per-head op."""
+@contextlib.contextmanager
+def first_head_only(active: bool = True):
+    """While active, `auto` approximates key/value head 0 of every site and keeps the others exact (a per-head
+    decision, as the search takes when only some heads fit), so that the context-parallel split of a site into an
+    approximated and an exact part can be compared with the single-process per-head op.  Restored on exit (the
+    reference runs in the pytest process)."""
     import dataclasses
 
     from almostlinear.kinds import Method
@@ -99,7 +102,14 @@ def first_head_only():
             if d.method is Method.POLYNOMIAL:
                 s.decisions[sid] = dataclasses.replace(d, heads=(0,), guard=None)
 
+    if not active:
+        yield
+        return
     search._calibrate_all = patched
+    try:
+        yield
+    finally:
+        search._calibrate_all = calibrate_all
 
 
 def _call(model, name, args, positions):
@@ -127,13 +137,13 @@ def reference(name, options=None):
     import almostlinear
 
     torch._dynamo.reset()
-    if name == "gpt_heads":
-        first_head_only()
     model = MODELS[name]()
     args = inputs(name)
     backend = almostlinear.Backend(**dict(OPTIONS.get(name, TAYLOR), **(options or {})))
-    out = _call(torch.compile(model, backend=backend, dynamic=False), name, args, torch.arange(T))
+    with first_head_only(name == "gpt_heads"):
+        out = _call(torch.compile(model, backend=backend, dynamic=False), name, args, torch.arange(T))
     (out * _cotangent(out.shape)).sum().backward()
+    torch._dynamo.reset()
     return out.detach(), _grads(model)
 
 
@@ -145,14 +155,13 @@ def scenario(rank, world, name, lengths, fullgraph=False):
     import almostlinear
 
     torch._dynamo.reset()
-    if name == "gpt_heads":
-        first_head_only()
     model = MODELS[name]()
     args, positions = _shard(inputs(name), lengths, rank)
     compiled = almostlinear.context_parallel(model, **dict(OPTIONS.get(name, TAYLOR)))
     if fullgraph:
         compiled = torch.compile(model, backend=compiled.almostlinear_backend, dynamic=False, fullgraph=True)
-    out = _call(compiled, name, args, positions)
+    with first_head_only(name == "gpt_heads"):
+        out = _call(compiled, name, args, positions)
     start = sum(lengths[:rank])
     cot = _cotangent((*out.shape[:1], T, *out.shape[2:])).narrow(1, start, lengths[rank])
     (out * cot).sum().backward()
