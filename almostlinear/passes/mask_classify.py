@@ -61,6 +61,8 @@ def classify_static(allowed: torch.Tensor | None, bias: torch.Tensor | None, sco
     if rc is None:
         return MaskSpec(kind=MaskKind.DENSE, reason="scores have no static shape")
     L, S = rc
+    if L == 0 or S == 0:  # an empty sequence (a call with no tokens): nothing to see, nothing to compute
+        return MaskSpec(kind=MaskKind.DENSE, reason=f"the scores are empty ([L, S] = [{L}, {S}]): no structure to prove")
     ones = torch.ones(L, S, dtype=torch.bool)
     allowed = ones if allowed is None else torch.broadcast_to(allowed, allowed.shape[:-2] + (L, S)) & ones
     bias_full = None if bias is None else torch.broadcast_to(bias, bias.shape[:-2] + (L, S)).float()

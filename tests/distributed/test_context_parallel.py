@@ -4,7 +4,7 @@ gradients, to fp32 round-off (polynomial sites: Taylor coefficients on both side
 the example GPT (causal), a BLOOM/MPT-style ALiBi + GQA layer, nn.TransformerEncoderLayer (non-causal, key
 padding), HF Llama from a config (sdpa, GQA, RoPE from position ids, right padding); `auto` (the same decisions
 on every rank; a site split by heads against the single-process per-head op); Inductor with fullgraph=True;
-unequal shards; a group of one (an empty shard is refused where shards are cut)."""
+unequal shards; a group of one; an empty shard (the same clear error on every rank)."""
 import pytest
 import torch
 
@@ -27,6 +27,7 @@ THREE = {
     "gpt": ("gpt", [10, 20, 18], False),
     "alibi": ("alibi", [10, 20, 18], False),
     "gpt_exact": ("gpt_exact", [16, 16, 16], False),
+    "gpt_empty_shard": ("gpt", [20, 0, 28], False),
 }
 
 
@@ -66,9 +67,16 @@ def test_two_ranks_equal_one_process(two, key):
     assert_equals_one_process(two, key, TWO[key][0])
 
 
-@pytest.mark.parametrize("key", list(THREE))
+@pytest.mark.parametrize("key", [k for k in THREE if k != "gpt_empty_shard"])
 def test_three_ranks_with_unequal_shards_equal_one_process(three, key):
     assert_equals_one_process(three, key, THREE[key][0])
+
+
+def test_an_empty_shard_is_the_same_clear_error_on_every_rank(three):
+    for result in three:
+        assert isinstance(result["gpt_empty_shard"], str)
+        assert "rank(s) [1] hold an empty shard or no attention site (shard lengths [20, 0, 28])" in \
+            result["gpt_empty_shard"]
 
 
 def test_shard_lengths_never_leave_a_rank_empty():

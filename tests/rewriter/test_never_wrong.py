@@ -327,3 +327,18 @@ def test_attention_applied_to_an_attention_output_is_rewritten_in_order(method):
     out = torch.compile(TwoSites(), backend=backend)(q, k, v)
     assert [s.method for s in backend.reports[-1].sites] == [method] * 2, str(backend.reports[-1])
     torch.testing.assert_close(out, TwoSites()(q, k, v), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["auto", "polynomial", "exact"])
+def test_a_call_with_an_empty_sequence_compiles_and_equals_eager(method):
+    """A batch with no tokens: its masks are empty (nothing to classify; it crashed the classifier once), the site
+    runs exact and the output is eager's empty one."""
+    from almostlinear.zoo import GPT, GPTConfig
+
+    torch._dynamo.reset()
+    model = GPT(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=16))
+    ids = torch.zeros(2, 0, dtype=torch.long)
+    backend = almostlinear.Backend(method=method, min_seq_len=0, inner="eager")
+    out = torch.compile(model, backend=backend, dynamic=False)(ids)
+    assert torch.equal(out, model(ids))
+    assert "the scores are empty" in backend.reports[-1].sites[0].reason
