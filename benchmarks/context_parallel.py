@@ -214,10 +214,9 @@ def measure(args, lengths, memory_lengths):
             for config in (CONFIGS if rnd % 2 == 0 else list(CONFIGS)[::-1]):
                 ranks = run(config, n, args.steps)
                 results[(config, n)] = ranks
-                # a step ends when the slowest rank's does
-                timing.setdefault((config, n), []).extend(max(r["times"][i] for r in ranks)
-                                                          for i in range(args.steps))
-                print(f"round {rnd} {config} n={n}: this round min {min(max(r['times'][i] for r in ranks) for i in range(args.steps)):.3f} s, "
+                steps = [max(r["times"][i] for r in ranks) for i in range(args.steps)]  # the slowest rank's step
+                timing.setdefault((config, n), []).extend(steps)
+                print(f"round {rnd} {config} n={n}: this round min {min(steps):.3f} s, "
                       f"step memory {max(r['step_mib'] for r in ranks):.0f} MiB/rank", flush=True)
     memory: dict = {}
     for n in memory_lengths:
@@ -247,7 +246,7 @@ def summarize(args, lengths, memory_lengths, timing, memory, sent) -> None:
     doubled = [n for n in memory_lengths if 2 * n in memory_lengths]
     cap = args.cap_mib or memory[("1x2", doubled[-1] if doubled else memory_lengths[len(memory_lengths) // 2])]
     longest = {c: longest_within(memory, c, memory_lengths, cap) for c in ("1x2", "2x1")}
-    lines = [f"# Context parallelism: polynomial GPT, 1 vs 2 ranks (CPU, gloo)", "",
+    lines = ["# Context parallelism: polynomial GPT, 1 vs 2 ranks (CPU, gloo)", "",
              f"`python benchmarks/context_parallel.py {' '.join(sys.argv[1:])}`".replace("  ", " "), "",
              "## Step time (fwd+bwd, s; min (median) over rounds x steps; a step ends with the slowest rank)", "",
              "| total length | " + " | ".join(LABELS[c] for c in CONFIGS) + " | 2x1 vs 1x2 |",

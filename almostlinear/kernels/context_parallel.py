@@ -17,7 +17,8 @@ included).  That sum is the *external state* (E_values, E_moments) :func:`poly_s
     causal:      the causal op over the rank's own keys, its running key state started at E (kernels/cpu/causal.py:
                  E's key factor exp(m (j - s_r)) is the causal layout's for keys before local position 0), so every
                  chunk reads E with its own prefix: no extra pass over the queries
-    non-causal:  out_i = phi_q(q_i) E_values / den_E(q_i)   (the rank's own keys are in E)
+    non-causal:  out_i = phi_q(q_i) E_values / den_E(q_i)   (the rank's own keys are in E; the global regime's read,
+                 global_regime.read_state, with no query factor: it cancels in the ratio)
 
 with den_E(q) = c0 M0 + c1 s q.M1 + c2 s^2 q^T M2 q.  A row whose total weight is 0 gives 0.
 
@@ -34,14 +35,15 @@ Hq = G Hk), key_weight [B, L] | None, alibi_slopes [Hq] | None.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
 
 from . import cpu
-from .cpu.context import CallContext, safe_reciprocal
-from .cpu.states import States, apply, key_states, query_grads, query_states, read_denominator, value_grads
-from .exact_window import kernel_log_scale
+from .cpu.context import CallContext
+from .cpu.global_regime import read_backward, read_state
+from .cpu.states import States, key_states, value_grads
 from .features import fast_rank, validate_polynomial
 from .moments import moment_size
 from .op import compute_dtype, compute_inputs, drop_masked_keys, register_autocast, validate_arguments
@@ -61,13 +63,7 @@ def state_shapes(B: int, Hq: int, Hk: int, D: int, Dv: int, alibi: bool) -> tupl
 
 def state_bytes(B: int, Hq: int, Hk: int, D: int, Dv: int, alibi: bool, itemsize: int = 4) -> int:
     """Bytes of one rank's state (what it contributes to the all-gather), whatever its shard length."""
-    n = 0
-    for shape in state_shapes(B, Hq, Hk, D, Dv, alibi):
-        size = 1
-        for x in shape:
-            size *= int(x)
-        n += size
-    return n * itemsize
+    return sum(math.prod(int(x) for x in shape) for shape in state_shapes(B, Hq, Hk, D, Dv, alibi)) * itemsize
 
 
 # ---------------------------------------------------------------- the key state (one rank's summary)
@@ -106,7 +102,7 @@ def _key_state_op(k: torch.Tensor, v: torch.Tensor, key_weight: Optional[torch.T
             state = key_states(cx, kT, phk, X, f, into=state)
     if state is None:  # no keys: a zero state
         return k32.new_zeros(vshape), k32.new_zeros(mshape)
-    return state.values.clone(), state.moments.clone()
+    return state.values, state.moments  # fresh products (key_states without scratch), not views of a buffer
 
 
 @_key_state_op.register_fake
@@ -174,16 +170,6 @@ def key_state(k, v, *, query_heads: int, scale: float, coefficients=None, key_we
 
 # ---------------------------------------------------------------- reading an external state
 
-def _query_factor(cx, al, L, causal):
-    """e [Hk, G, L] | None: c_i exp(-m i), the external part's query factor in the local part's scale."""
-    if al is None:
-        return None
-    i = cx.positions(0, L)
-    log_c = kernel_log_scale(al, L, L, causal, 0, cx.dt) if causal else torch.zeros(al.shape[0], L, dtype=cx.dt,
-                                                                                   device=cx.dev)
-    return torch.exp(log_c - al.to(cx.dt).unsqueeze(-1) * i).view(cx.Hk, cx.G, L)
-
-
 def _moment_coefficients(cx):
     """c = [c0 | c1 s (D) | c2 s^2 (D^2)]: the derivative of the read with respect to each moment, per query moment."""
     D = cx.D
@@ -192,43 +178,21 @@ def _moment_coefficients(cx):
     return c
 
 
-def _read_forward(q, k, v, kw, al, scale, coeffs, E):
-    """Non-causal: out = phi_q(q) E_values / den_E(q) with the query factor exp(-m i); (out, den)."""
+def _read(q, k, v, kw, al, scale, coeffs, E):
+    """Non-causal: out = phi_q(q) E_values / den_E(q) (global_regime.read_state); (out, den)."""
     B, Hq, L, Dv = q.shape[0], q.shape[1], q.shape[2], v.shape[-1]
     cx = _context(q, k, v, kw, al, scale, coeffs)
-    e = _query_factor(cx, al, L, False)
-    out = q.new_empty(cx.B, cx.Hk, cx.G, L, Dv)
-    den = q.new_empty(cx.B, cx.Hk, cx.G, L)
-    for blk in cx.blocks(L, chunked=False):
-        i0, i1 = blk.i0, blk.i1
-        qT = cx.queries_t(cx.q5[:, :, :, i0:i1])
-        num = cx.ungrouped(apply(cx, cx.phi(qT, "q"), E.values), blk.C)
-        d = cx.ungrouped(read_denominator(cx, qT, E.moments)[0].unsqueeze(-1), blk.C).squeeze(-1)
-        if e is not None:
-            num, d = num * e[..., i0:i1, None], d * e[..., i0:i1]
-        cx.store_normalised(num, d, out[:, :, :, i0:i1], den[:, :, :, i0:i1])
+    out, den = q.new_empty(cx.B, cx.Hk, cx.G, L, Dv), q.new_empty(cx.B, cx.Hk, cx.G, L)
+    read_state(cx, E, out, den)
     return out.view(B, Hq, L, Dv), den.view(B, Hq, L)
 
 
-def _read_backward(grad, q, k, v, out, den, kw, al, scale, coeffs, E):
-    """dq and the external state's dstates (moments: the queries' moments) of :func:`_read_forward`."""
-    L = q.shape[2]
+def _read_backward(grad, q, k, v, out, kw, al, scale, coeffs, E):
+    """dq and the external state's dstates of :func:`_read` (global_regime.read_backward)."""
     cx = _context(q, k, v, kw, al, scale, coeffs)
     cx.start_backward(grad, out)
-    e = _query_factor(cx, al, L, False)
-    dq = torch.zeros_like(q)
-    dq5 = dq.view(cx.B, cx.Hk, cx.G, L, cx.D)
-    den5 = den.view(cx.B, cx.Hk, cx.G, L)
-    dE = None
-    for blk in cx.blocks(L, chunked=False):
-        i0, i1 = blk.i0, blk.i1
-        gd = cx.grad_augmented(cx.g5[:, :, :, i0:i1], cx.o5[:, :, :, i0:i1], den5[:, :, :, i0:i1])
-        gd = cx.grouped(gd if e is None else gd * e[..., i0:i1, None])
-        qT = cx.queries_t(cx.q5[:, :, :, i0:i1])
-        _, cache = read_denominator(cx, qT, E.moments)
-        dq5[:, :, :, i0:i1] = cx.ungrouped(query_grads(cx, qT, E, gd, cache).transpose(-1, -2), blk.C)
-        dE = query_states(cx, qT, cx.phi(qT, "q"), gd, into=dE)
-    return dq, dE
+    dq = torch.zeros_like(cx.q5)
+    return dq.view_as(q), read_backward(cx, dq, E)
 
 
 def _state_forward(q, k, v, kw, al, scale, coeffs, causal, E, keep_states):
@@ -241,7 +205,7 @@ def _state_forward(q, k, v, kw, al, scale, coeffs, causal, E, keep_states):
         out, den, kept = cpu.forward(q, k, v, kw, al, scale=scale, coeffs=coeffs, causal=True,
                                      keep_states=keep_states, init=E)
         return out, kept, den
-    out, den = _read_forward(q, k, v, kw, al, scale, coeffs, E)
+    out, den = _read(q, k, v, kw, al, scale, coeffs, E)
     return out, None, den
 
 
@@ -254,8 +218,8 @@ def _state_backward(grad, q, k, v, out, kept, den, kw, al, scale, coeffs, causal
         dq, dk, dv, dE = cpu.backward(grad, q, k, v, out, kw, al, scale=scale, coeffs=coeffs, causal=True,
                                       state=kept, init=E)
     else:
-        (dq, dE), dk, dv = _read_backward(grad, q, k, v, out, den, kw, al, scale, coeffs, E), torch.zeros_like(k), \
-            torch.zeros_like(v)
+        dq, dE = _read_backward(grad, q, k, v, out, kw, al, scale, coeffs, E)
+        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
     cx = _context(q, k, v, kw, al, scale, coeffs)
     return dq, dk, dv, dE.values, dE.moments * _moment_coefficients(cx)
 

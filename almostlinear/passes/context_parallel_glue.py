@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["external_state", "exchange_states", "gather_lengths", "gather_sequence", "global_offset", "global_key_mean",
+__all__ = ["external_state", "exchange_states", "gather_lengths", "gather_sequence", "global_key_mean",
            "exact_sharded_attention", "global_argmax_mean"]
 
 
@@ -21,11 +21,6 @@ def gather_lengths(length, group_name: str, device) -> torch.Tensor:
 
     mine = torch.full((1,), length, dtype=torch.int64, device=device)
     return all_gather_single(mine, 0, group_name)
-
-
-def global_offset(lengths: torch.Tensor, rank: int) -> torch.Tensor:
-    """int64 0-d: this rank's first global position."""
-    return lengths[:rank].sum()
 
 
 def external_state(values_all: torch.Tensor, moments_all: torch.Tensor, lengths: torch.Tensor, rank: int,

@@ -82,8 +82,8 @@ def _site_inputs(site: AttentionSite, build: NodeBuilder):
     return q, scale, k, v, alibi_node(site, build), key_weight_node(site, q, build)
 
 
-def _bytes(shape: Sequence, dtype) -> int:
-    return math.prod(int(x) for x in shape) * torch.empty(0, dtype=dtype).element_size()
+def _bytes(node: fx.Node) -> int:
+    return math.prod(int(x) for x in shape_of(node)) * tensor_meta(node).dtype.itemsize
 
 
 def _polynomial_why(site: AttentionSite, coefficients: Sequence[float]) -> str | None:
@@ -136,7 +136,7 @@ def _polynomial_part(site, build, part: _Part, key_weight, scale, coeffs, group)
         den = build.getitem(op_node, 2)  # [B, Hq, L]: 0 exactly where a row sees no key
         empty = build.method("unsqueeze", build.call(operator.eq, den, 0), -1)
         out = _empty_rows(site, out, empty, v, part.groups, group, build)
-    return out, op_node, sum(_bytes(shape_of(n), tensor_meta(n).dtype) for n in (values, moments))
+    return out, op_node, _bytes(values) + _bytes(moments)
 
 
 def _exact_part(site, build, part: _Part, key_weight, scale, group, lengths) -> tuple[fx.Node, int]:

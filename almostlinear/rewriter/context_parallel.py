@@ -6,17 +6,16 @@ silently different model), so it raises ContextParallelError naming the site and
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch.fx as fx
 
 from ..kernels import taylor_coefficients
 from ..kinds import Method
+from ..passes.graph_utils import concrete_int, shape_of
 from ..passes.rewrite import RewriteError
 from ..passes.rewrite_context_parallel import (ContextGroup, rewrite_context_parallel_exact,
                                                rewrite_context_parallel_polynomial)
 from .policy import Decision
-from .report import Site
+from .report import Site, polynomial_row
 
 __all__ = ["ContextParallelError", "rewrite_site_context_parallel", "raise_near_misses", "check_shard_lengths"]
 
@@ -35,8 +34,6 @@ def raise_near_misses(near_misses) -> None:
 def check_shard_lengths(sites, group: ContextGroup) -> None:
     """Every rank holds at least one token (agreed: every rank raises the same error).  A rank with an empty shard
     would skip the planning's collectives on its empty rows while the others wait for it."""
-    from ..passes.graph_utils import concrete_int, shape_of
-
     length = concrete_int(shape_of(sites[0].q)[-2]) if sites else 0  # no site found: as empty (collective anyway)
     lengths = group.lengths(-1 if length is None else length)
     empty = [r for r, n in enumerate(lengths) if n == 0]
@@ -46,8 +43,8 @@ def check_shard_lengths(sites, group: ContextGroup) -> None:
                                    f"(almostlinear.shard_lengths does whenever the sequence has >= {group.world})")
 
 
-def rewrite_site_context_parallel(gm: fx.GraphModule, site, row: Site, fake_mode, applied, group: ContextGroup,
-                                  polynomial_row: Callable) -> None:
+def rewrite_site_context_parallel(gm: fx.GraphModule, site, row: Site, fake_mode, applied,
+                                  group: ContextGroup) -> None:
     """Rewrite one site for the group, fill its report row; raise ContextParallelError where it cannot be sharded."""
     decision: Decision = applied.decisions[site.id]
     row.reason = decision.reason

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import torch.fx as fx
 
-from ..kernels import feature_rank, taylor_coefficients
+from ..kernels import taylor_coefficients
 from ..kinds import Method
 from ..passes import match as matcher
 from ..passes import rewrite as rewriter
@@ -28,11 +28,11 @@ from ..passes.mha import decompose_mha
 from ..passes.normalize import normalize
 from ..passes.rewrite_context_parallel import ContextGroup
 from ..passes.rewrite_polynomial import rewrite_polynomial
-from .context_parallel import check_shard_lengths, raise_near_misses, rewrite_site_context_parallel
 from ..passes.subgraphs import Region, copy_graph_module, copy_with_node_map, find_regions
+from .context_parallel import check_shard_lengths, raise_near_misses, rewrite_site_context_parallel
 from .options import Options
 from .policy import Decision
-from .report import Site, log, near_miss_rows, query_heads_of, site_row
+from .report import Site, log, near_miss_rows, polynomial_row, site_row
 
 
 @dataclass(frozen=True)
@@ -143,8 +143,7 @@ def apply(prepared: Prepared, decisions: dict[int, Decision], options: Options) 
         if group is None:
             _rewrite_site(owner, site, row, fake_mode_of(owner) or fake_mode, options, applied)
         else:
-            rewrite_site_context_parallel(owner, site, row, fake_mode_of(owner) or fake_mode, applied, group,
-                                          polynomial_row)
+            rewrite_site_context_parallel(owner, site, row, fake_mode_of(owner) or fake_mode, applied, group)
         # a later site may read this one's output (attention applied to an attention output): it reads the
         # node that replaced it
         node_map[prepared_site.output] = site.output
@@ -188,25 +187,6 @@ def _rewrite_polynomial(gm, site, row: Site, decision: Decision, fake_mode, opti
     return True
 
 
-def polynomial_row(row: Site, site, decision: Decision) -> None:
-    """Fill the report row of a site rewritten to the polynomial op as `decision` says."""
-    degree = decision.degree or 2
-    row.rank = feature_rank(concrete_int(shape_of(site.q)[-1]) or 0, degree)
-    row.rewritten, row.method, row.degree = True, Method.POLYNOMIAL, degree
-    row.exact_window = decision.exact_window
-    row.coefficients = tuple(decision.coefficients) if decision.coefficients else None
-    kind = "fitted" if decision.coefficients else "Taylor"
-    row.reason = f"{decision.reason}; polynomial degree {degree} ({kind}), rank {row.rank}, mask {site.mask.kind}"
-    if decision.exact_window:
-        near = "i - W < j <= i" if site.mask.causal else "|i - j| < W"
-        row.reason += (f"; exact softmax on each query's window of W = {decision.exact_window} keys ({near}; "
-                       f"exact_window), the polynomial beyond")
-    if decision.heads is not None:
-        groups = concrete_int(shape_of(site.q)[1]) // concrete_int(shape_of(site.op_kv[0])[1])
-        row.approximated_heads = query_heads_of(decision.heads, groups)
-        row.reason += f"; heads {row.approximated_heads} approximated, the others exact"
-
-
 def _rewrite_exact(gm, site, row: Site, fake_mode) -> None:
     try:
         desc = rewriter.rewrite_exact(gm, site, fake_mode)
@@ -225,4 +205,4 @@ def _prefix_region(row: Site, region: Region) -> None:
         row.reason += f" [mask values unknown: {region.values_note}]"
 
 
-__all__ = ["Prepared", "Applied", "prepare", "apply", "remap_nodes", "polynomial_row"]
+__all__ = ["Prepared", "Applied", "prepare", "apply", "remap_nodes"]

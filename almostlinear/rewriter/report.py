@@ -12,6 +12,7 @@ from typing import Any
 
 import torch.fx as fx
 
+from ..kernels import feature_rank
 from ..kinds import Method
 from ..passes.graph_utils import concrete_int, shape_of
 from ..passes.rewrite import dropout_probability
@@ -179,6 +180,25 @@ def context_parallel_lines(report: Report) -> list[str]:
         sent = "-" if s.sent_bytes is None else f"{s.sent_bytes / 1e6:.3g} MB"
         lines.append(f"  site {s.id}: {sent} ({s.context_parallel})")
     return lines
+
+
+def polynomial_row(row: Site, site, decision) -> None:
+    """Fill the report row of a site rewritten to the polynomial op as `decision` (policy.Decision) says."""
+    degree = decision.degree or 2
+    row.rank = feature_rank(concrete_int(shape_of(site.q)[-1]) or 0, degree)
+    row.rewritten, row.method, row.degree = True, Method.POLYNOMIAL, degree
+    row.exact_window = decision.exact_window
+    row.coefficients = tuple(decision.coefficients) if decision.coefficients else None
+    kind = "fitted" if decision.coefficients else "Taylor"
+    row.reason = f"{decision.reason}; polynomial degree {degree} ({kind}), rank {row.rank}, mask {site.mask.kind}"
+    if decision.exact_window:
+        near = "i - W < j <= i" if site.mask.causal else "|i - j| < W"
+        row.reason += (f"; exact softmax on each query's window of W = {decision.exact_window} keys ({near}; "
+                       f"exact_window), the polynomial beyond")
+    if decision.heads is not None:
+        groups = concrete_int(shape_of(site.q)[1]) // concrete_int(shape_of(site.op_kv[0])[1])
+        row.approximated_heads = query_heads_of(decision.heads, groups)
+        row.reason += f"; heads {row.approximated_heads} approximated, the others exact"
 
 
 def query_heads_of(kv_heads, groups: int) -> list[int]:

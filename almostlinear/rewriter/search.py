@@ -206,7 +206,7 @@ def _window_or_not(calibrations: dict, sid: int, d: Decision, plain, budget: flo
     it brings more key/value heads within the budget than the polynomial alone; otherwise the site runs the
     polynomial alone.  Both sampled errors are in the reason."""
     windowed = calibrations[sid]
-    errors = (f"per key/value head without / with the window: "
+    errors = ("per key/value head without / with the window: "
               + ", ".join(f"{a:.3g} / {b:.3g}" for a, b in zip(plain.group_errors, windowed.group_errors)))
     if _within_budget(windowed, budget) > _within_budget(plain, budget):
         return dataclasses.replace(d, reason=f"{d.reason} ({errors})")

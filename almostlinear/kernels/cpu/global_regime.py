@@ -34,6 +34,14 @@ def global_state(cx):
 def global_forward(cx, out, den):
     """Fills out [B, Hk, G, L, Dv] and den [B, Hk, G, L]; returns the value state (the backward reuses it)."""
     state = global_state(cx)
+    read_state(cx, state, out, den)
+    return state.values
+
+
+def read_state(cx, state, out, den):
+    """Fills out = phi_q S / den and den [B, Hk, G, L] for every query of the call, reading the key States
+    ``state`` (no query factor: it cancels in the ratio).  Also the read of an external state (context
+    parallelism, kernels/context_parallel.py)."""
     for blk in cx.blocks(cx.L, chunked=False):
         i0, i1 = blk.i0, blk.i1
         qT = cx.queries_t(cx.q5[:, :, :, i0:i1])
@@ -41,7 +49,6 @@ def global_forward(cx, out, den):
         z, _ = read_denominator(cx, qT, state.moments)
         cx.store_normalised(cx.ungrouped(num, blk.C), cx.ungrouped(z.unsqueeze(-1), blk.C).squeeze(-1),
                             out[:, :, :, i0:i1], den[:, :, :, i0:i1])
-    return state.values
 
 
 def global_backward(cx, dq, dk, dv, values):
@@ -54,6 +61,18 @@ def global_backward(cx, dq, dk, dv, values):
         for blk in cx.blocks(cx.S, chunked=False):
             moments = key_moments(cx, *_keys(cx, blk), into=moments)
         state = States(values, moments)
+    dstate = read_backward(cx, dq, state)
+    for blk in cx.blocks(cx.S, chunked=False):
+        kT, phk, X, f = _key_features(cx, blk)
+        dX, dkT = key_grads(cx, kT, phk, X, f, dstate)
+        dk[:, :, blk.i0:blk.i1] += dkT.transpose(-1, -2)
+        dv[:, :, blk.i0:blk.i1] += value_grads(cx, dX, f)
+
+
+def read_backward(cx, dq, state):
+    """The backward of :func:`read_state` (after cx.start_backward): fills dq [B, Hk, G, L, D] and returns the
+    queries' dstates (values: the cotangent of the value state; moments: the queries' moments weighted by Gd's
+    den column, which the keys read back symmetrically)."""
     dstate = None
     for blk in cx.blocks(cx.L, chunked=False):
         i0, i1 = blk.i0, blk.i1
@@ -64,8 +83,4 @@ def global_backward(cx, dq, dk, dv, values):
         dqT = query_grads(cx, qT, state, gd, cache)
         dq[:, :, :, i0:i1] = cx.ungrouped(dqT.transpose(-1, -2), blk.C)
         dstate = query_states(cx, qT, cx.phi(qT, "q"), gd, into=dstate)
-    for blk in cx.blocks(cx.S, chunked=False):
-        kT, phk, X, f = _key_features(cx, blk)
-        dX, dkT = key_grads(cx, kT, phk, X, f, dstate)
-        dk[:, :, blk.i0:blk.i1] += dkT.transpose(-1, -2)
-        dv[:, :, blk.i0:blk.i1] += value_grads(cx, dX, f)
+    return dstate
