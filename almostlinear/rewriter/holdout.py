@@ -5,12 +5,16 @@ Calibration chooses coefficients and heads on the captured q/k/v; measuring the 
 those same rows rewards that choice for fitting them (measured on a character-level GPT: the following batches'
 errors were up to 1.9x the planning batch's). So the batch rows are split: calibration sees the even rows, and
 the error is measured on the odd rows, which nothing was chosen on. Where every floating output of the graph
-has the batch dimension ("rows": logits, hidden states), one pass over the whole batch serves both: its
-cotangents are zero on the calibration rows, so the gradients are the held-out rows' alone. Where an output
-mixes the rows (a loss computed inside the model: "repeat"), the graph, captured at the example's shapes, runs
-on a batch of the held-out rows repeated to the same size (for a loss that is a mean over rows, the gradient is
-that of the held-out rows), one extra reference pass. With one row, or inputs whose batch dimension cannot be told,
-nothing is held out and the figure is in-sample (the report says which).
+has the batch dimension ("rows": logits, hidden states), the exact forward over the whole batch captures the
+calibration rows' q/k/v, and the error is measured on up to `measure_rows` held-out rows run as a batch of their
+own (rewriter/subbatch.py: a copy of the graph resized to that batch, checked against the whole batch's outputs
+on those rows); where that copy cannot be made or does not agree, on the whole batch with cotangents zero on
+the calibration rows, so the gradients are the held-out rows' alone. Where an output mixes the rows (a loss
+computed inside the model: "repeat"), the resized copy is checked against the exact graph on those rows tiled to
+the example's batch (a loss that is a mean over rows is then theirs); where that fails, the graph, captured at the
+example's shapes, runs on a batch of the held-out rows repeated to the same size, one extra reference pass. With
+one row, or inputs whose batch dimension cannot be told, nothing is held out and the figure is in-sample (the
+report says which).
 """
 from __future__ import annotations
 
@@ -39,8 +43,18 @@ class BatchSplit:
 
     def held_out_inputs(self, inputs: Sequence[Any]) -> list[Any]:
         """The example inputs with their batch rows replaced by the held-out rows, repeated to size B."""
-        rows = self.held_out[torch.arange(self.size) % len(self.held_out)]
-        return [x.index_select(0, rows.to(x.device)) if i in self.inputs else x for i, x in enumerate(inputs)]
+        return self.rows_inputs(inputs, self.held_out[torch.arange(self.size) % len(self.held_out)])
+
+    def rows_inputs(self, inputs: Sequence[Any], rows: torch.Tensor) -> list[Any]:
+        """The example inputs with these rows as their batch (an int input equal to B, a dynamic batch size,
+        becomes the number of rows)."""
+        def pick(i: int, x: Any) -> Any:
+            if i in self.inputs:
+                return x.index_select(0, rows.to(x.device))
+            if isinstance(x, int) and not isinstance(x, bool) and x == self.size:
+                return len(rows)
+            return x
+        return [pick(i, x) for i, x in enumerate(inputs)]
 
     def fit_rows(self, x: torch.Tensor | None) -> torch.Tensor | None:
         """A captured value's calibration rows (values without this batch dimension are left whole)."""
@@ -48,9 +62,15 @@ class BatchSplit:
             return x
         return x.index_select(0, self.fit.to(x.device))
 
-    def describe(self) -> str:
+    def describe(self, measured: torch.Tensor | None = None, why_all: str = "") -> str:
+        """What the planning figure covers: the held-out rows it was measured on (`measured`: a subset of them,
+        run as a batch of their own; `why_all`: why it took all of them at the example's batch)."""
+        if measured is not None:
+            return (f"measured on held-out rows {_rows(measured)} of the example batch, run as a batch of "
+                    f"{len(measured)} (coefficients and heads chosen on rows {_rows(self.fit)})")
+        note = f"; not on fewer rows: {why_all}" if why_all else ""
         return (f"measured on held-out rows {_rows(self.held_out)} of the example batch (coefficients and heads "
-                f"chosen on rows {_rows(self.fit)})")
+                f"chosen on rows {_rows(self.fit)}{note})")
 
 
 def _rows(index: torch.Tensor) -> str:

@@ -14,9 +14,10 @@ over ranks of every number that decides.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.fx as fx
@@ -25,15 +26,39 @@ from ..kernels import (drop_masked_keys, exact_attention, feature_rank, naive_po
                        naive_window_attention)
 from ..kernels.switchable import SWITCHABLE_OP, heads_in_mode, mixed_modes
 from ..passes.graph_utils import concrete_int, rng_preserved
+from ..passes.rewrite_polynomial import MIN_LEN_PREFIX
 
 POLY_OP = torch.ops.almostlinear.poly_attention.default
 WINDOW_OP = torch.ops.almostlinear.poly_window_attention.default
 APPROXIMATE_OPS = (POLY_OP, WINDOW_OP, SWITCHABLE_OP)
 
 
+@contextlib.contextmanager
+def length_gates_open(work) -> Iterator[None]:
+    """Sites of a dynamic length run the op only from min_seq_len on (a buffer per site, see
+    passes/rewrite_polynomial.py); while planning measures, every gate is open, so the approximation is
+    measured even on an example that is shorter than the crossover."""
+    gates = {name: buf.clone() for name, buf in work.named_buffers() if name.startswith(MIN_LEN_PREFIX)}
+    try:
+        for name in gates:
+            work.get_buffer(name).fill_(0)
+        yield
+    finally:
+        for name, value in gates.items():
+            work.get_buffer(name).copy_(value)
+
+
 def finite_or_inf(value: float) -> float:
     """NaN is no error estimate: count it as an unbounded error."""
     return value if not math.isnan(value) else math.inf
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether every entry of `x` is finite: one reduction, no boolean copy (the max of |x| is NaN or inf exactly
+    where some entry is)."""
+    if x.numel() == 0 or not (x.is_floating_point() or x.is_complex()):
+        return True
+    return bool(torch.isfinite(x.abs().amax()))
 
 
 def unusable_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
@@ -45,7 +70,7 @@ def unusable_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | 
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.numel() == 0:
             return f"empty batch ({name} has shape {tuple(x.shape)})"
-    bad = [name for name, x in (("q", q), ("k", k), ("v", v)) if not bool(torch.isfinite(x).all())]
+    bad = [name for name, x in (("q", q), ("k", k), ("v", v)) if not all_finite(x)]
     if bad:
         return f"calibration inputs contain NaN/inf (in {', '.join(bad)})"
     return None
@@ -221,7 +246,7 @@ class SiteErrors(fx.Interpreter):
             with torch.no_grad():
                 exact = exact_attention(q.detach(), k.detach(), v.detach(), scale=scale, causal=causal,
                                         key_weight=key_weight, alibi_slopes=alibi, window=window).float()
-                if not bool(torch.isfinite(exact).all()):
+                if not all_finite(exact):
                     reason = "exact attention is not finite on these inputs (NaN/inf)"
                 else:
                     diff2 = ((out.detach().float() - exact) ** 2).sum((0, 2, 3))  # per query head
@@ -242,11 +267,12 @@ class Measurement:
     unmeasured: dict = field(default_factory=dict)  # node -> why its local error is NaN
     head_errors: dict = field(default_factory=dict)  # node -> local error per key/value head
     outputs_finite: bool = True  # a forward-only run (no grads): whether its floating outputs are finite
+    outputs: list = field(default_factory=list)  # the floating outputs, detached
 
     def finite(self) -> bool:
         """Whether every gradient is finite (else no gradient error can be measured against it); for a
         forward-only run, whether the outputs are."""
-        return self.outputs_finite and all(bool(torch.isfinite(g).all()) for g in self.grads)
+        return self.outputs_finite and all(all_finite(g) for g in self.grads)
 
 
 def run_with_grads(gm: fx.GraphModule, inputs: Sequence[Any], rng_state: torch.Tensor,
@@ -263,7 +289,7 @@ def run_with_grads(gm: fx.GraphModule, inputs: Sequence[Any], rng_state: torch.T
         outputs = interpreter.run(*clones)
         floating = [o for o in (outputs if isinstance(outputs, (tuple, list)) else [outputs])
                     if isinstance(o, torch.Tensor) and o.is_floating_point()]
-        outputs_finite = backward or all(bool(torch.isfinite(o).all()) for o in floating)
+        outputs_finite = backward or all(all_finite(o) for o in floating)
         flat = [o for o in floating if o.requires_grad]
         generator = torch.Generator(device="cpu").manual_seed(20240)
         cotangents = [torch.randn(o.shape, generator=generator, dtype=torch.float32).to(o) for o in flat]
@@ -273,7 +299,7 @@ def run_with_grads(gm: fx.GraphModule, inputs: Sequence[Any], rng_state: torch.T
         grads = torch.autograd.grad(flat, targets, cotangents, allow_unused=True) if flat and backward else []
     grads = [torch.zeros_like(t) if g is None else g.detach() for g, t in zip(grads, targets)]
     return Measurement(grads, interpreter.local_errors, interpreter.captured, interpreter.unmeasured,
-                       interpreter.head_errors, outputs_finite)
+                       interpreter.head_errors, outputs_finite, [o.detach() for o in floating])
 
 
 def _row_mask(c: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

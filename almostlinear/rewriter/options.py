@@ -43,6 +43,10 @@ class Options:
                   key/value head between the polynomial alone and exact attention
     guard         method="auto": a key/value head whose logit bound on a call leaves the planned range (the
                   planning batch's, times up to 1.5) runs exact attention on that call (rewriter/guard.py)
+    measure_rows  planning measures the end-to-end error on at most this many held-out rows of the example batch,
+                  run as a batch of their own (an int >= 1; None: every held-out row, at the example's batch). Fewer
+                  rows plan faster (each is a forward+backward of the model) and predict other batches less
+                  tightly (the run-time guard covers sharper ones; rewriter/subbatch.py)
     strict        raise instead of falling back to exact when the budget cannot be met
     context_parallel  None (off), True (the default process group) or a torch.distributed ProcessGroup: the model
                   runs on a sequence split across the group's ranks, each holding a contiguous shard of every
@@ -64,6 +68,7 @@ class Options:
     exact_window: int = 0
     coefficients: str = "fit"
     guard: bool = True
+    measure_rows: int | None = 2
     attention_dropout: str = "keep"
     strict: bool = False
     context_parallel: Any = None
@@ -76,7 +81,7 @@ class Options:
         object.__setattr__(self, "method", Choice(self.method))
         if self.sites:
             object.__setattr__(self, "sites", types.MappingProxyType({k: Choice(v) for k, v in self.sites.items()}))
-        for name in ("degree", "min_seq_len", "recheck_every", "exact_window"):
+        for name in ("degree", "min_seq_len", "recheck_every", "exact_window", "measure_rows"):
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, int(value))
@@ -121,6 +126,10 @@ class Options:
         _check(
             _is_int(self.recheck_every) and self.recheck_every >= 0,
             f"recheck_every must be an int >= 0 (0 disables re-checks), got {self.recheck_every!r}",
+        )
+        _check(
+            self.measure_rows is None or (_is_int(self.measure_rows) and self.measure_rows >= 1),
+            f"measure_rows must be None (every held-out row) or an int >= 1, got {self.measure_rows!r}",
         )
         _check(
             _is_int(self.exact_window) and self.exact_window >= 0,

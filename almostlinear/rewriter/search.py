@@ -18,46 +18,31 @@ fit on), with the reason noted.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import math
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from ..kinds import Choice, Method
-from ..passes.rewrite_polynomial import MIN_LEN_PREFIX
 from .calibrate import Calibration, alibi_value, calibrate, key_weight_value, site_scale
 from .guard import describe as describe_guard, limits, logit_bounds
 from .holdout import IN_SAMPLE, BatchSplit, batch_split
-from .measure import Measurement, agree, gradient_error, real_inputs, run_with_grads, unusable_reason
+from .measure import (Measurement, agree, gradient_error, length_gates_open, real_inputs, run_with_grads,
+                      unusable_reason)  # length_gates_open: re-exported
 from .options import Options
 from .pipeline import Applied, Prepared, apply
 from .policy import Decision
 from .report import Report, log
+from .subbatch import Sample, sub_batch_sample
 
 
 class BudgetError(RuntimeError):
     """strict=True and the budget cannot be met with the approximation."""
-
-
-@contextlib.contextmanager
-def length_gates_open(work) -> Iterator[None]:
-    """Sites of a dynamic length run the op only from min_seq_len on (a buffer per site, see
-    passes/rewrite_polynomial.py); while the search measures, every gate is open, so the approximation is
-    measured even on an example that is shorter than the crossover."""
-    gates = {name: buf.clone() for name, buf in work.named_buffers() if name.startswith(MIN_LEN_PREFIX)}
-    try:
-        for name in gates:
-            work.get_buffer(name).fill_(0)
-        yield
-    finally:
-        for name, value in gates.items():
-            work.get_buffer(name).copy_(value)
 
 
 @dataclass
@@ -94,21 +79,49 @@ def search_within_budget(prepared: Prepared, decisions: dict[int, Decision], opt
     rng = torch.get_rng_state()
     split, why = batch_split(prepared.graph_module, inputs)
     search.rows = split.cotangent_rows() if split is not None else None
-    repeat = split is not None and split.mode == "repeat"
-    reference = _reference(search, inputs, rng, backward=not repeat)
-    held_out, held_out_reference = inputs, reference
-    if repeat:  # the error is measured on rows calibration did not see (holdout.py)
-        held_out = split.held_out_inputs(inputs)
-        held_out_reference = run_with_grads(search.reference_graph, held_out, rng)
-    report.grad_error_covers = split.describe() if split is not None else IN_SAMPLE.format(why=why)
-    _calibrate_all(search, reference, held_out_reference, split)
-    current, error, local = _back_off(search, held_out, rng, held_out_reference, report)
+    reference, sample = _samples(search, split, inputs, rng)
+    report.grad_error_covers = sample.describe or IN_SAMPLE.format(why=why)
+    _calibrate_all(search, reference, sample.reference, split)
+    current, error, local = _back_off(search, sample, rng, report)
     _annotate(current, search, local)
     # all exact on inputs whose exact gradients are not finite: nothing was measured
     report.grad_error = None if search.unmeasurable and not current.op_nodes else error
     report.history[-1]["planning_seconds"] = time.perf_counter() - started
     _raise_if_strict(search, current)
     return current
+
+
+def _samples(search: _Search, split: BatchSplit | None, inputs: list, rng: torch.Tensor) -> tuple[Measurement, Sample]:
+    """The exact reference run (capturing what calibration needs) and where the error is measured (holdout.py):
+    on a few held-out rows as a batch of their own where the graph allows it (subbatch.py: the capture is then a
+    forward only), else on the held-out rows at the example's batch, else in-sample."""
+    options = search.options
+    if split is None:
+        reference = _reference(search, inputs, rng)
+        return reference, Sample(inputs, reference)
+    few = options.measure_rows is not None and not options.context_parallel
+    repeat = split.mode == "repeat"
+    reference = _reference(search, inputs, rng, backward=not (few or repeat))
+
+    def whole_batch(why_not: str = "") -> Sample:
+        if why_not:
+            log.info("almostlinear: planning measures on the whole batch: %s", why_not)
+        if repeat:  # an output mixes the rows: the held-out rows repeated to the example's batch
+            held_out = split.held_out_inputs(inputs)
+            return Sample(held_out, run_with_grads(search.reference_graph, held_out, rng),
+                          describe=split.describe(why_all=why_not))
+        if not few:
+            return Sample(inputs, reference, search.rows, describe=split.describe())
+        full = run_with_grads(search.reference_graph, inputs, rng, rows=split.cotangent_rows())
+        return Sample(inputs, full, split.cotangent_rows(), describe=split.describe(why_all=why_not))
+
+    if not few:
+        return reference, whole_batch()
+    sample, why_not = sub_batch_sample(search.reference_graph, split, inputs, reference, rng, options.measure_rows)
+    if sample is None:
+        return reference, whole_batch(why_not)
+    sample.fallback = whole_batch
+    return reference, sample
 
 
 def _reference(search: _Search, inputs: list, rng: torch.Tensor, backward: bool = True) -> Measurement:
@@ -228,13 +241,20 @@ def _keep_uncalibrated(search: _Search, sid: int, reason: str, empty: bool) -> N
         search.decisions[sid] = Decision(Method.EXACT, f"kept exact: {reason}")
 
 
-def _back_off(search: _Search, inputs: list, rng: torch.Tensor, reference: Measurement, report: Report):
+def _back_off(search: _Search, sample: Sample, rng: torch.Tensor, report: Report):
     """Apply and measure; under method="auto", while over budget, the worst site goes back to exact."""
     options, step = search.options, 0
+    reference = sample.reference
     while True:
         current = apply(search.prepared, search.decisions, options)
-        with length_gates_open(current.graph_module):
-            measured = run_with_grads(current.graph_module, inputs, rng, rows=search.rows)
+        try:
+            measured = sample.measure(current.graph_module, rng)
+        except Exception as exc:  # noqa: BLE001 - a rewritten graph that does not run resized (subbatch.py)
+            if sample.fallback is None:
+                raise
+            sample = sample.fallback(f"a rewritten graph does not run on fewer rows ({type(exc).__name__}: {exc})")
+            report.grad_error_covers, reference = sample.describe, sample.reference
+            measured = sample.measure(current.graph_module, rng)
         ids = sorted(current.op_nodes)
         # context parallelism measures no local error (its exact reference needs every rank's keys): the sites are
         # ordered by their calibration's sampled error instead
