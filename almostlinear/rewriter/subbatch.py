@@ -6,10 +6,11 @@ thread). Run on m of the held-out rows it costs m / B of that. But Dynamo captur
 shapes: with static shapes the batch size is a literal in every size argument (`view(x, 16, 256, -1, 32)`,
 `expand(mask, 16, -1, 256, 256)`, `arange(16)`), so the graph only runs on B rows.
 
-`resize_batch(gm, B, m)` is a copy of the graph in which the literal B in the size arguments of the ops that
-take sizes (SIZE_METHODS, SIZE_FUNCTIONS) is m. A literal B there need not be the batch (16 heads in a batch of
-16), so the copy is never trusted on its own: `rows_agree` compares its exact forward on the rows with the whole
-batch's forward on the same rows (RNG ops off on both sides, `DeterministicInterpreter`), and planning measures on
+`resize_batch(gm, B, m)` is a copy of the graph in which the first literal B in the size arguments of each op
+that takes sizes (SIZE_METHODS, SIZE_FUNCTIONS) is m (the batch leads a size; a later B is a head count or head
+dim of the same value: `view(8, 64, -1, 8)` in a batch of 8 with head dim 8). A literal B need not be the batch
+even there (a sequence-first layout whose length equals the batch), so the copy is never trusted on its own:
+`rows_agree` compares its exact forward on the rows with the whole batch's forward on the same rows (RNG ops off on both sides, `DeterministicInterpreter`), and planning measures on
 the whole batch wherever they differ, or the copy cannot be made or run. The rewrites planning applies (the
 polynomial op, its key-weight glue) take no batch literal (`-1`, `*_like`), so a copy of a rewritten graph is right
 wherever the copy of the exact one is.
@@ -33,7 +34,7 @@ SIZE_METHODS = {"view", "reshape", "expand", "new_zeros", "new_ones", "new_empty
 SIZE_FUNCTIONS = {
     torch.reshape: (1,), torch.Tensor.view: None, torch.Tensor.reshape: None, torch.Tensor.expand: None,
     torch.zeros: None, torch.ones: None, torch.empty: None, torch.broadcast_to: (1,),
-    torch.full: (0,), torch.arange: (0,),
+    torch.full: (0,), torch.arange: (0,),  # arange: its end (args[1] where a start is given, see _size_positions)
 }
 SIZE_KWARGS = {"size", "shape", "end"}  # keyword arguments that are sizes, where the call is a size op
 
@@ -47,36 +48,46 @@ RANDOM_METHODS = {"bernoulli", "bernoulli_", "uniform_", "normal_", "random_", "
                   "cauchy_", "log_normal_"}
 
 
-def _swap(value: Any, old: int, new: int) -> tuple[Any, int]:
-    """`value` with the int `old` replaced by `new` (in a tuple or list too), and how many were replaced."""
+def _swap_first(value: Any, old: int, new: int) -> tuple[Any, bool]:
+    """`value` with its first int `old` (in a tuple or list too) replaced by `new`, and whether there was one."""
     if isinstance(value, int) and not isinstance(value, bool) and value == old:
-        return new, 1
+        return new, True
     if isinstance(value, (tuple, list)):
-        swapped = [_swap(v, old, new) for v in value]
-        return type(value)(v for v, _ in swapped), sum(c for _, c in swapped)
-    return value, 0
+        items = list(value)
+        for i, item in enumerate(items):
+            items[i], done = _swap_first(item, old, new)
+            if done:
+                return type(value)(items), True
+    return value, False
 
 
-def _resize_node(node: fx.Node, old: int, new: int) -> int:
+def _resize_node(node: fx.Node, old: int, new: int) -> bool:
+    """Replace the first `old` among the node's size arguments (the batch leads a size: [B, T, H, D], [B, H, T, D],
+    expand(B, -1, T, S); a later equal size is a head count or a head dim of the same value, left alone)."""
     if node.op == "call_method" and node.target in SIZE_METHODS:
         positions: tuple | None = None
         first = 1  # args[0] is the tensor
     elif node.op == "call_function" and node.target in SIZE_FUNCTIONS:
         positions = SIZE_FUNCTIONS[node.target]
+        if node.target is torch.arange and len(node.args) > 1:
+            positions = (1,)  # arange(start, end[, step])
         first = 1 if node.target in (torch.Tensor.view, torch.Tensor.reshape, torch.Tensor.expand) else 0
     else:
-        return 0
-    args, count = list(node.args), 0
+        return False
+    args = list(node.args)
     for i in range(first, len(args)):
         if positions is None or i in positions:
-            args[i], c = _swap(args[i], old, new)
-            count += c
+            args[i], done = _swap_first(args[i], old, new)
+            if done:
+                node.args = tuple(args)
+                return True
     kwargs = dict(node.kwargs)
-    for key in SIZE_KWARGS & set(kwargs):
-        kwargs[key], c = _swap(kwargs[key], old, new)
-        count += c
-    node.args, node.kwargs = tuple(args), kwargs
-    return count
+    for key in sorted(SIZE_KWARGS & set(kwargs)):
+        kwargs[key], done = _swap_first(kwargs[key], old, new)
+        if done:
+            node.kwargs = kwargs
+            return True
+    return False
 
 
 def resize_batch(gm: fx.GraphModule, size: int,

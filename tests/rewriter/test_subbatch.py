@@ -80,22 +80,60 @@ def test_more_rows_measure_on_more_rows_and_none_on_the_whole_batch():
     assert "held-out rows 1, 3, 5, 7 of the example batch (" in whole and "run as a batch" not in whole, whole
 
 
-def test_heads_equal_to_the_batch_are_caught_and_the_whole_batch_is_measured():
-    """view(B, T, heads, -1) with heads == B == 4: the resize turns both 4s into 2, and the graph still runs (the
-    head dim absorbs it) but is another function. The check against the whole batch catches it."""
+class _Sizes(torch.nn.Module):
+    def forward(self, x):
+        B = x.shape[0]
+        rows = torch.arange(B) + torch.arange(0, B, 1) + torch.full((B,), 4.0)  # the fill value 4 is no size
+        return x.view(B, -1).expand(B, 6) * rows[:, None] + torch.zeros(B, 1) + x.new_zeros((B, 1))
+
+
+def test_the_resize_changes_the_batch_in_size_arguments_only():
+    x = torch.arange(24.0).reshape(4, 6)
+    gm, inputs = _captured(_Sizes(), x)
+    resized, node_map = resize_batch(gm, 4, 2)
+    assert torch.equal(resized(x[:2])[0], gm(x)[0][:2])  # every size argument resized, the fill value left
+    assert all(n in node_map for n in gm.graph.nodes if n.op != "output")  # (site errors map back through it)
+
+
+def test_a_head_count_equal_to_the_batch_is_left_alone():
+    """view(B, T, heads, -1) with heads == B == 4: only the first 4 (the batch leads a size) becomes 2."""
     torch.manual_seed(0)
-    model = _Layer(heads=4)
     x = _x(4)
-    for heads, same in ((2, True), (4, False)):
-        gm, inputs = _captured(_Layer(heads=heads), x)
-        resized, _ = resize_batch(gm, 4, 2)
-        rows = [t[[1, 3]] if t is x else t for t in inputs]
-        out = resized(*rows)[0]
-        assert out.shape == (2, 32, 16)  # it runs in both cases ...
-        assert rows_agree([out], [gm(*inputs)[0]], torch.tensor([1, 3]), 4) is same  # ... as another function for 4
+    gm, inputs = _captured(_Layer(heads=4), x)
+    resized, _ = resize_batch(gm, 4, 2)
+    rows = [t[[1, 3]] if t is x else t for t in inputs]
+    assert rows_agree([resized(*rows)[0]], [gm(*inputs)[0]], torch.tensor([1, 3]), 4)
+    assert "run as a batch of 2" in str(_planned(_Layer(heads=4), x))
+
+
+class _SequenceFirst(torch.nn.Module):
+    """x [T, B, C] (nn.MultiheadAttention's default layout) with T == B == 4: dim 0 is the sequence."""
+
+    def __init__(self, d: int = 16, heads: int = 2):
+        super().__init__()
+        self.qkv, self.proj, self.heads = torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, d), heads
+
+    def forward(self, x):
+        T, B, C = x.shape
+        q, k, v = (t.view(T, B, self.heads, -1).permute(1, 2, 0, 3) for t in self.qkv(x).split(C, -1))
+        return self.proj(F.scaled_dot_product_attention(q, k, v).permute(2, 0, 1, 3).reshape(T, B, C))
+
+
+def test_a_wrong_resize_is_caught_and_the_whole_batch_is_measured():
+    """Sequence-first with T == B: dim 0 is taken for the batch (it is the sequence) and view(T, B, H, -1) becomes
+    view(2, B, H, -1): the copy runs, as another function. The check against the whole batch catches it, and the
+    figure is the one measured at the example's batch."""
+    torch.manual_seed(0)
+    model = _SequenceFirst()
+    x = 0.7 * torch.randn(4, 4, 16, generator=torch.Generator().manual_seed(1))
+    gm, inputs = _captured(model, x)
+    resized, _ = resize_batch(gm, 4, 2)
+    rows = [t[[1, 3]] if t is x else t for t in inputs]
+    assert resized(*rows)[0].shape == (2, 4, 16)  # it runs ...
+    assert not rows_agree([resized(*rows)[0]], [gm(*inputs)[0]], torch.tensor([1, 3]), 4)  # ... as another function
     report = _planned(model, x)
     text = str(report)
-    assert "held-out rows 1, 3 of the example batch (" in text and "not on fewer rows" in text, text
+    assert "held-out rows 1, 3 of the example batch (" in text and "does not equal the whole batch's" in text, text
     assert report.grad_error == pytest.approx(_planned(model, x, measure_rows=None).grad_error, rel=1e-6)
 
 
@@ -166,3 +204,18 @@ def test_measure_rows_is_validated():
         almostlinear.Backend(measure_rows=0)
     with pytest.raises(ValueError, match="measure_rows"):
         almostlinear.Backend(measure_rows=1.5)
+
+
+@pytest.mark.parametrize("name", ["llama", "bert"])
+def test_hugging_face_models_are_measured_on_two_rows(name):
+    """HF Llama with labels (the loss inside: checked against the rows tiled; head dim 8 == batch 8 left alone) and
+    BERT (hidden states: checked against the capture pass's rows)."""
+    from almostlinear import zoo
+
+    model, _, _ = zoo.build(name, layers=2, seq_len=64)
+    ids = torch.randint(0, 100, (8, 64), generator=torch.Generator().manual_seed(0))
+    backend = almostlinear.Backend(method="auto", min_seq_len=0, inner="eager")
+    torch.compile(model.train(), backend=backend)(ids, **({"labels": ids} if name == "llama" else {}))
+    report = backend.reports[-1]
+    assert "held-out rows 1, 3 of the example batch, run as a batch of 2" in str(report), str(report)
+    assert report.grad_error is not None and report.grad_error <= 0.05
