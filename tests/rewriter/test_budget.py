@@ -105,19 +105,38 @@ def _grads(fn, params, x, cotangent_seed=20240, rows=None):
 
 
 def test_reported_error_equals_an_independent_recomputation():
+    """measure_rows=None: on the held-out row 1 of the 2 at the example's batch (row 0 calibrated)."""
     model = _gpt()
     x = _tokens()
-    compiled, backend = _compile(model, budget=0.5)
+    compiled, backend = _compile(model, budget=0.5, measure_rows=None)
     compiled(x)
     report = backend.reports[-1]
     params = list(model.parameters())
-    # measured on the held-out row 1 of the 2 (row 0 calibrated): cotangents on that row's logits only
-    assert "held-out rows 1 of the example batch" in str(report), str(report)
+    # cotangents on that row's logits only
+    assert "held-out rows 1 of the example batch (" in str(report), str(report)
     got = _grads(compiled, params, x, rows=[1])
     ref = _grads(model, params, x, rows=[1])
     num = torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(got, ref)))
     den = torch.sqrt(sum((b**2).sum() for b in ref))
     independent = float(num / den)
+    assert independent > 0
+    assert report.grad_error == pytest.approx(independent, rel=0.01)
+
+
+def test_reported_error_on_a_row_of_its_own_equals_an_independent_recomputation():
+    """The default: the held-out row 1 run as a batch of 1. Taylor coefficients and every head approximated, so a
+    compile on that row alone is the same function."""
+    model = _gpt()
+    x = _tokens()
+    options = dict(method="polynomial", coefficients="taylor")
+    compiled, backend = _compile(model, **options)
+    compiled(x)
+    report = backend.reports[-1]
+    assert "held-out rows 1 of the example batch, run as a batch of 1" in str(report), str(report)
+    params, row = list(model.parameters()), x[[1]]
+    got, ref = _grads(_compile(model, **options)[0], params, row), _grads(model, params, row)
+    independent = float(torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(got, ref)))
+                        / torch.sqrt(sum((b**2).sum() for b in ref)))
     assert independent > 0
     assert report.grad_error == pytest.approx(independent, rel=0.01)
 
