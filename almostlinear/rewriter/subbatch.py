@@ -185,6 +185,7 @@ def rows_agree(sub: Sequence[torch.Tensor], full: Sequence[torch.Tensor], rows: 
     if len(sub) != len(full):
         return False
     for s, f in zip(sub, full):
+        s, f = s.detach(), f.detach()
         if f.dim() >= 1 and f.shape[0] == size:
             f = f.index_select(0, rows.to(f.device))
         if s.shape != f.shape:
