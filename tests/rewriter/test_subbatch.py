@@ -199,6 +199,16 @@ def test_a_summed_loss_is_measured_on_the_repeated_rows():
     assert "does not equal the whole batch's" in text and "run as a batch" not in text, text
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_are_measured_on_two_rows(dtype):
+    """The check allows the output dtype's rounding (a different matmul blocking on fewer rows)."""
+    torch.manual_seed(0)
+    model = _Layer(d=64, heads=4).to(dtype)
+    x = (0.7 * torch.randn(8, 128, 64, generator=torch.Generator().manual_seed(1))).to(dtype)
+    report = _planned(model, x)
+    assert "run as a batch of 2" in str(report) and 0 < report.grad_error <= 0.05, str(report)
+
+
 def test_measure_rows_is_validated():
     with pytest.raises(ValueError, match=r"measure_rows must be None \(every held-out row\) or an int >= 1, got 0"):
         almostlinear.Backend(measure_rows=0)
