@@ -286,9 +286,7 @@ def run_with_grads(gm: fx.GraphModule, inputs: Sequence[Any], rng_state: torch.T
     with rng_preserved(), torch.set_grad_enabled(backward):
         torch.set_rng_state(rng_state)
         interpreter = SiteErrors(gm, watch)
-        outputs = interpreter.run(*clones)
-        floating = [o for o in (outputs if isinstance(outputs, (tuple, list)) else [outputs])
-                    if isinstance(o, torch.Tensor) and o.is_floating_point()]
+        floating = floating_outputs(interpreter.run(*clones))
         outputs_finite = backward or all(all_finite(o) for o in floating)
         flat = [o for o in floating if o.requires_grad]
         generator = torch.Generator(device="cpu").manual_seed(20240)
@@ -300,6 +298,12 @@ def run_with_grads(gm: fx.GraphModule, inputs: Sequence[Any], rng_state: torch.T
     grads = [torch.zeros_like(t) if g is None else g.detach() for g, t in zip(grads, targets)]
     return Measurement(grads, interpreter.local_errors, interpreter.captured, interpreter.unmeasured,
                        interpreter.head_errors, outputs_finite, [o.detach() for o in floating])
+
+
+def floating_outputs(outputs: Any) -> list[torch.Tensor]:
+    """A graph's floating tensor outputs (a single output or a tuple/list of them)."""
+    flat = outputs if isinstance(outputs, (tuple, list)) else [outputs]
+    return [o for o in flat if isinstance(o, torch.Tensor) and o.is_floating_point()]
 
 
 def _row_mask(c: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -32,8 +32,7 @@ from ..kinds import Choice, Method
 from .calibrate import Calibration, alibi_value, calibrate, key_weight_value, site_scale
 from .guard import describe as describe_guard, limits, logit_bounds
 from .holdout import IN_SAMPLE, BatchSplit, batch_split
-from .measure import (Measurement, agree, gradient_error, length_gates_open, real_inputs, run_with_grads,
-                      unusable_reason)  # length_gates_open: re-exported
+from .measure import Measurement, agree, gradient_error, real_inputs, run_with_grads, unusable_reason
 from .options import Options
 from .pipeline import Applied, Prepared, apply
 from .policy import Decision
@@ -58,7 +57,6 @@ class _Search:
     unmeasurable: bool = False  # the exact gradients are not finite on these inputs
     reference_sites: list = field(default_factory=list)  # the sites as rewritten in the reference graph
     reference_graph: Any = None  # the all-exact graph module
-    rows: torch.Tensor | None = None  # the batch rows whose outputs get cotangents (holdout.py; None: all)
 
     def exact(self, sid: int, why: str) -> None:
         self.decisions[sid] = Decision(Method.EXACT, why)
@@ -78,7 +76,6 @@ def search_within_budget(prepared: Prepared, decisions: dict[int, Decision], opt
         return apply(prepared, search.decisions, options)
     rng = torch.get_rng_state()
     split, why = batch_split(prepared.graph_module, inputs)
-    search.rows = split.cotangent_rows() if split is not None else None
     reference, sample = _samples(search, split, inputs, rng)
     report.grad_error_covers = sample.describe or IN_SAMPLE.format(why=why)
     _calibrate_all(search, reference, sample.reference, split)
@@ -91,7 +88,8 @@ def search_within_budget(prepared: Prepared, decisions: dict[int, Decision], opt
     return current
 
 
-def _samples(search: _Search, split: BatchSplit | None, inputs: list, rng: torch.Tensor) -> tuple[Measurement, Sample]:
+def _samples(search: _Search, split: BatchSplit | None, inputs: list,
+             rng: torch.Tensor) -> tuple[Measurement, Sample]:
     """The exact reference run (capturing what calibration needs) and where the error is measured (holdout.py):
     on a few held-out rows as a batch of their own where the graph allows it (subbatch.py: the capture is then a
     forward only), else on the held-out rows at the example's batch, else in-sample."""
@@ -101,7 +99,8 @@ def _samples(search: _Search, split: BatchSplit | None, inputs: list, rng: torch
         return reference, Sample(inputs, reference)
     few = options.measure_rows is not None and not options.context_parallel
     repeat = split.mode == "repeat"
-    reference = _reference(search, inputs, rng, backward=not (few or repeat))
+    rows = split.cotangent_rows()  # (rows mode: the held-out rows; repeat: None)
+    reference = _reference(search, inputs, rng, backward=not (few or repeat), rows=rows)
 
     def whole_batch(why_not: str = "") -> Sample:
         if why_not:
@@ -110,10 +109,8 @@ def _samples(search: _Search, split: BatchSplit | None, inputs: list, rng: torch
             held_out = split.held_out_inputs(inputs)
             return Sample(held_out, run_with_grads(search.reference_graph, held_out, rng),
                           describe=split.describe(why_all=why_not))
-        if not few:
-            return Sample(inputs, reference, search.rows, describe=split.describe())
-        full = run_with_grads(search.reference_graph, inputs, rng, rows=split.cotangent_rows())
-        return Sample(inputs, full, split.cotangent_rows(), describe=split.describe(why_all=why_not))
+        full = reference if not few else run_with_grads(search.reference_graph, inputs, rng, rows=rows)
+        return Sample(inputs, full, rows, describe=split.describe(why_all=why_not))
 
     if not few:
         return reference, whole_batch()
@@ -124,9 +121,10 @@ def _samples(search: _Search, split: BatchSplit | None, inputs: list, rng: torch
     return reference, sample
 
 
-def _reference(search: _Search, inputs: list, rng: torch.Tensor, backward: bool = True) -> Measurement:
+def _reference(search: _Search, inputs: list, rng: torch.Tensor, backward: bool = True,
+               rows: torch.Tensor | None = None) -> Measurement:
     """One fwd(+bwd) of the all-exact graph, capturing the candidates' q/k/v and key-mask values (the gradients
-    only when the error is measured on these inputs: `backward`)."""
+    only when the error is measured on these inputs: `backward`; of these batch rows' outputs: `rows`)."""
     exact = {sid: Decision(Method.EXACT, "reference") if d.method is Method.POLYNOMIAL else d
              for sid, d in search.decisions.items()}
     applied = apply(search.prepared, exact, search.options)
@@ -137,7 +135,7 @@ def _reference(search: _Search, inputs: list, rng: torch.Tensor, backward: bool 
             watch.update({site.q: site.id, k: site.id, v: site.id})
             watch.update({term.node: site.id for term in site.mask.key_mask})  # the key mask's values
     search.reference_sites, search.reference_graph = applied.sites, applied.graph_module
-    return run_with_grads(applied.graph_module, inputs, rng, watch, backward=backward, rows=search.rows)
+    return run_with_grads(applied.graph_module, inputs, rng, watch, backward=backward, rows=rows)
 
 
 def _captured(site, reference: Measurement):
@@ -377,4 +375,4 @@ def _order(error: float | None) -> float:
     return math.inf if math.isnan(error) else error
 
 
-__all__ = ["search_within_budget", "BudgetError", "length_gates_open"]
+__all__ = ["search_within_budget", "BudgetError"]

@@ -10,10 +10,10 @@ shapes: with static shapes the batch size is a literal in every size argument (`
 that takes sizes (SIZE_METHODS, SIZE_FUNCTIONS) is m (the batch leads a size; a later B is a head count or head
 dim of the same value: `view(8, 64, -1, 8)` in a batch of 8 with head dim 8). A literal B need not be the batch
 even there (a sequence-first layout whose length equals the batch), so the copy is never trusted on its own:
-`rows_agree` compares its exact forward on the rows with the whole batch's forward on the same rows (RNG ops off on both sides, `DeterministicInterpreter`), and planning measures on
-the whole batch wherever they differ, or the copy cannot be made or run. The rewrites planning applies (the
-polynomial op, its key-weight glue) take no batch literal (`-1`, `*_like`), so a copy of a rewritten graph is right
-wherever the copy of the exact one is.
+`rows_agree` compares its exact forward on the rows with the whole batch's forward on the same rows (RNG ops off
+on both sides, `DeterministicInterpreter`), and planning measures on the whole batch wherever they differ, or the
+copy cannot be made or run. The rewrites planning applies (the polynomial op, its key-weight glue) take no batch
+literal (`-1`, `*_like`), so a copy of a rewritten graph is right wherever the copy of the exact one is.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ..passes.subgraphs import copy_with_node_map
 from .holdout import BatchSplit
-from .measure import Measurement, detached_clones, length_gates_open, run_with_grads
+from .measure import Measurement, detached_clones, floating_outputs, length_gates_open, run_with_grads
 
 # call_method names whose int arguments (flat or in one tuple/list) are sizes
 SIZE_METHODS = {"view", "reshape", "expand", "new_zeros", "new_ones", "new_empty"}
@@ -34,7 +34,7 @@ SIZE_METHODS = {"view", "reshape", "expand", "new_zeros", "new_ones", "new_empty
 SIZE_FUNCTIONS = {
     torch.reshape: (1,), torch.Tensor.view: None, torch.Tensor.reshape: None, torch.Tensor.expand: None,
     torch.zeros: None, torch.ones: None, torch.empty: None, torch.broadcast_to: (1,),
-    torch.full: (0,), torch.arange: (0,),  # arange: its end (args[1] where a start is given, see _size_positions)
+    torch.full: (0,), torch.arange: (0,),  # arange: its end (args[1] where a start is given: _resize_node)
 }
 SIZE_KWARGS = {"size", "shape", "end"}  # keyword arguments that are sizes, where the call is a size op
 
@@ -61,7 +61,7 @@ def _swap_first(value: Any, old: int, new: int) -> tuple[Any, bool]:
     return value, False
 
 
-def _resize_node(node: fx.Node, old: int, new: int) -> bool:
+def _resize_node(node: fx.Node, old: int, new: int) -> None:
     """Replace the first `old` among the node's size arguments (the batch leads a size: [B, T, H, D], [B, H, T, D],
     expand(B, -1, T, S); a later equal size is a head count or a head dim of the same value, left alone)."""
     if node.op == "call_method" and node.target in SIZE_METHODS:
@@ -73,21 +73,20 @@ def _resize_node(node: fx.Node, old: int, new: int) -> bool:
             positions = (1,)  # arange(start, end[, step])
         first = 1 if node.target in (torch.Tensor.view, torch.Tensor.reshape, torch.Tensor.expand) else 0
     else:
-        return False
+        return
     args = list(node.args)
     for i in range(first, len(args)):
         if positions is None or i in positions:
             args[i], done = _swap_first(args[i], old, new)
             if done:
                 node.args = tuple(args)
-                return True
+                return
     kwargs = dict(node.kwargs)
     for key in sorted(SIZE_KWARGS & set(kwargs)):
         kwargs[key], done = _swap_first(kwargs[key], old, new)
         if done:
             node.kwargs = kwargs
-            return True
-    return False
+            return
 
 
 def resize_batch(gm: fx.GraphModule, size: int,
@@ -129,7 +128,8 @@ def _random(node: fx.Node) -> bool:
 
 class DeterministicInterpreter(fx.Interpreter):
     """Runs a graph with its dropouts off (attention dropout included); any other random op raises
-    `NotDeterministic`. For comparing two runs of a graph that differ in shape (the random draws would not)."""
+    `NotDeterministic`. For comparing two runs of a graph that differ in shape (the random draws would not).
+    Reads the module's buffers as copies (an in-place update such as BatchNorm's lands on the copy)."""
 
     def call_function(self, target, args, kwargs):
         if target in DROPOUTS:
@@ -151,26 +151,20 @@ class DeterministicInterpreter(fx.Interpreter):
     def call_module(self, target, args, kwargs):
         raise NotDeterministic(f"module {target}")
 
+    def get_attr(self, target, args, kwargs):
+        value = super().get_attr(target, args, kwargs)
+        is_buffer = isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter)
+        return value.detach().clone() if is_buffer else value
+
 
 class NotDeterministic(RuntimeError):
     """The graph draws random numbers other than dropout's."""
 
 
-def floating_outputs(outputs: Any) -> list[torch.Tensor]:
-    flat = outputs if isinstance(outputs, (tuple, list)) else [outputs]
-    return [o.detach() for o in flat if isinstance(o, torch.Tensor) and o.is_floating_point()]
-
-
 def deterministic_outputs(gm: fx.GraphModule, inputs: Sequence[Any]) -> list[torch.Tensor]:
     """The floating outputs of `gm` on `inputs` (not mutated: buffers and inputs are copies), dropouts off."""
-    class _Copies(DeterministicInterpreter):
-        def get_attr(self, target, args, kwargs):
-            value = super().get_attr(target, args, kwargs)
-            is_buffer = isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter)
-            return value.detach().clone() if is_buffer else value
-
     with torch.no_grad():
-        return floating_outputs(_Copies(gm).run(*detached_clones(inputs)))
+        return [o.detach() for o in floating_outputs(DeterministicInterpreter(gm).run(*detached_clones(inputs)))]
 
 
 # Round-off allowed between the copy on m rows and the graph on B rows (a different matmul blocking): relative to
@@ -247,11 +241,11 @@ def sub_batch_sample(reference_graph: fx.GraphModule, split: BatchSplit, inputs:
         return None, "the graph has checkpointed or other higher-order bodies"
     work = resized[0]
     sub_inputs = split.rows_inputs(inputs, rows)
-    if split.mode == "rows":
+    if split.mode == "rows":  # the whole batch's outputs at these rows
         full_inputs, compared = inputs, rows
-    else:
-        full_inputs, compared = split.rows_inputs(inputs, rows[torch.arange(split.size) % len(rows)]), None
-    compared = torch.arange(len(rows)) if compared is None else compared
+    else:  # these rows tiled to the example's batch: its first rows are them
+        full_inputs = split.rows_inputs(inputs, rows[torch.arange(split.size) % len(rows)])
+        compared = torch.arange(len(rows))
     try:
         reference = run_with_grads(work, sub_inputs, rng)
         if has_random_ops(reference_graph):  # compare with the dropouts off on both sides
@@ -271,5 +265,5 @@ def sub_batch_sample(reference_graph: fx.GraphModule, split: BatchSplit, inputs:
     return Sample(sub_inputs, reference, None, (split.size, len(rows)), split.describe(rows)), ""
 
 
-__all__ = ["Sample", "sub_batch_sample", "resize_batch", "has_random_ops", "deterministic_outputs", "rows_agree", "floating_outputs",
+__all__ = ["Sample", "sub_batch_sample", "resize_batch", "has_random_ops", "deterministic_outputs", "rows_agree",
            "NotDeterministic", "SIZE_METHODS", "SIZE_FUNCTIONS"]
